@@ -1,0 +1,36 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import pytest  # noqa: E402
+
+# Tiny settings that keep the default test run quick.
+TINY = dict(epochs=2, batch_size=64, units=(16, 8, 4), verbose=False)
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory):
+    """A tiny denoising SELU encoder pretrained on the digits."""
+    import transferkit as tk
+
+    out = tmp_path_factory.mktemp("artifacts") / "encoder"
+    return tk.pretrain(data="digits", task="denoising", out=str(out), **TINY).artifact
+
+
+@pytest.fixture(scope="session")
+def bn_encoder_dir(tmp_path_factory):
+    """A tiny ReLU encoder with BatchNorm after each activation."""
+    import transferkit as tk
+
+    out = tmp_path_factory.mktemp("artifacts") / "bn-encoder"
+    return tk.pretrain(data="digits", activation="relu", batchnorm="after", out=str(out), **TINY).artifact
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory, encoder_dir):
+    import transferkit as tk
+
+    out = tmp_path_factory.mktemp("artifacts") / "classifier"
+    return tk.finetune(from_=str(encoder_dir), label_fraction=0.1, head_epochs=2, epochs=2, unfreeze_top=1,
+                       out=str(out), verbose=False).artifact

@@ -1,0 +1,62 @@
+"""transferkit: transfer learning for Keras 3.
+
+Pretrain an encoder on unlabeled data, fine-tune it (or a Keras Applications
+backbone) on a few labels, and export a SavedModel for serving.
+
+Example:
+
+>>> import transferkit as tk
+>>> enc = tk.pretrain(data="digits", epochs=1)            # doctest: +SKIP
+>>> clf = tk.finetune(from_=enc.artifact, label_fraction=0.05,
+...                   unfreeze_top=2)                      # doctest: +SKIP
+>>> tk.export(clf.artifact)                                # doctest: +SKIP
+
+Names are imported lazily, so `import transferkit` (and `transferkit --help`)
+does not import TensorFlow until a name that needs it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "Recipe": "recipe",
+    "SettingsError": "errors",
+    "TransferkitError": "errors",
+    "pretrain": "api",
+    "finetune": "api",
+    "export": "api",
+    "evaluate": "api",
+    "load_data": "data",
+    "setup_for": "setups",
+    "ACTIVATION_SETUPS": "setups",
+    "dense_stack": "setups",
+    "conv_stack": "setups",
+    "MCDropout": "layers",
+    "MCAlphaDropout": "layers",
+    "RReLU": "layers",
+    "optimizer": "optimizers",
+    "OneCycle": "schedules",
+    "OneCycleMomentum": "callbacks",
+    "lr_find": "lr_finder",
+    "BACKBONES": "backbones",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'transferkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"transferkit.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,187 @@
+"""The Recipe: every setting of a transferkit run, in one place.
+
+A TOML file in `recipes/`, Python keyword arguments and CLI flags are three
+ways to write the same Recipe. This module does not import TensorFlow.
+
+Example:
+
+>>> from transferkit.recipe import Recipe
+>>> r = Recipe().replace(label_fraction=0.05, unfreeze_top=2)
+>>> r.label_fraction, r.unfreeze_top
+(0.05, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import SettingsError
+
+TASKS = ("autoencoder", "denoising")
+ARCHS = ("dense", "conv")
+BATCHNORM = ("none", "before", "after")
+COMMANDS = ("pretrain", "finetune")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Every setting of `pretrain` and `finetune`, with the defaults of the demo.
+
+    Field names are the CLI flags with `-` written `_` (`--label-fraction` is
+    `label_fraction`); `--from` is `from_` because `from` is a Python keyword
+    (the TOML key is `from`).
+    """
+
+    # data and split
+    data: str = "digits"
+    seed: int = 0
+    split_seed: int | None = None
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    label_fraction: float = 1.0
+    image_size: int | None = None
+    # training
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "nadam"
+    activation: str = "selu"
+    batchnorm: str = "none"
+    dropout: float = 0.0
+    # pretrain
+    task: str = "autoencoder"
+    arch: str = "dense"
+    units: tuple[int, ...] = (128, 64, 32)
+    filters: tuple[int, ...] = (16, 32, 32)
+    noise: float = 0.3
+    # finetune
+    from_: str | None = None
+    backbone: str | None = None
+    weights: str = "none"
+    head_epochs: int = 5
+    unfreeze_top: int = 0
+    finetune_lr_factor: float = 0.1
+    # output
+    out: str | None = None
+    name: str | None = None
+
+    def replace(self, **overrides: Any) -> "Recipe":
+        """A copy with `overrides` applied; `None` values leave a field as it is."""
+        unknown = sorted(set(overrides) - set(field_names()))
+        if unknown:
+            raise SettingsError(
+                f"Unknown setting {unknown[0]!r}; expected one of {', '.join(field_names())}."
+            )
+        given = {k: _coerce(k, v) for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **given).validate()
+
+    def validate(self) -> "Recipe":
+        """Check every value; raise `SettingsError` naming the first bad one."""
+        _check(0 < self.label_fraction <= 1, "label_fraction", self.label_fraction, "a number in (0, 1]")
+        _check(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in (0, 1)")
+        _check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "a number in [0, 1)")
+        _check(self.test_fraction + self.val_fraction < 1, "val_fraction", self.val_fraction,
+               f"val_fraction + test_fraction < 1 (test_fraction={self.test_fraction})")
+        _check(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
+        _check(0 <= self.noise <= 1, "noise", self.noise, "a number in [0, 1] (a fraction of the data's std)")
+        _check(self.lr > 0, "lr", self.lr, "a positive number")
+        _check(self.finetune_lr_factor > 0, "finetune_lr_factor", self.finetune_lr_factor, "a positive number")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        for key in ("epochs", "head_epochs", "unfreeze_top"):
+            _check(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
+        _check(self.image_size is None or self.image_size >= 1, "image_size", self.image_size, "an integer >= 1")
+        _check(self.task in TASKS, "task", self.task, f"one of {', '.join(TASKS)}")
+        _check(self.arch in ARCHS, "arch", self.arch, f"one of {', '.join(ARCHS)}")
+        _check(self.batchnorm in BATCHNORM, "batchnorm", self.batchnorm, f"one of {', '.join(BATCHNORM)}")
+        _check(all(u >= 1 for u in self.units) and self.units, "units", self.units, "positive integers")
+        _check(all(f >= 1 for f in self.filters) and self.filters, "filters", self.filters, "positive integers")
+        _check(not (self.from_ and self.backbone), "backbone", self.backbone,
+               "either --from or --backbone, not both")
+        return self
+
+    @property
+    def resolved_split_seed(self) -> int:
+        """The seed of the train/validation/test split: `split_seed`, else `seed`."""
+        return self.seed if self.split_seed is None else self.split_seed
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as TOML-ready data (`from_` written `from`, `None` left out)."""
+        out = {}
+        for key, value in dataclasses.asdict(self).items():
+            if value is not None:
+                out[_toml_key(key)] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Recipe":
+        return cls().replace(**{_field_key(k): v for k, v in values.items()})
+
+    @classmethod
+    def load(cls, path: str | Path, command: str | None = None) -> "Recipe":
+        """Read a recipe TOML file: top-level keys, then the `[command]` table over them."""
+        path = Path(path)
+        if not path.is_file():
+            raise SettingsError(f"Recipe file {str(path)!r} does not exist; expected a TOML file.")
+        try:
+            doc = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise SettingsError(f"Recipe file {str(path)!r} is not valid TOML: {err}.") from None
+        values = {k: v for k, v in doc.items() if not isinstance(v, dict)}
+        tables = {k for k, v in doc.items() if isinstance(v, dict)}
+        unknown = sorted(tables - set(COMMANDS))
+        if unknown:
+            raise SettingsError(
+                f"Recipe file {str(path)!r} has a table [{unknown[0]}]; expected only {', '.join(COMMANDS)}."
+            )
+        if command is not None:
+            values.update(doc.get(command, {}))
+        return cls.from_dict(values)
+
+
+def dump_toml(values: dict[str, Any]) -> str:
+    """Write flat TOML for the recipe's value types (str, int, float, bool, lists)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return "".join(f"{k} = {fmt(v)}\n" for k, v in values.items())
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Recipe)]
+
+
+def _toml_key(field: str) -> str:
+    return "from" if field == "from_" else field
+
+
+def _field_key(key: str) -> str:
+    return "from_" if key == "from" else key.replace("-", "_")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Lists from TOML become tuples; ints where floats are expected stay numbers."""
+    if key in ("units", "filters"):
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        try:
+            return tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{key} must be integers such as 128,64; Received: {key}={value!r}") from None
+    if key == "batchnorm" and value in (False, None):
+        return "none"
+    return value
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise SettingsError(f"{key} must be {expected}. Received: {key}={value!r}")
