@@ -1,0 +1,65 @@
+"""Keras Applications backbones: registry, blocks, preprocessing, weights files, frozen BatchNorm."""
+
+import keras
+import numpy as np
+import pytest
+
+import transferkit as tk
+from transferkit.backbones import BACKBONES, ImagenetPreprocess, blocks_of, build_backbone
+from tests.helpers import assert_config_round_trip, assert_reloads_with_same_outputs
+
+
+@pytest.mark.parametrize("name, first, last, count", [
+    ("mobilenetv2", "Conv1", "Conv_1", 19),          # stem, expanded_conv, block_1..16, top
+    ("efficientnetb0", "stem", "top", 9),            # stem, block1..7, top
+    ("resnet50", "conv1", "conv5_block3", 17),       # conv1, 3 + 4 + 6 + 3 residual blocks
+])
+def test_registry_names_each_architectures_blocks(name, first, last, count):
+    base = build_backbone(name, "none", (32, 32, 3))
+    blocks = blocks_of(base, BACKBONES[name].blocks)
+    assert len(blocks) == count
+    assert blocks[0][0] == first and blocks[-1][0] == last
+    # every layer with weights belongs to exactly one block
+    in_blocks = [layer.name for _, layers in blocks for layer in layers]
+    with_weights = [layer.name for layer in base.layers if layer.weights and layer.name not in
+                    ("normalization", "rescaling")]
+    assert sorted(in_blocks) == sorted(with_weights)
+
+
+@pytest.mark.parametrize("mode, module", [
+    ("tf", keras.applications.mobilenet_v2),
+    ("caffe", keras.applications.resnet50),
+    ("torch", keras.applications.densenet),
+])
+def test_preprocessing_matches_keras_applications(mode, module):
+    x = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
+    expected = module.preprocess_input(x.copy())
+    got = keras.ops.convert_to_numpy(ImagenetPreprocess(mode)(x))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_preprocess_layer_round_trips(tmp_path):
+    layer = ImagenetPreprocess("caffe")
+    assert_config_round_trip(layer)
+    model = keras.Sequential([keras.Input((4, 4, 3)), layer])
+    assert_reloads_with_same_outputs(model, np.ones((1, 4, 4, 3), "float32") * 100, tmp_path)
+
+
+def test_backbone_from_a_weights_file_fine_tunes_top_block_with_batchnorm_frozen(tmp_path):
+    base = build_backbone("mobilenetv2", "none", (32, 32, 3))
+    weights = tmp_path / "mobilenetv2.weights.h5"
+    base.save_weights(weights)
+    saved = {w.path: keras.ops.convert_to_numpy(w) for w in base.weights}
+    result = tk.finetune(backbone="mobilenetv2", weights=str(weights), label_fraction=0.05, head_epochs=1, epochs=1,
+                         unfreeze_top=1, batch_size=32, out=str(tmp_path / "clf"), verbose=False)
+    model = result.model
+    assert model.input.shape[1:] == (8, 8, 1)   # gray 8x8 digits in, resized and expanded inside
+    finetuned = model.get_layer("mobilenetv2_1.00_32")
+    top = {layer.name for layer in blocks_of(finetuned, BACKBONES["mobilenetv2"].blocks)[-1][1]}
+    for layer in finetuned.layers:
+        for w in layer.weights:
+            now = keras.ops.convert_to_numpy(w)
+            if layer.name in top and not isinstance(layer, keras.layers.BatchNormalization):
+                assert not np.array_equal(now, saved[w.path]), w.path
+            else:
+                np.testing.assert_array_equal(now, saved[w.path], err_msg=w.path)

@@ -1,0 +1,81 @@
+"""The Python API: the same settings as the CLI flags, as keyword arguments.
+
+Example:
+
+>>> import transferkit as tk
+>>> enc = tk.pretrain(recipe="recipes/digits.toml")                        # doctest: +SKIP
+>>> clf = tk.finetune(recipe="recipes/digits.toml", from_=enc.artifact,
+...                   label_fraction=0.05, unfreeze_top=2)                  # doctest: +SKIP
+>>> clf.metrics["test_accuracy"]                                           # doctest: +SKIP
+0.93
+>>> tk.export(clf.artifact)                                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transferkit.recipe import Recipe
+from transferkit.runs import Result
+
+
+def resolve_recipe(recipe: str | Path | Recipe | None, command: str, settings: dict[str, Any]) -> Recipe:
+    """The recipe file's (or object's) settings with `settings` over them; `None` values are ignored."""
+    if recipe is None:
+        base = Recipe()
+    elif isinstance(recipe, Recipe):
+        base = recipe
+    else:
+        base = Recipe.load(recipe, command)
+    return base.replace(**{k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()})
+
+
+def pretrain(recipe: str | Path | Recipe | None = None, *, verbose: bool = True, **settings: Any) -> Result:
+    """Pretrain an encoder on the unlabeled training inputs and save it.
+
+    Args:
+        recipe: Optional path of a recipe TOML file (its `[pretrain]` table
+            applies), or a `Recipe`.
+        verbose: Bool. Print progress. Defaults to `True`.
+        **settings: Any `Recipe` field (`data`, `task`, `arch`, `activation`,
+            `epochs`, `seed`, `out`, ...), over the recipe's values.
+
+    Returns:
+        A `Result` with the encoder, history, metrics and artifact folder.
+    """
+    from transferkit.pretraining import run_pretrain
+
+    return run_pretrain(resolve_recipe(recipe, "pretrain", settings), verbose=verbose)
+
+
+def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True, **settings: Any) -> Result:
+    """Fine-tune a classifier on a saved encoder (`from_=`) or a backbone (`backbone=`).
+
+    Args:
+        recipe: Optional path of a recipe TOML file (its `[finetune]` table
+            applies), or a `Recipe`.
+        verbose: Bool. Print progress. Defaults to `True`.
+        **settings: Any `Recipe` field (`from_`, `backbone`, `weights`,
+            `label_fraction`, `unfreeze_top`, `head_epochs`, `epochs`, `lr`, ...).
+
+    Returns:
+        A `Result` with the classifier, history, test metrics and artifact folder.
+    """
+    from transferkit.finetuning import run_finetune
+
+    return run_finetune(resolve_recipe(recipe, "finetune", settings), verbose=verbose)
+
+
+def export(model_dir: str | Path, out: str | Path | None = None, *, verbose: bool = True) -> Result:
+    """Export an artifact as a SavedModel (default `model_dir/serving`) and check it."""
+    from transferkit.serving import run_export
+
+    return run_export(model_dir, out, verbose=verbose)
+
+
+def evaluate(model_dir: str | Path, data: str | None = None, *, verbose: bool = True) -> Result:
+    """Accuracy and loss of a saved classifier on its test split (or on `data`)."""
+    from transferkit.evaluation import run_evaluate
+
+    return run_evaluate(model_dir, data, verbose=verbose)

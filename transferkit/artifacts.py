@@ -1,0 +1,116 @@
+"""Artifact folders: model, recipe, manifest and split, written atomically.
+
+An artifact is a folder such as `saved_models/digits-encoder/` holding
+`model.keras`, `recipe.toml`, `manifest.json` and `split.json`. It is built in
+a temporary sibling folder and renamed into place, so a crash never leaves a
+half-written artifact, and an existing one is replaced only by a complete one.
+
+Example:
+
+>>> from transferkit.artifacts import read_manifest
+>>> read_manifest("saved_models/digits-encoder")["kind"]      # doctest: +SKIP
+'encoder'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import SettingsError
+
+MANIFEST = "manifest.json"
+MODEL = "model.keras"
+RECIPE = "recipe.toml"
+SPLIT = "split.json"
+FORMAT = 1
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `target`; on success it replaces `target` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON through a temporary sibling file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=_jsonable))
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path, kinds: tuple[str, ...] = ("encoder", "classifier")) -> dict[str, Any]:
+    """The manifest of the artifact at `path`, checking it is one of `kinds`."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise SettingsError(f"Artifact {str(path)!r} does not exist; expected a folder written by transferkit.")
+    if not manifest_path.is_file() or not (path / MODEL).is_file():
+        raise SettingsError(
+            f"{str(path)!r} is not a transferkit artifact; expected a folder with {MANIFEST} and {MODEL}."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise SettingsError(f"{str(manifest_path)!r} is not valid JSON; the artifact is damaged.") from None
+    if manifest.get("kind") not in kinds:
+        raise SettingsError(
+            f"{str(path)!r} holds a {manifest.get('kind')!r}; expected a {' or '.join(kinds)} artifact."
+        )
+    return manifest
+
+
+def read_json(path: str | Path, name: str) -> Any:
+    return json.loads((Path(path) / name).read_text())
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every manifest."""
+    import keras
+    import numpy
+    import tensorflow
+
+    from transferkit import __version__
+
+    return {
+        "python": platform.python_version(),
+        "transferkit": __version__,
+        "tensorflow": tensorflow.__version__,
+        "keras": keras.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def default_out(name: str) -> Path:
+    return Path("saved_models") / name
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

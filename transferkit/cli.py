@@ -1,0 +1,136 @@
+"""The `transferkit` command line: flags mapped onto the Python API.
+
+TensorFlow is imported inside the commands, so `transferkit --help` is instant.
+Usage errors exit with status 2, runtime errors with status 1, each with one
+line on stderr (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from transferkit.errors import SettingsError, TransferkitError
+
+
+def _common_options(f: Callable) -> Callable:
+    options = [
+        click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe TOML file; flags override it."),
+        click.option("--data", help="Data spec: digits, npz:PATH, dir:PATH or tfds:NAME[:SPLIT]."),
+        click.option("--seed", type=int, help="Seed of initialization, shuffling and the label subset."),
+        click.option("--split-seed", type=int, help="Seed of the train/validation/test split (defaults to --seed, "
+                                                    "or the encoder's with --from)."),
+        click.option("--label-fraction", type=float, help="Fraction of training examples whose labels are kept."),
+        click.option("--image-size", type=int, help="Resize dir: and tfds: images to this square size."),
+        click.option("--epochs", type=int, help="Training epochs (finetune: of the unfreezing stage)."),
+        click.option("--batch-size", type=int),
+        click.option("--lr", type=float, help="Learning rate."),
+        click.option("--optimizer", help="sgd, momentum, nesterov, adam, adamw, nadam or rmsprop."),
+        click.option("--activation", help="selu (default), relu, elu, gelu, swish, mish, tanh, ..."),
+        click.option("--batchnorm", type=click.Choice(["none", "before", "after"])),
+        click.option("--dropout", type=float, help="Dropout rate (alpha dropout for SELU)."),
+        click.option("--out", type=click.Path(file_okay=False), help="Artifact folder (default saved_models/NAME)."),
+        click.option("--name", help="Artifact name under saved_models/."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _handle_errors(f: Callable) -> Callable:
+    """Turn our errors into one line and an exit status: 2 for settings, 1 for failures."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        try:
+            return f(*args, **kwargs)
+        except SettingsError as err:
+            if ctx.obj.get("debug"):
+                raise
+            click.echo(f"Error: {err}", err=True)
+            ctx.exit(2)
+        except (TransferkitError, OSError, ValueError, RuntimeError) as err:
+            if ctx.obj.get("debug"):
+                raise
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            click.echo(f"Error: {message}", err=True)
+            ctx.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="transferkit")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Transfer learning for Keras: pretrain on unlabeled data, fine-tune on few labels, export."""
+    ctx.ensure_object(dict)["debug"] = debug
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@cli.command()
+@_common_options
+@click.option("--task", type=click.Choice(["autoencoder", "denoising"]), help="Pretraining task.")
+@click.option("--arch", type=click.Choice(["dense", "conv"]), help="Encoder architecture.")
+@click.option("--units", help="Dense units per block, bottom to top, e.g. 128,64,32.")
+@click.option("--filters", help="Conv filters per block, e.g. 16,32,32.")
+@click.option("--noise", type=float, help="Denoising noise, as a fraction of the data's standard deviation.")
+@_handle_errors
+def pretrain(recipe: str | None, **settings: Any) -> None:
+    """Pretrain an encoder on unlabeled inputs and save it."""
+    from transferkit.api import pretrain as run
+
+    run(recipe, **settings)
+
+
+@cli.command()
+@_common_options
+@click.option("--from", "from_", type=click.Path(file_okay=False), help="A saved encoder artifact.")
+@click.option("--backbone", help="A Keras Applications backbone: mobilenetv2, efficientnetb0, resnet50.")
+@click.option("--weights", help="Backbone weights: imagenet, none or a weights file.")
+@click.option("--head-epochs", type=int, help="Epochs of stage 1 (head only, base frozen).")
+@click.option("--unfreeze-top", type=int, help="Blocks of the base to unfreeze in stage 2 (0: head only).")
+@click.option("--finetune-lr-factor", type=float, help="Stage 2 learning rate = lr x this (default 0.1).")
+@_handle_errors
+def finetune(recipe: str | None, **settings: Any) -> None:
+    """Fine-tune a new head (then the top blocks) on a few labels; print the test accuracy."""
+    from transferkit.api import finetune as run
+
+    run(recipe, **settings)
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="SavedModel folder (default MODEL_DIR/serving).")
+@_handle_errors
+def export(model_dir: str, out: str | None) -> None:
+    """Export MODEL_DIR as a SavedModel with a `serve` endpoint, and check it."""
+    from transferkit.api import export as run
+
+    run(model_dir, out)
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--data", help="Data spec to evaluate on (default: the artifact's test split).")
+@_handle_errors
+def evaluate(model_dir: str, data: str | None) -> None:
+    """Accuracy and loss of MODEL_DIR on its test split (or on --data)."""
+    from transferkit.api import evaluate as run
+
+    run(model_dir, data)
+
+
+def main() -> None:
+    cli(prog_name="transferkit", obj={})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""What pretraining and fine-tuning share: the result, data preparation, saving a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit import artifacts
+from transferkit.data import Data, Split, load_data, split_data
+from transferkit.errors import SettingsError
+from transferkit.recipe import Recipe, dump_toml
+
+
+@dataclasses.dataclass
+class Result:
+    """What a command returns: the model, its training history, metrics and artifact folder."""
+
+    model: Any
+    history: dict[str, list[float]]
+    metrics: dict[str, float]
+    artifact: Path | None
+    manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items())
+        return f"Result(artifact={str(self.artifact)!r}, {metrics})"
+
+
+def prepare(recipe: Recipe, split_seed: int | None = None) -> tuple[Data, Split]:
+    """Load the recipe's data and split it with `split_seed` (the recipe's by default)."""
+    data = load_data(recipe.data, image_size=recipe.image_size)
+    split = split_data(
+        data,
+        seed=recipe.resolved_split_seed if split_seed is None else split_seed,
+        test_fraction=recipe.test_fraction,
+        val_fraction=recipe.val_fraction,
+        label_fraction=recipe.label_fraction,
+        label_seed=recipe.seed,
+    )
+    return data, split
+
+
+def out_dir(recipe: Recipe, kind: str) -> Path:
+    """`recipe.out`, else `saved_models/<name>` with a name from the data spec and the kind."""
+    if recipe.out:
+        return Path(recipe.out)
+    return artifacts.default_out(recipe.name or f"{data_slug(recipe.data)}-{kind}")
+
+
+def data_slug(spec: str) -> str:
+    scheme, _, arg = spec.partition(":")
+    if not arg:
+        return scheme
+    stem = Path(arg.split(":")[0].rstrip("/")).stem if scheme in ("npz", "dir") else arg.split(":")[0]
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem) or scheme
+
+
+def base_manifest(kind: str, recipe: Recipe, data: Data, split: Split) -> dict[str, Any]:
+    """The manifest fields every artifact has."""
+    return {
+        "format": artifacts.FORMAT,
+        "kind": kind,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "input_shape": list(data.input_shape),
+        "input_dtype": "float32",
+        "image_size": recipe.image_size,
+        "value_range": list(data.value_range),
+        "data": {
+            "spec": data.spec,
+            "fingerprint": data.fingerprint,
+            "num_examples": int(len(data.x)),
+            "class_names": list(data.class_names) if data.class_names else None,
+        },
+        "split": {
+            "seed": split.seed,
+            "test_fraction": recipe.test_fraction,
+            "val_fraction": recipe.val_fraction,
+            "label_fraction": recipe.label_fraction,
+            "sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
+                      "labeled": len(split.labeled)},
+        },
+        "versions": artifacts.versions(),
+    }
+
+
+def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: Split,
+             history: dict[str, list[float]]) -> Path:
+    """Write the artifact folder atomically: model, recipe, manifest, split, history."""
+    with artifacts.atomic_dir(out) as tmp:
+        model.save(tmp / artifacts.MODEL)
+        (tmp / artifacts.RECIPE).write_text(dump_toml(recipe.to_dict()))
+        artifacts.write_json(tmp / artifacts.MANIFEST, manifest)
+        artifacts.write_json(tmp / artifacts.SPLIT, split.to_dict())
+        artifacts.write_json(tmp / "history.json", history)
+    return out
+
+
+def merge_history(total: dict[str, list[float]], history) -> dict[str, list[float]]:
+    for key, values in history.history.items():
+        total.setdefault(key, []).extend(float(v) for v in values)
+    return total
+
+
+def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance over every axis but the last (per channel, or per feature)."""
+    axes = tuple(range(x.ndim - 1))
+    return x.mean(axis=axes), x.var(axis=axes)
+
+
+def require_labels(data: Data) -> None:
+    if data.y is None:
+        raise SettingsError(f"Data {data.spec!r} has no labels; fine-tuning needs labeled data "
+                            "(a folder with one sub-folder per class, or an npz with 'y').")
+
+
+def print_line(text: str, verbose: bool) -> None:
+    if verbose:
+        print(text, flush=True)
