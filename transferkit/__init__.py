@@ -44,6 +44,9 @@ _EXPORTS = {
     "OneCycleMomentum": "callbacks",
     "lr_find": "lr_finder",
     "BACKBONES": "backbones",
+    "inspect": "freezing",
+    "audit": "freezing",
+    "with_learning_rate_factors": "discriminative",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

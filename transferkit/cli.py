@@ -34,6 +34,10 @@ def _common_options(f: Callable) -> Callable:
         click.option("--activation", help="selu (default), relu, elu, gelu, swish, mish, tanh, ..."),
         click.option("--batchnorm", type=click.Choice(["none", "before", "after"])),
         click.option("--dropout", type=float, help="Dropout rate (alpha dropout for SELU)."),
+        click.option("--mc-dropout/--no-mc-dropout", default=None, help="Dropout that stays on at inference."),
+        click.option("--max-norm", type=float, help="Max-norm constraint on each kernel."),
+        click.option("--clipnorm", type=float, help="Clip each gradient to this norm."),
+        click.option("--clipvalue", type=float, help="Clip each gradient component to [-v, v]."),
         click.option("--out", type=click.Path(file_okay=False), help="Artifact folder (default saved_models/NAME)."),
         click.option("--name", help="Artifact name under saved_models/."),
     ]
@@ -97,7 +101,16 @@ def pretrain(recipe: str | None, **settings: Any) -> None:
 @click.option("--weights", help="Backbone weights: imagenet, none or a weights file.")
 @click.option("--head-epochs", type=int, help="Epochs of stage 1 (head only, base frozen).")
 @click.option("--unfreeze-top", type=int, help="Blocks of the base to unfreeze in stage 2 (0: head only).")
-@click.option("--finetune-lr-factor", type=float, help="Stage 2 learning rate = lr x this (default 0.1).")
+@click.option("--unfreeze-schedule", help="Stages KEYWORD:EPOCHS, e.g. head:2,top2:3,top4:3,all:5.")
+@click.option("--gradual/--no-gradual", default=None,
+              help="ULMFiT's gradual unfreezing: one more block per stage (of --epochs each), top first.")
+@click.option("--finetune-lr-factor", type=float, help="Learning rate of unfreezing stages = lr x this (0.1).")
+@click.option("--lr-decay", type=float, help="Each block below the top one learns at 1/D of the one above "
+                                              "(discriminative fine-tuning; ULMFiT uses 2.6).")
+@click.option("--train-batchnorm/--freeze-batchnorm", default=None,
+              help="Let BatchNorm in unfrozen blocks train (default: frozen, in inference mode).")
+@click.option("--cache-features/--no-cache-features", default=None,
+              help="Train head-only stages on base outputs computed once (default on).")
 @_handle_errors
 def finetune(recipe: str | None, **settings: Any) -> None:
     """Fine-tune a new head (then the top blocks) on a few labels; print the test accuracy."""
@@ -126,6 +139,16 @@ def evaluate(model_dir: str, data: str | None) -> None:
     from transferkit.api import evaluate as run
 
     run(model_dir, data)
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@_handle_errors
+def inspect(model_dir: str) -> None:
+    """The freeze audit of MODEL_DIR: per block, what trains, BatchNorm's mode, parameters, lr factor."""
+    from transferkit.freezing import inspect as run
+
+    run(model_dir)
 
 
 def main() -> None:

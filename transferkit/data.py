@@ -139,12 +139,18 @@ def split_data(
 
 def pipeline(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 64,
              shuffle: bool = False, seed: int = 0):
-    """A cached, batched, prefetched `tf.data.Dataset` of `x` (and `y`)."""
+    """A cached, batched, prefetched `tf.data.Dataset` of `x` (and `y`).
+
+    `x` may also be an unbatched, already cached `tf.data.Dataset` (spilled features).
+    """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices(x if y is None else (x, y)).cache()
+    if isinstance(x, tf.data.Dataset):
+        ds = x if y is None else tf.data.Dataset.zip((x, tf.data.Dataset.from_tensor_slices(y)))
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(x if y is None else (x, y)).cache()
     if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(x) if y is None else len(y), seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

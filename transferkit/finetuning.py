@@ -1,10 +1,16 @@
 """Fine-tuning: a new head on a saved encoder or a Keras Applications backbone.
 
-Stage 1 trains the head with the base frozen. Stage 2 unfreezes the top
-`unfreeze_top` blocks of the base (0: the head alone) and trains at
-`lr * finetune_lr_factor`. Each stage compiles anew with a fresh optimizer, and
-BatchNorm layers of the base stay frozen, so they run in inference mode (Keras 3
-runs a BatchNormalization with `trainable=False` on its moving statistics).
+Training runs in stages. By default stage 1 trains the head with the base
+frozen and stage 2 unfreezes the top `unfreeze_top` blocks of the base (0: the
+head alone); `unfreeze_schedule` ("head:2,top2:3,all:5") or `gradual` give any
+number of stages. Stages that unfreeze blocks train at `lr * finetune_lr_factor`,
+with `lr_decay` dividing the rate again for each block below the top one. Each
+stage compiles anew with a fresh optimizer (its schedule starts afresh), the
+epoch count continues across stages, and BatchNorm layers of the base stay
+frozen, so they run in inference mode (Keras 3 runs a BatchNormalization with
+`trainable=False` on its moving statistics) unless `train_batchnorm`. A
+head-only stage on a frozen, deterministic base trains on base outputs computed
+once (`cache_features`).
 
 Example:
 
@@ -16,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +35,30 @@ from transferkit.backbones import (
 )
 from transferkit.data import Data, Split, load_data, pipeline, split_data
 from transferkit.errors import SettingsError
-from transferkit.optimizers import optimizer
+from transferkit.discriminative import block_factors, with_learning_rate_factors
+from transferkit.feature_cache import can_cache, compute_features
+from transferkit.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.recipe import Recipe
+from transferkit.setups import dropout_layer, setup_for
+from transferkit.stages import Stage, describe, gradual_stages, parse_stages, two_stages
 
 Blocks = list[tuple[str, list[keras.layers.Layer]]]
 
 
+@dataclasses.dataclass
+class Classifier:
+    """The classifier and its parts: the base, its blocks, the path to the features, the head."""
+
+    model: keras.Model
+    base: keras.Model
+    blocks: Blocks
+    features: keras.Model
+    head: keras.Model
+    info: dict[str, Any]
+
+
 def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
-    """Build the classifier, train it in two stages, test it, save it."""
+    """Build the classifier, train it stage by stage, test it, save it."""
     if not recipe.from_ and not recipe.backbone:
         raise SettingsError("finetune needs a base: --from DIR (a saved encoder) or --backbone NAME.")
     encoder_manifest = artifacts.read_manifest(recipe.from_, ("encoder",)) if recipe.from_ else None
@@ -44,57 +67,87 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     split = _split_for(recipe, data, encoder_manifest)
     out = runs.out_dir(recipe, "classifier")
     keras.utils.set_random_seed(recipe.seed)
-    optimizer(recipe.optimizer, learning_rate=recipe.lr)  # fail early on a bad name
+    runs.make_optimizer(recipe, recipe.lr)  # fail early on a bad name
 
-    model, base, blocks, base_info = build_classifier(recipe, data, encoder_manifest)
-    if recipe.unfreeze_top > len(blocks):
-        raise SettingsError(
-            f"--unfreeze-top {recipe.unfreeze_top} is more than the base has blocks: it has {len(blocks)} "
-            f"({', '.join(name for name, _ in blocks)})."
-        )
+    clf = build_classifier(recipe, data, encoder_manifest)
+    stages = plan_stages(recipe, clf.blocks)
     x, y = data.x[split.labeled], data.y[split.labeled]
-    train = pipeline(x, y, recipe.batch_size, shuffle=True, seed=recipe.seed)
-    val = pipeline(data.x[split.val], data.y[split.val], recipe.batch_size) if len(split.val) else None
-    runs.print_line(f"finetune: {base_info['description']} on {len(x)} labeled examples "
-                    f"({recipe.label_fraction:g} of {len(split.train)}), {data.num_classes} classes", verbose)
+    x_val, y_val = data.x[split.val], data.y[split.val]
+    runs.print_line(f"finetune: {clf.info['description']} on {len(x)} labeled examples "
+                    f"({recipe.label_fraction:g} of {len(split.train)}), {data.num_classes} classes; "
+                    f"stages {describe(stages)}", verbose)
 
-    stages = [("head", 0, recipe.head_epochs, recipe.lr),
-              (f"top{recipe.unfreeze_top}", recipe.unfreeze_top, recipe.epochs, recipe.lr * recipe.finetune_lr_factor)]
     history: dict[str, list[float]] = {}
+    features: dict[str, Any] = {}
     epoch = 0
-    for name, top, epochs, lr in stages:
-        if epochs == 0:
-            continue
-        unfrozen = freeze_all_but_top(base, blocks, top)
-        model.compile(optimizer=optimizer(recipe.optimizer, learning_rate=lr),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        runs.print_line(f"stage {name}: epochs {epoch + 1}-{epoch + epochs}, learning rate {lr:g}, "
-                        f"trainable blocks: {', '.join(unfrozen) or 'none'} + head", verbose)
-        fit = model.fit(train, validation_data=val, initial_epoch=epoch, epochs=epoch + epochs,
-                        shuffle=False, verbose=2 if verbose else 0)
+    for stage in stages:
+        lr = recipe.lr if stage.top == 0 else recipe.lr * recipe.finetune_lr_factor
+        unfrozen = freeze_all_but_top(clf.base, clf.blocks, stage.top, recipe.train_batchnorm)
+        factors = _lr_factors(clf.blocks, stage.top, recipe.lr_decay)
+        opt = runs.make_optimizer(recipe, lr)
+        if factors:
+            opt = with_learning_rate_factors(opt, factors)
+        cached = stage.top == 0 and recipe.cache_features and can_cache(clf.features)
+        trained = clf.head if cached else clf.model
+        trained.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        runs.print_line(f"stage {stage.name}: epochs {epoch + 1}-{epoch + stage.epochs}, learning rate {lr:g}"
+                        f"{', on cached base outputs' if cached else ''}; trainable: "
+                        f"{', '.join(unfrozen) or 'no block'} + head", verbose)
+        runs.print_line(format_audit(audit(clf.model, factors)), verbose)
+        if cached and not features:
+            features.update(train=compute_features(clf.features, x, recipe.batch_size),
+                            val=compute_features(clf.features, x_val, recipe.batch_size) if len(x_val) else None)
+        inputs = features if cached else {"train": x, "val": x_val if len(x_val) else None}
+        fit = trained.fit(
+            pipeline(inputs["train"], y, recipe.batch_size, shuffle=True, seed=recipe.seed),
+            validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_val, recipe.batch_size),
+            initial_epoch=epoch, epochs=epoch + stage.epochs, shuffle=False, verbose=2 if verbose else 0)
         runs.merge_history(history, fit)
-        epoch += epochs
+        epoch += stage.epochs
 
-    test_loss, test_accuracy = model.evaluate(
+    if trained is not clf.model:  # the last stage trained the head on cached features
+        clf.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    test_loss, test_accuracy = clf.model.evaluate(
         pipeline(data.x[split.test], data.y[split.test], recipe.batch_size), verbose=0)
     metrics = {"test_accuracy": float(test_accuracy), "test_loss": float(test_loss)}
     manifest = runs.base_manifest("classifier", recipe, data, split)
     manifest.update(
         num_classes=data.num_classes,
-        base=base_info,
-        blocks=[name for name, _ in blocks],
-        stages=[{"name": n, "unfreeze_top": t, "epochs": e, "lr": lr} for n, t, e, lr in stages],
+        base=clf.info,
+        blocks=[name for name, _ in clf.blocks],
+        stages=[{"name": s.name, "unfreeze_top": s.top, "epochs": s.epochs} for s in stages],
         metrics=metrics,
     )
-    runs.save_run(out, model, recipe, manifest, split, history)
+    runs.save_run(out, clf.model, recipe, manifest, split, history)
     runs.print_line(f"test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(split.test)} "
                     f"held-out examples; classifier saved to {out}", verbose)
-    return runs.Result(model=model, history=history, metrics=metrics, artifact=out, manifest=manifest)
+    return runs.Result(model=clf.model, history=history, metrics=metrics, artifact=out, manifest=manifest)
 
 
-def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any] | None
-                     ) -> tuple[keras.Model, keras.Model, Blocks, dict[str, Any]]:
-    """inputs → base → pooling → (dropout) → softmax head; returns the model, base, blocks, base info."""
+def plan_stages(recipe: Recipe, blocks: Blocks) -> list[Stage]:
+    """The stages the recipe asks for: a schedule, gradual unfreezing, or head then top N."""
+    if recipe.unfreeze_schedule:
+        return parse_stages(recipe.unfreeze_schedule, len(blocks))
+    if recipe.unfreeze_top > len(blocks):
+        raise SettingsError(
+            f"--unfreeze-top {recipe.unfreeze_top} is more than the base has blocks: it has {len(blocks)} "
+            f"({', '.join(name for name, _ in blocks)})."
+        )
+    if recipe.gradual:
+        return gradual_stages(recipe.head_epochs, recipe.epochs, len(blocks), recipe.unfreeze_top)
+    return two_stages(recipe.head_epochs, recipe.unfreeze_top, recipe.epochs, len(blocks))
+
+
+def _lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:
+    """Per-variable factors of discriminative fine-tuning, or {} when every rate is the same."""
+    if lr_decay == 1 or top < 2:
+        return {}
+    per_block = block_factors(blocks[len(blocks) - top:], lr_decay)
+    return {path: b["factor"] for b in per_block.values() for path in b["paths"]}
+
+
+def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any] | None) -> Classifier:
+    """inputs → (adapter) → base → pooling → (dropout) → softmax head."""
     inputs = keras.Input(data.input_shape, name="inputs")
     if encoder_manifest is not None:
         if tuple(encoder_manifest["input_shape"]) != data.input_shape:
@@ -119,28 +172,22 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any
         info = {"backbone": recipe.backbone, "weights": recipe.weights, "input_side": side,
                 "preprocess": entry.preprocess, "kind": "backbone",
                 "description": f"{recipe.backbone} (weights {recipe.weights}) at {side}x{side}"}
+    head_layers = []
     if len(x.shape) == 4:
-        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+        head_layers.append(keras.layers.GlobalAveragePooling2D(name="pool"))
     elif len(x.shape) > 2:
-        x = keras.layers.Flatten(name="flatten")(x)
+        head_layers.append(keras.layers.Flatten(name="flatten"))
     if recipe.dropout:
-        x = keras.layers.Dropout(recipe.dropout, name="head_dropout")(x)
-    outputs = keras.layers.Dense(data.num_classes, activation="softmax", dtype="float32", name="head")(x)
-    return keras.Model(inputs, outputs, name="classifier"), base, blocks, info
-
-
-def freeze_all_but_top(base: keras.Model, blocks: Blocks, top: int, train_batchnorm: bool = False) -> list[str]:
-    """Freeze the base except its top `top` blocks; BatchNorm stays frozen unless `train_batchnorm`.
-
-    Returns the names of the unfrozen blocks.
-    """
-    unfrozen = blocks[len(blocks) - top:] if top else []
-    trainable = {id(layer) for _, layers in unfrozen for layer in layers
-                 if train_batchnorm or not isinstance(layer, keras.layers.BatchNormalization)}
-    base.trainable = bool(trainable)
-    for layer in base.layers:
-        layer.trainable = id(layer) in trainable
-    return [name for name, _ in unfrozen]
+        kind = setup_for(encoder_manifest["activation"]).dropout if encoder_manifest else "plain"
+        head_layers.append(dropout_layer(recipe.dropout, kind, recipe.mc_dropout, name="head_dropout"))
+    head_layers.append(keras.layers.Dense(data.num_classes, activation="softmax", dtype="float32", name="head"))
+    features_in = keras.Input(x.shape[1:], name="features")
+    outputs, head_out = x, features_in
+    for layer in head_layers:
+        outputs, head_out = layer(outputs), layer(head_out)
+    return Classifier(model=keras.Model(inputs, outputs, name="classifier"), base=base, blocks=blocks,
+                      features=keras.Model(inputs, x, name="features"),
+                      head=keras.Model(features_in, head_out, name="head_on_features"), info=info)
 
 
 def _split_for(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any] | None) -> Split:

@@ -22,7 +22,6 @@ import numpy as np
 from transferkit import runs
 from transferkit.data import pipeline
 from transferkit.errors import SettingsError
-from transferkit.optimizers import optimizer
 from transferkit.recipe import Recipe
 from transferkit.setups import activation_layer, conv_stack, dense_stack, setup_for
 
@@ -87,7 +86,7 @@ def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
     out = runs.out_dir(recipe, "encoder")
     keras.utils.set_random_seed(recipe.seed)
     x_train, x_val = data.x[split.train], data.x[split.val]
-    opt = optimizer(recipe.optimizer, learning_rate=recipe.lr)
+    opt = runs.make_optimizer(recipe, recipe.lr)
 
     encoder = build_encoder(data.input_shape, recipe, x_train)
     decoder = build_decoder(encoder, data.input_shape, recipe)
@@ -124,4 +123,4 @@ def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
 
 def _stack_options(recipe: Recipe) -> dict:
     return {"activation": recipe.activation, "batchnorm": None if recipe.batchnorm == "none" else recipe.batchnorm,
-            "dropout": recipe.dropout}
+            "dropout": recipe.dropout, "mc_dropout": recipe.mc_dropout, "max_norm": recipe.max_norm}

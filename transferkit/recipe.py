@@ -51,6 +51,10 @@ class Recipe:
     activation: str = "selu"
     batchnorm: str = "none"
     dropout: float = 0.0
+    mc_dropout: bool = False
+    max_norm: float | None = None
+    clipnorm: float | None = None
+    clipvalue: float | None = None
     # pretrain
     task: str = "autoencoder"
     arch: str = "dense"
@@ -63,7 +67,12 @@ class Recipe:
     weights: str = "none"
     head_epochs: int = 5
     unfreeze_top: int = 0
+    unfreeze_schedule: str | None = None
+    gradual: bool = False
     finetune_lr_factor: float = 0.1
+    lr_decay: float = 1.0
+    train_batchnorm: bool = False
+    cache_features: bool = True
     # output
     out: str | None = None
     name: str | None = None
@@ -88,6 +97,12 @@ class Recipe:
         _check(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
         _check(0 <= self.noise <= 1, "noise", self.noise, "a number in [0, 1] (a fraction of the data's std)")
         _check(self.lr > 0, "lr", self.lr, "a positive number")
+        for key in ("max_norm", "clipnorm", "clipvalue"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, key, value, "a positive number")
+        _check(self.lr_decay >= 1, "lr_decay", self.lr_decay, "a number >= 1 (ULMFiT uses 2.6)")
+        _check(not (self.gradual and self.unfreeze_schedule), "gradual", self.gradual,
+               "either --gradual or --unfreeze-schedule, not both")
         _check(self.finetune_lr_factor > 0, "finetune_lr_factor", self.finetune_lr_factor, "a positive number")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         for key in ("epochs", "head_epochs", "unfreeze_top"):

@@ -99,6 +99,17 @@ def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: 
     return out
 
 
+def make_optimizer(recipe: Recipe, learning_rate: Any):
+    """The recipe's optimizer at `learning_rate` (a float or a schedule), with its clipping."""
+    from transferkit.optimizers import optimizer
+
+    try:
+        return optimizer(recipe.optimizer, learning_rate=learning_rate, clipnorm=recipe.clipnorm,
+                         clipvalue=recipe.clipvalue)
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
+
+
 def merge_history(total: dict[str, list[float]], history) -> dict[str, list[float]]:
     for key, values in history.history.items():
         total.setdefault(key, []).extend(float(v) for v in values)

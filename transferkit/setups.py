@@ -90,9 +90,9 @@ def activation_layer(activation: str, name: str | None = None) -> keras.layers.L
     return keras.layers.Activation("silu" if activation == "swish" else activation, name=name)
 
 
-def dropout_layer(rate: float, setup: ActivationSetup, mc_dropout: bool = False,
+def dropout_layer(rate: float, kind: Literal["alpha", "plain"] = "plain", mc_dropout: bool = False,
                   name: str | None = None) -> keras.layers.Layer:
-    """The dropout that goes with `setup`: alpha dropout for SELU, plain otherwise; MC if asked."""
+    """Alpha (for SELU) or plain dropout; with `mc_dropout`, one that stays on at inference."""
     from transferkit.layers import MCAlphaDropout, MCDropout
 
     kinds = {
@@ -101,7 +101,7 @@ def dropout_layer(rate: float, setup: ActivationSetup, mc_dropout: bool = False,
         ("plain", False): keras.layers.Dropout,
         ("plain", True): MCDropout,
     }
-    return kinds[(setup.dropout, mc_dropout)](rate, name=name)
+    return kinds[(kind, mc_dropout)](rate, name=name)
 
 
 def dense_stack(
@@ -204,7 +204,7 @@ def _stack(layer_cls, sizes, layer_kwargs, activation, batchnorm, dropout, mc_dr
         if pool:
             layers.append(keras.layers.MaxPooling2D(2, padding="same", name=block + "pool"))
         if dropout:
-            layers.append(dropout_layer(dropout, setup, mc_dropout, name=block + "dropout"))
+            layers.append(dropout_layer(dropout, setup.dropout, mc_dropout, name=block + "dropout"))
     return layers
 
 
