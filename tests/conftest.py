@@ -34,3 +34,13 @@ def classifier_dir(tmp_path_factory, encoder_dir):
     out = tmp_path_factory.mktemp("artifacts") / "classifier"
     return tk.finetune(from_=str(encoder_dir), label_fraction=0.1, head_epochs=2, epochs=2, unfreeze_top=1,
                        out=str(out), verbose=False).artifact
+
+
+@pytest.fixture(scope="session")
+def dropout_classifier_dir(tmp_path_factory, bn_encoder_dir):
+    """A classifier on the BatchNorm encoder with dropout before its head."""
+    import transferkit as tk
+
+    out = tmp_path_factory.mktemp("artifacts") / "dropout-classifier"
+    return tk.finetune(from_=str(bn_encoder_dir), label_fraction=0.2, head_epochs=3, epochs=1, unfreeze_top=1,
+                       dropout=0.3, lr=0.01, out=str(out), verbose=False).artifact

@@ -67,15 +67,29 @@ def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     return run_finetune(resolve_recipe(recipe, "finetune", settings), verbose=verbose)
 
 
-def export(model_dir: str | Path, out: str | Path | None = None, *, verbose: bool = True) -> Result:
-    """Export an artifact as a SavedModel (default `model_dir/serving`) and check it."""
+def export(model_dir: str | Path, out: str | Path | None = None, *, mc_samples: int = 30,
+           verbose: bool = True) -> Result:
+    """Export an artifact as a SavedModel (default `model_dir/serving`) and check it.
+
+    Models with dropout also get a `serve_mc` endpoint of `mc_samples` MC dropout samples.
+    """
     from transferkit.serving import run_export
 
-    return run_export(model_dir, out, verbose=verbose)
+    return run_export(model_dir, out, mc_samples=mc_samples, verbose=verbose)
 
 
-def evaluate(model_dir: str | Path, data: str | None = None, *, verbose: bool = True) -> Result:
-    """Accuracy and loss of a saved classifier on its test split (or on `data`)."""
+def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int = 0,
+             verbose: bool = True) -> Result:
+    """Accuracy, NLL and calibration error of a saved classifier on its test split (or on `data`)."""
     from transferkit.evaluation import run_evaluate
 
-    return run_evaluate(model_dir, data, verbose=verbose)
+    return run_evaluate(model_dir, data, mc_samples=mc_samples, verbose=verbose)
+
+
+def predict(model_dir: str | Path, inputs: list[str] | str, *, mc_samples: int = 0,
+            output: str | Path | None = None, verbose: bool = True) -> list[dict[str, Any]]:
+    """Predicted class and probability (and MC dropout uncertainty) for image files or a data spec."""
+    from transferkit.prediction import run_predict
+
+    return run_predict(model_dir, [inputs] if isinstance(inputs, str) else list(inputs), mc_samples=mc_samples,
+                       output=output, verbose=verbose)

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from transferkit.errors import SettingsError, TransferkitError
+from transferkit.optimizers import OPTIMIZERS
 
 
 def _common_options(f: Callable) -> Callable:
@@ -30,7 +31,7 @@ def _common_options(f: Callable) -> Callable:
         click.option("--epochs", type=int, help="Training epochs (finetune: of the unfreezing stage)."),
         click.option("--batch-size", type=int),
         click.option("--lr", type=float, help="Learning rate."),
-        click.option("--optimizer", help="sgd, momentum, nesterov, adam, adamw, nadam or rmsprop."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Defaults to nadam."),
         click.option("--activation", help="selu (default), relu, elu, gelu, swish, mish, tanh, ..."),
         click.option("--batchnorm", type=click.Choice(["none", "before", "after"])),
         click.option("--dropout", type=float, help="Dropout rate (alpha dropout for SELU)."),
@@ -122,23 +123,41 @@ def finetune(recipe: str | None, **settings: Any) -> None:
 @cli.command()
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="SavedModel folder (default MODEL_DIR/serving).")
+@click.option("--mc-samples", type=click.IntRange(min=2), default=30, show_default=True,
+              help="MC dropout samples per example in the serve_mc endpoint (models with dropout).")
 @_handle_errors
-def export(model_dir: str, out: str | None) -> None:
-    """Export MODEL_DIR as a SavedModel with a `serve` endpoint, and check it."""
+def export(model_dir: str, out: str | None, mc_samples: int) -> None:
+    """Export MODEL_DIR as a SavedModel with `serve` (and `serve_mc`), and check it."""
     from transferkit.api import export as run
 
-    run(model_dir, out)
+    run(model_dir, out, mc_samples=mc_samples)
 
 
 @cli.command()
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--data", help="Data spec to evaluate on (default: the artifact's test split).")
+@click.option("--mc-samples", type=click.IntRange(min=0), default=0,
+              help="Also evaluate MC dropout predictions with this many samples.")
 @_handle_errors
-def evaluate(model_dir: str, data: str | None) -> None:
-    """Accuracy and loss of MODEL_DIR on its test split (or on --data)."""
+def evaluate(model_dir: str, data: str | None, mc_samples: int) -> None:
+    """Accuracy, NLL and calibration error of MODEL_DIR on its test split (or on --data)."""
     from transferkit.api import evaluate as run
 
-    run(model_dir, data)
+    run(model_dir, data, mc_samples=mc_samples)
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--mc-samples", type=click.IntRange(min=0), default=0,
+              help="MC dropout samples per example; adds std, entropy and mutual information.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write the rows to a .csv or .json file.")
+@_handle_errors
+def predict(model_dir: str, inputs: tuple[str, ...], mc_samples: int, output: str | None) -> None:
+    """Class and probability for INPUTS: image files, or a data spec (npz:PATH, dir:PATH)."""
+    from transferkit.api import predict as run
+
+    run(model_dir, list(inputs), mc_samples=mc_samples, output=output)
 
 
 @cli.command()

@@ -218,7 +218,7 @@ def _load_dir(spec: str, arg: str, image_size: int | None) -> Data:
         files = [(f, -1) for f in sorted(root.iterdir()) if _is_image(f)]
     if not files:
         raise SettingsError(f"Folder {arg!r} holds no images; expected {', '.join(IMAGE_SUFFIXES)} files.")
-    x = _read_images([f for f, _ in files], image_size)
+    x = read_images([f for f, _ in files], image_size)
     y = np.array([i for _, i in files], dtype="int64") if classes else None
     return Data(x=x, y=y, spec=spec, class_names=tuple(classes) if classes else None, value_range=(0.0, 255.0))
 
@@ -227,7 +227,12 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _read_images(paths: list[Path], image_size: int | None) -> np.ndarray:
+def read_images(paths: list[Path], image_size: int | tuple[int, int] | None = None,
+                channels: int | None = None) -> np.ndarray:
+    """Images as `(N, H, W, C)` float32 in 0..255, resized to `image_size` (side or (H, W)), else the first's.
+
+    `channels` 1 or 3 converts to gray or RGB; by default gray only when every image is.
+    """
     from PIL import Image
 
     images = []
@@ -236,8 +241,12 @@ def _read_images(paths: list[Path], image_size: int | None) -> np.ndarray:
             images.append(Image.open(p))
         except OSError as err:
             raise SettingsError(f"Image {str(p)!r} cannot be read: {err}.") from None
-    gray = all(im.mode in ("L", "1", "I;16") for im in images)
-    size = (image_size, image_size) if image_size else images[0].size
+    gray = all(im.mode in ("L", "1", "I;16") for im in images) if channels is None else channels == 1
+    if image_size is None:
+        size = images[0].size
+    else:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        size = (width, height)
     arrays = [np.asarray(im.convert("L" if gray else "RGB").resize(size), dtype="float32") for im in images]
     x = np.stack(arrays)
     return x[..., None] if gray else x

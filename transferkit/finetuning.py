@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
 
     history: dict[str, list[float]] = {}
     features: dict[str, Any] = {}
+    seconds: list[float] = []
     epoch = 0
     for stage in stages:
         lr = recipe.lr if stage.top == 0 else recipe.lr * recipe.finetune_lr_factor
@@ -94,6 +96,7 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
                         f"{', on cached base outputs' if cached else ''}; trainable: "
                         f"{', '.join(unfrozen) or 'no block'} + head", verbose)
         runs.print_line(format_audit(audit(clf.model, factors)), verbose)
+        started = time.perf_counter()
         if cached and not features:
             features.update(train=compute_features(clf.features, x, recipe.batch_size),
                             val=compute_features(clf.features, x_val, recipe.batch_size) if len(x_val) else None)
@@ -103,6 +106,7 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
             validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_val, recipe.batch_size),
             initial_epoch=epoch, epochs=epoch + stage.epochs, shuffle=False, verbose=2 if verbose else 0)
         runs.merge_history(history, fit)
+        seconds.append(time.perf_counter() - started)
         epoch += stage.epochs
 
     if trained is not clf.model:  # the last stage trained the head on cached features
@@ -115,7 +119,8 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
         num_classes=data.num_classes,
         base=clf.info,
         blocks=[name for name, _ in clf.blocks],
-        stages=[{"name": s.name, "unfreeze_top": s.top, "epochs": s.epochs} for s in stages],
+        stages=[{"name": s.name, "unfreeze_top": s.top, "epochs": s.epochs, "seconds": round(t, 3)}
+                for s, t in zip(stages, seconds)],
         metrics=metrics,
     )
     runs.save_run(out, clf.model, recipe, manifest, split, history)
