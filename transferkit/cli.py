@@ -17,6 +17,7 @@ import click
 
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.optimizers import OPTIMIZERS
+from transferkit.recipe import NOISE_KINDS, SCHEDULES, TASKS
 
 
 def _common_options(f: Callable) -> Callable:
@@ -30,7 +31,10 @@ def _common_options(f: Callable) -> Callable:
         click.option("--image-size", type=int, help="Resize dir: and tfds: images to this square size."),
         click.option("--epochs", type=int, help="Training epochs (finetune: of the unfreezing stage)."),
         click.option("--batch-size", type=int),
-        click.option("--lr", type=float, help="Learning rate."),
+        click.option("--lr", help="Learning rate (the peak, for onecycle), or auto: the LR finder's valley."),
+        click.option("--schedule", type=click.Choice(SCHEDULES), help="Learning-rate schedule (onecycle)."),
+        click.option("--plateau-factor", type=float, help="--schedule plateau: multiply the rate by this (0.1)."),
+        click.option("--plateau-patience", type=int, help="--schedule plateau: epochs without progress (10)."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Defaults to nadam."),
         click.option("--activation", help="selu (default), relu, elu, gelu, swish, mish, tanh, ..."),
         click.option("--batchnorm", type=click.Choice(["none", "before", "after"])),
@@ -82,11 +86,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 @cli.command()
 @_common_options
-@click.option("--task", type=click.Choice(["autoencoder", "denoising"]), help="Pretraining task.")
+@click.option("--task", type=click.Choice(TASKS), help="Pretraining task.")
 @click.option("--arch", type=click.Choice(["dense", "conv"]), help="Encoder architecture.")
 @click.option("--units", help="Dense units per block, bottom to top, e.g. 128,64,32.")
 @click.option("--filters", help="Conv filters per block, e.g. 16,32,32.")
-@click.option("--noise", type=float, help="Denoising noise, as a fraction of the data's standard deviation.")
+@click.option("--noise", type=float, help="Denoising noise: std as a fraction of the data's (gaussian), or rate.")
+@click.option("--noise-kind", type=click.Choice(NOISE_KINDS), help="Denoising noise: gaussian or dropout.")
+@click.option("--tied-weights/--no-tied-weights", default=None, help="Dense decoder reuses the encoder's kernels.")
 @_handle_errors
 def pretrain(recipe: str | None, **settings: Any) -> None:
     """Pretrain an encoder on unlabeled inputs and save it."""
@@ -95,29 +101,75 @@ def pretrain(recipe: str | None, **settings: Any) -> None:
     run(recipe, **settings)
 
 
+def _finetune_options(f: Callable) -> Callable:
+    options = [
+        click.option("--from", "from_", type=click.Path(file_okay=False), help="A saved encoder artifact."),
+        click.option("--backbone", help="A Keras Applications backbone: mobilenetv2, efficientnetb0, resnet50."),
+        click.option("--weights", help="Backbone weights: imagenet, none or a weights file."),
+        click.option("--head-epochs", type=int, help="Epochs of stage 1 (head only, base frozen)."),
+        click.option("--unfreeze-top", type=int, help="Blocks of the base to unfreeze in stage 2 (0: head only)."),
+        click.option("--unfreeze-schedule", help="Stages KEYWORD:EPOCHS, e.g. head:2,top2:3,top4:3,all:5."),
+        click.option("--gradual/--no-gradual", default=None,
+                     help="ULMFiT's gradual unfreezing: one more block per stage (of --epochs each), top first."),
+        click.option("--finetune-lr-factor", type=float, help="Learning rate of unfreezing stages = lr x this (0.1)."),
+        click.option("--lr-decay", type=float, help="Each block below the top one learns at 1/D of the one above "
+                                                    "(discriminative fine-tuning; ULMFiT uses 2.6)."),
+        click.option("--train-batchnorm/--freeze-batchnorm", default=None,
+                     help="Let BatchNorm in unfrozen blocks train (default: frozen, in inference mode)."),
+        click.option("--cache-features/--no-cache-features", default=None,
+                     help="Train head-only stages on base outputs computed once (default on)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @cli.command()
 @_common_options
-@click.option("--from", "from_", type=click.Path(file_okay=False), help="A saved encoder artifact.")
-@click.option("--backbone", help="A Keras Applications backbone: mobilenetv2, efficientnetb0, resnet50.")
-@click.option("--weights", help="Backbone weights: imagenet, none or a weights file.")
-@click.option("--head-epochs", type=int, help="Epochs of stage 1 (head only, base frozen).")
-@click.option("--unfreeze-top", type=int, help="Blocks of the base to unfreeze in stage 2 (0: head only).")
-@click.option("--unfreeze-schedule", help="Stages KEYWORD:EPOCHS, e.g. head:2,top2:3,top4:3,all:5.")
-@click.option("--gradual/--no-gradual", default=None,
-              help="ULMFiT's gradual unfreezing: one more block per stage (of --epochs each), top first.")
-@click.option("--finetune-lr-factor", type=float, help="Learning rate of unfreezing stages = lr x this (0.1).")
-@click.option("--lr-decay", type=float, help="Each block below the top one learns at 1/D of the one above "
-                                              "(discriminative fine-tuning; ULMFiT uses 2.6).")
-@click.option("--train-batchnorm/--freeze-batchnorm", default=None,
-              help="Let BatchNorm in unfrozen blocks train (default: frozen, in inference mode).")
-@click.option("--cache-features/--no-cache-features", default=None,
-              help="Train head-only stages on base outputs computed once (default on).")
+@_finetune_options
 @_handle_errors
 def finetune(recipe: str | None, **settings: Any) -> None:
     """Fine-tune a new head (then the top blocks) on a few labels; print the test accuracy."""
     from transferkit.api import finetune as run
 
     run(recipe, **settings)
+
+
+@cli.command("lr-find")
+@_common_options
+@_finetune_options
+@click.option("--stage", "stage_name", help="The stage to test, e.g. head or top2 (default: the first).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the loss curve with the suggestions (PNG).")
+@click.option("--start-lr", type=float, default=1e-7, show_default=True)
+@click.option("--end-lr", type=float, default=10.0, show_default=True)
+@click.option("--num-steps", type=int, default=100, show_default=True)
+@_handle_errors
+def lr_find(recipe: str | None, stage_name: str | None, plot: str | None, start_lr: float, end_lr: float,
+            num_steps: int, **settings: Any) -> None:
+    """The LR range test on the model finetune would train; prints valley, minimum/10 and steep."""
+    from transferkit.api import resolve_recipe
+    from transferkit.learning_rates import run_lr_find
+
+    run_lr_find(resolve_recipe(recipe, "finetune", settings), stage_name, plot, start_lr, end_lr, num_steps)
+
+
+@cli.command()
+@_common_options
+@_finetune_options
+@click.option("--for", "command", type=click.Choice(["finetune", "pretrain"]), default="finetune",
+              show_default=True, help="Which command's schedule to draw.")
+@click.option("--plot", type=click.Path(dir_okay=False), required=True, help="PNG to write.")
+@_handle_errors
+def schedule(recipe: str | None, command: str, plot: str, **settings: Any) -> None:
+    """Draw the learning rate and momentum a recipe would use, step by step, without training."""
+    from transferkit.api import resolve_recipe
+    from transferkit.learning_rates import plot_schedule, schedule_curve
+
+    resolved = resolve_recipe(recipe, command, settings)
+    curve = schedule_curve(resolved, command)
+    plot_schedule(curve, plot, title=f"{command}: {resolved.schedule} schedule, {len(curve.lrs)} steps")
+    click.echo(f"schedule: {len(curve.lrs)} steps in {len(curve.stage_starts)} stage(s), learning rate "
+               f"{curve.lrs.min():.3g} to {curve.lrs.max():.3g}; plot written to {plot}")
 
 
 @cli.command()

@@ -36,7 +36,7 @@ from transferkit.backbones import (
 )
 from transferkit.data import Data, Split, load_data, pipeline, split_data
 from transferkit.errors import SettingsError
-from transferkit.discriminative import block_factors, with_learning_rate_factors
+from transferkit.discriminative import block_factors
 from transferkit.feature_cache import can_cache, compute_features
 from transferkit.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.recipe import Recipe
@@ -58,21 +58,47 @@ class Classifier:
     info: dict[str, Any]
 
 
-def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
-    """Build the classifier, train it stage by stage, test it, save it."""
+@dataclasses.dataclass
+class Plan:
+    """Everything a fine-tuning run is made of, before any training."""
+
+    recipe: Recipe
+    data: Data
+    split: Split
+    clf: Classifier
+    stages: list[Stage]
+    out: Path
+
+    @property
+    def labeled(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.data.x[self.split.labeled], self.data.y[self.split.labeled]
+
+    def steps(self, stage: Stage) -> int:
+        return stage.epochs * runs.steps_per_epoch(len(self.split.labeled), self.recipe.batch_size)
+
+    def stage_lr(self, stage: Stage) -> float:
+        return self.recipe.lr if stage.top == 0 else self.recipe.lr * self.recipe.finetune_lr_factor
+
+
+def plan_finetune(recipe: Recipe) -> Plan:
+    """Check the settings, load and split the data, build the classifier and its stages; train nothing."""
     if not recipe.from_ and not recipe.backbone:
         raise SettingsError("finetune needs a base: --from DIR (a saved encoder) or --backbone NAME.")
     encoder_manifest = artifacts.read_manifest(recipe.from_, ("encoder",)) if recipe.from_ else None
     data = load_data(recipe.data, image_size=recipe.image_size)
     runs.require_labels(data)
     split = _split_for(recipe, data, encoder_manifest)
-    out = runs.out_dir(recipe, "classifier")
     keras.utils.set_random_seed(recipe.seed)
-    runs.make_optimizer(recipe, recipe.lr)  # fail early on a bad name
-
+    runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
     clf = build_classifier(recipe, data, encoder_manifest)
-    stages = plan_stages(recipe, clf.blocks)
-    x, y = data.x[split.labeled], data.y[split.labeled]
+    return Plan(recipe, data, split, clf, plan_stages(recipe, clf.blocks), runs.out_dir(recipe, "classifier"))
+
+
+def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
+    """Build the classifier, train it stage by stage, test it, save it."""
+    plan = plan_finetune(recipe)
+    data, split, clf, stages, out = plan.data, plan.split, plan.clf, plan.stages, plan.out
+    x, y = plan.labeled
     x_val, y_val = data.x[split.val], data.y[split.val]
     runs.print_line(f"finetune: {clf.info['description']} on {len(x)} labeled examples "
                     f"({recipe.label_fraction:g} of {len(split.train)}), {data.num_classes} classes; "
@@ -81,36 +107,41 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     history: dict[str, list[float]] = {}
     features: dict[str, Any] = {}
     seconds: list[float] = []
+    stage_lrs: list[float] = []
     epoch = 0
+    loss, accuracy = "sparse_categorical_crossentropy", ["accuracy"]
     for stage in stages:
-        lr = recipe.lr if stage.top == 0 else recipe.lr * recipe.finetune_lr_factor
         unfrozen = freeze_all_but_top(clf.base, clf.blocks, stage.top, recipe.train_batchnorm)
         factors = _lr_factors(clf.blocks, stage.top, recipe.lr_decay)
-        opt = runs.make_optimizer(recipe, lr)
-        if factors:
-            opt = with_learning_rate_factors(opt, factors)
         cached = stage.top == 0 and recipe.cache_features and can_cache(clf.features)
         trained = clf.head if cached else clf.model
-        trained.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        runs.print_line(f"stage {stage.name}: epochs {epoch + 1}-{epoch + stage.epochs}, learning rate {lr:g}"
-                        f"{', on cached base outputs' if cached else ''}; trainable: "
-                        f"{', '.join(unfrozen) or 'no block'} + head", verbose)
-        runs.print_line(format_audit(audit(clf.model, factors)), verbose)
         started = time.perf_counter()
         if cached and not features:
             features.update(train=compute_features(clf.features, x, recipe.batch_size),
                             val=compute_features(clf.features, x_val, recipe.batch_size) if len(x_val) else None)
         inputs = features if cached else {"train": x, "val": x_val if len(x_val) else None}
+        if recipe.lr == "auto":
+            trained.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
+            lr = runs.find_learning_rate(trained, inputs["train"], y, recipe, verbose)
+        else:
+            lr = plan.stage_lr(stage)
+        callbacks = runs.compile_stage(trained, recipe, lr, plan.steps(stage), loss, accuracy, lr_factors=factors)
+        runs.print_line(f"stage {stage.name}: epochs {epoch + 1}-{epoch + stage.epochs}, {recipe.schedule} learning "
+                        f"rate {lr:.3g}{', on cached base outputs' if cached else ''}; trainable: "
+                        f"{', '.join(unfrozen) or 'no block'} + head", verbose)
+        runs.print_line(format_audit(audit(clf.model, factors)), verbose)
         fit = trained.fit(
             pipeline(inputs["train"], y, recipe.batch_size, shuffle=True, seed=recipe.seed),
             validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_val, recipe.batch_size),
-            initial_epoch=epoch, epochs=epoch + stage.epochs, shuffle=False, verbose=2 if verbose else 0)
+            initial_epoch=epoch, epochs=epoch + stage.epochs, callbacks=callbacks, shuffle=False,
+            verbose=2 if verbose else 0)
+        stage_lrs.append(lr)
         runs.merge_history(history, fit)
         seconds.append(time.perf_counter() - started)
         epoch += stage.epochs
 
-    if trained is not clf.model:  # the last stage trained the head on cached features
-        clf.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    if not stages or trained is not clf.model:  # the last stage trained the head on cached features
+        clf.model.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
     test_loss, test_accuracy = clf.model.evaluate(
         pipeline(data.x[split.test], data.y[split.test], recipe.batch_size), verbose=0)
     metrics = {"test_accuracy": float(test_accuracy), "test_loss": float(test_loss)}
@@ -119,8 +150,8 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
         num_classes=data.num_classes,
         base=clf.info,
         blocks=[name for name, _ in clf.blocks],
-        stages=[{"name": s.name, "unfreeze_top": s.top, "epochs": s.epochs, "seconds": round(t, 3)}
-                for s, t in zip(stages, seconds)],
+        stages=[{"name": s.name, "unfreeze_top": s.top, "epochs": s.epochs, "lr": lr, "schedule": recipe.schedule,
+                 "seconds": round(t, 3)} for s, lr, t in zip(stages, stage_lrs, seconds)],
         metrics=metrics,
     )
     runs.save_run(out, clf.model, recipe, manifest, split, history)

@@ -86,13 +86,12 @@ def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
     out = runs.out_dir(recipe, "encoder")
     keras.utils.set_random_seed(recipe.seed)
     x_train, x_val = data.x[split.train], data.x[split.val]
-    opt = runs.make_optimizer(recipe, recipe.lr)
+    runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
 
     encoder = build_encoder(data.input_shape, recipe, x_train)
     decoder = build_decoder(encoder, data.input_shape, recipe)
     autoencoder = build_autoencoder(encoder, decoder, noise=recipe.noise if recipe.task == "denoising" else 0.0,
                                     data_std=float(np.sqrt(runs.channel_stats(x_train)[1].mean())))
-    autoencoder.compile(optimizer=opt, loss="mse")
 
     standardize = encoder.get_layer("normalize")
     targets = {name: keras.ops.convert_to_numpy(standardize(x)) for name, x in (("train", x_train), ("val", x_val))}
@@ -100,7 +99,14 @@ def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
     val = pipeline(x_val, targets["val"], recipe.batch_size) if len(x_val) else None
     runs.print_line(f"pretrain: {recipe.task} ({recipe.arch}, {recipe.activation}) on {len(x_train)} unlabeled "
                     f"inputs of {data.spec}", verbose)
-    history = autoencoder.fit(train, validation_data=val, epochs=recipe.epochs, shuffle=False,
+    if recipe.lr == "auto":
+        autoencoder.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss="mse")
+        lr = runs.find_learning_rate(autoencoder, x_train, targets["train"], recipe, verbose)
+    else:
+        lr = recipe.lr
+    callbacks = runs.compile_stage(autoencoder, recipe, lr,
+                                   recipe.epochs * runs.steps_per_epoch(len(x_train), recipe.batch_size), "mse")
+    history = autoencoder.fit(train, validation_data=val, epochs=recipe.epochs, callbacks=callbacks, shuffle=False,
                               verbose=2 if verbose else 0)
 
     hist = runs.merge_history({}, history)

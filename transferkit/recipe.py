@@ -20,7 +20,9 @@ from typing import Any
 
 from transferkit.errors import SettingsError
 
-TASKS = ("autoencoder", "denoising")
+TASKS = ("autoencoder", "denoising", "stacked", "rotation", "pairs", "gan")
+NOISE_KINDS = ("gaussian", "dropout")
+SCHEDULES = ("onecycle", "constant", "power", "exponential", "piecewise", "plateau")
 ARCHS = ("dense", "conv")
 BATCHNORM = ("none", "before", "after")
 COMMANDS = ("pretrain", "finetune")
@@ -46,8 +48,11 @@ class Recipe:
     # training
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float | str = 1e-3
     optimizer: str = "nadam"
+    schedule: str = "onecycle"
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
     activation: str = "selu"
     batchnorm: str = "none"
     dropout: float = 0.0
@@ -61,6 +66,8 @@ class Recipe:
     units: tuple[int, ...] = (128, 64, 32)
     filters: tuple[int, ...] = (16, 32, 32)
     noise: float = 0.3
+    noise_kind: str = "gaussian"
+    tied_weights: bool = False
     # finetune
     from_: str | None = None
     backbone: str | None = None
@@ -96,7 +103,12 @@ class Recipe:
                f"val_fraction + test_fraction < 1 (test_fraction={self.test_fraction})")
         _check(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
         _check(0 <= self.noise <= 1, "noise", self.noise, "a number in [0, 1] (a fraction of the data's std)")
-        _check(self.lr > 0, "lr", self.lr, "a positive number")
+        _check(self.lr == "auto" or (not isinstance(self.lr, str) and self.lr > 0), "lr", self.lr,
+               "a positive number or auto")
+        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
+        _check(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "a number in (0, 1)")
+        _check(self.plateau_patience >= 0, "plateau_patience", self.plateau_patience, "an integer >= 0")
+        _check(self.noise_kind in NOISE_KINDS, "noise_kind", self.noise_kind, f"one of {', '.join(NOISE_KINDS)}")
         for key in ("max_norm", "clipnorm", "clipvalue"):
             value = getattr(self, key)
             _check(value is None or value > 0, key, value, "a positive number")
@@ -194,6 +206,11 @@ def _coerce(key: str, value: Any) -> Any:
             raise SettingsError(f"{key} must be integers such as 128,64; Received: {key}={value!r}") from None
     if key == "batchnorm" and value in (False, None):
         return "none"
+    if key == "lr" and isinstance(value, str) and value != "auto":
+        try:
+            return float(value)
+        except ValueError:
+            raise SettingsError(f"lr must be a positive number or auto. Received: lr={value!r}") from None
     return value
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from transferkit import artifacts
 from transferkit.data import Data, Split, load_data, split_data
-from transferkit.errors import SettingsError
+from transferkit.errors import SettingsError, TransferkitError
 from transferkit.recipe import Recipe, dump_toml
 
 
@@ -108,6 +108,48 @@ def make_optimizer(recipe: Recipe, learning_rate: Any):
                          clipvalue=recipe.clipvalue)
     except ValueError as err:
         raise SettingsError(str(err)) from None
+
+
+def schedule_options(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's options for its schedule (plateau's factor and patience)."""
+    if recipe.schedule == "plateau":
+        return {"factor": recipe.plateau_factor, "patience": recipe.plateau_patience}
+    return {}
+
+
+def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int, loss: Any,
+                  metrics: list | None = None, lr_factors: dict[str, float] | None = None) -> list:
+    """Compile `model` with the recipe's optimizer on its schedule over `total_steps`; return the callbacks.
+
+    `learning_rate` is the peak rate for onecycle and the starting rate otherwise;
+    each call starts the schedule afresh. `lr_factors` gives variables their own
+    rate factors (discriminative fine-tuning).
+    """
+    from transferkit.discriminative import with_learning_rate_factors
+    from transferkit.schedules import make_schedule, schedule_callbacks
+
+    options = schedule_options(recipe)
+    rate = make_schedule(recipe.schedule, learning_rate, max(1, total_steps), **options)
+    opt = make_optimizer(recipe, rate)
+    if lr_factors:
+        opt = with_learning_rate_factors(opt, lr_factors)
+    model.compile(optimizer=opt, loss=loss, metrics=metrics)
+    return schedule_callbacks(recipe.schedule, rate, optimizer=opt, **options)
+
+
+def find_learning_rate(model, x, y, recipe: Recipe, verbose: bool) -> float:
+    """Run the LR finder on the compiled `model` as it stands; its `valley` suggestion."""
+    from transferkit.lr_finder import lr_find
+
+    result = lr_find(model, (x, y), batch_size=recipe.batch_size)
+    print_line(f"lr-find: {result.summary()}", verbose)
+    if result.valley is None or not np.isfinite(result.valley):
+        raise TransferkitError("The LR finder found no valley; pass --lr explicitly.")
+    return float(result.valley)
+
+
+def steps_per_epoch(examples: int, batch_size: int) -> int:
+    return max(1, -(-examples // batch_size))
 
 
 def merge_history(total: dict[str, list[float]], history) -> dict[str, list[float]]:
