@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from transferkit.errors import SettingsError
+from transferkit.errors import SettingsError, TransferkitError
 
 MANIFEST = "manifest.json"
 MODEL = "model.keras"
@@ -41,6 +41,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _flush(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
@@ -51,6 +52,33 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _flush(folder: Path) -> None:
+    """fsync every file under `folder`, then the folder, so a rename never publishes unwritten data."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_model(path: str | Path):
+    """The `model.keras` of the artifact at `path`, loaded in Keras's safe mode; a clear error if it is damaged."""
+    import keras
+
+    file = Path(path) / MODEL
+    try:
+        return keras.saving.load_model(file, safe_mode=True)
+    except Exception as err:  # a truncated zip, a missing entry, a bad config
+        raise TransferkitError(
+            f"{str(file)!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "the artifact is damaged: write it again."
+        ) from None
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -73,7 +101,7 @@ def read_manifest(path: str | Path, kinds: tuple[str, ...] = ("encoder", "classi
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
-        raise SettingsError(f"{str(manifest_path)!r} is not valid JSON; the artifact is damaged.") from None
+        raise TransferkitError(f"{str(manifest_path)!r} is not valid JSON; the artifact is damaged.") from None
     if manifest.get("kind") not in kinds:
         raise SettingsError(
             f"{str(path)!r} holds a {manifest.get('kind')!r}; expected a {' or '.join(kinds)} artifact."

@@ -30,6 +30,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import functools
 
 import keras
@@ -147,3 +149,37 @@ class OneCycleMomentum(keras.callbacks.Callback):
         vars(self._optimizer).pop("get_config", None)
         self._optimizer = self._name = self._variable = None
         self.model.make_train_function(force=True)
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stop training with a clear error when the loss becomes NaN or infinite.
+
+    Unlike `keras.callbacks.TerminateOnNaN`, which ends `fit` as if it had
+    finished, this raises, so nothing after it (saving, the next stage) runs on
+    broken weights; the message names the stage, epoch and step.
+
+    Example:
+
+    >>> model.fit(x, y, callbacks=[StopOnNaN("head")])    # doctest: +SKIP
+
+    Args:
+        stage: String. The stage's name, for the message. Defaults to `"training"`.
+    """
+
+    def __init__(self, stage: str = "training"):
+        super().__init__()
+        self.stage = stage
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            from transferkit.errors import TransferkitError
+
+            raise TransferkitError(
+                f"The loss became {float(loss)} in stage {self.stage}, epoch {self._epoch + 1}, step {batch + 1}; "
+                "lower the learning rate (--lr) or clip the gradients (--clipnorm 1.0)."
+            )

@@ -18,6 +18,7 @@ import click
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.optimizers import OPTIMIZERS
 from transferkit.recipe import NOISE_KINDS, SCHEDULES, TASKS
+from transferkit.runtime import DEVICES, PRECISIONS, STRATEGIES
 
 
 def _common_options(f: Callable) -> Callable:
@@ -43,6 +44,11 @@ def _common_options(f: Callable) -> Callable:
         click.option("--max-norm", type=float, help="Max-norm constraint on each kernel."),
         click.option("--clipnorm", type=float, help="Clip each gradient to this norm."),
         click.option("--clipvalue", type=float, help="Clip each gradient component to [-v, v]."),
+        click.option("--device", type=click.Choice(DEVICES), help="Where to train (auto)."),
+        click.option("--strategy", type=click.Choice(STRATEGIES),
+                     help="tf.distribute strategy (auto: TPU if found, mirrored with 2+ GPUs, else default)."),
+        click.option("--precision", type=click.Choice(PRECISIONS), help="float32 (default) or mixed precision."),
+        click.option("--jit-compile/--no-jit-compile", default=None, help="XLA-compile the training step."),
         click.option("--out", type=click.Path(file_okay=False), help="Artifact folder (default saved_models/NAME)."),
         click.option("--name", help="Artifact name under saved_models/."),
     ]

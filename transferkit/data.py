@@ -107,6 +107,11 @@ def load_data(spec: str = "digits", image_size: int | None = None) -> Data:
     data = loader(spec, arg, image_size)
     if len(data.x) == 0:
         raise SettingsError(f"Data spec {spec!r} holds no examples; expected at least one.")
+    bad = int(np.size(data.x) - np.count_nonzero(np.isfinite(data.x)))
+    if bad:
+        raise SettingsError(f"Data {spec!r} has {bad} NaN or infinite input values; expected finite numbers.")
+    if data.y is not None and data.y.min() < 0:
+        raise SettingsError(f"Data {spec!r} has label {int(data.y.min())}; expected class numbers 0, 1, 2, ...")
     return data
 
 
@@ -244,6 +249,12 @@ def read_images(paths: list[Path], image_size: int | tuple[int, int] | None = No
     gray = all(im.mode in ("L", "1", "I;16") for im in images) if channels is None else channels == 1
     if image_size is None:
         size = images[0].size
+        other = next((im for im in images if im.size != size), None)
+        if other is not None:
+            raise SettingsError(
+                f"Images differ in size ({size[0]}x{size[1]} and {other.size[0]}x{other.size[1]} in "
+                f"{str(Path(other.filename).parent)!r}); pass --image-size N to resize them all."
+            )
     else:
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         size = (width, height)
@@ -256,6 +267,7 @@ def _load_tfds(spec: str, arg: str, image_size: int | None) -> Data:
     name, _, split = arg.partition(":")
     import tensorflow_datasets as tfds
 
+    _check_tfds_reachable(tfds, name)
     try:
         ds, info = tfds.load(name, split=split or "train", with_info=True, as_supervised=False)
     except Exception as err:  # tfds raises many kinds: unknown name, no network, bad split
@@ -277,3 +289,28 @@ def _load_tfds(spec: str, arg: str, image_size: int | None) -> Data:
     y = np.asarray(ys, dtype="int64") if label_key is not None else None
     names = tuple(info.features[label_key].names) if label_key is not None else None
     return Data(x=x, y=y, spec=spec, class_names=names, value_range=(0.0, 255.0))
+
+
+def _check_tfds_reachable(tfds, name: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not minutes of retries, when `name` is not prepared here and there is no network."""
+    import socket
+
+    try:
+        builder = tfds.builder(name)
+    except Exception as err:  # unknown name: tfds suggests close ones
+        raise SettingsError(f"tensorflow-datasets has no dataset {name!r}: {str(err).splitlines()[0]}") from None
+    if Path(builder.data_dir).joinpath("dataset_info.json").exists() or _tfds_is_mocked(tfds):
+        return
+    try:
+        socket.create_connection(("storage.googleapis.com", 443), timeout=timeout).close()
+    except OSError:
+        raise TransferkitError(
+            f"tfds:{name} is not prepared in {builder.data_dir!r} and there is no network to download it; "
+            "prepare it on a machine with network (tfds build) or use npz: or dir: data."
+        ) from None
+
+
+def _tfds_is_mocked(tfds) -> bool:
+    """Under `tfds.testing.mock_data`, loading needs neither files nor network."""
+    return "mock" in type(tfds.core.DatasetBuilder.as_dataset).__name__.lower() or "mock" in repr(
+        tfds.core.DatasetBuilder.as_dataset).lower()

@@ -43,7 +43,7 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
         where, x, y = "all examples", loaded.x, loaded.y
     if int(y.max()) >= manifest["num_classes"]:
         raise SettingsError(f"The data has label {int(y.max())}; the model has {manifest['num_classes']} classes.")
-    model = keras.saving.load_model(model_dir / artifacts.MODEL)
+    model = artifacts.load_model(model_dir)
     if mc_samples and not has_dropout(model):
         raise SettingsError(f"--mc-samples needs a model with dropout; {str(model_dir)!r} has none "
                             "(fine-tune with --dropout).")

@@ -10,7 +10,8 @@ epoch count continues across stages, and BatchNorm layers of the base stay
 frozen, so they run in inference mode (Keras 3 runs a BatchNormalization with
 `trainable=False` on its moving statistics) unless `train_batchnorm`. A
 head-only stage on a frozen, deterministic base trains on base outputs computed
-once (`cache_features`).
+once (`cache_features`; on one replica: under a multi-replica strategy the
+base runs every epoch).
 
 Example:
 
@@ -34,6 +35,7 @@ from transferkit import artifacts, runs
 from transferkit.backbones import (
     backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter,
 )
+from transferkit.callbacks import StopOnNaN
 from transferkit.data import Data, Split, load_data, pipeline, split_data
 from transferkit.errors import SettingsError
 from transferkit.discriminative import block_factors
@@ -68,19 +70,25 @@ class Plan:
     clf: Classifier
     stages: list[Stage]
     out: Path
+    replicas: int = 1
 
     @property
     def labeled(self) -> tuple[np.ndarray, np.ndarray]:
         return self.data.x[self.split.labeled], self.data.y[self.split.labeled]
 
+    @property
+    def batch_size(self) -> int:
+        """The global batch: the recipe's batch size per replica, times the replicas."""
+        return self.recipe.batch_size * self.replicas
+
     def steps(self, stage: Stage) -> int:
-        return stage.epochs * runs.steps_per_epoch(len(self.split.labeled), self.recipe.batch_size)
+        return stage.epochs * runs.steps_per_epoch(len(self.split.labeled), self.batch_size)
 
     def stage_lr(self, stage: Stage) -> float:
         return self.recipe.lr if stage.top == 0 else self.recipe.lr * self.recipe.finetune_lr_factor
 
 
-def plan_finetune(recipe: Recipe) -> Plan:
+def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     """Check the settings, load and split the data, build the classifier and its stages; train nothing."""
     if not recipe.from_ and not recipe.backbone:
         raise SettingsError("finetune needs a base: --from DIR (a saved encoder) or --backbone NAME.")
@@ -91,12 +99,19 @@ def plan_finetune(recipe: Recipe) -> Plan:
     keras.utils.set_random_seed(recipe.seed)
     runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
     clf = build_classifier(recipe, data, encoder_manifest)
-    return Plan(recipe, data, split, clf, plan_stages(recipe, clf.blocks), runs.out_dir(recipe, "classifier"))
+    return Plan(recipe, data, split, clf, plan_stages(recipe, clf.blocks), runs.out_dir(recipe, "classifier"),
+                replicas)
 
 
 def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     """Build the classifier, train it stage by stage, test it, save it."""
-    plan = plan_finetune(recipe)
+    runs.check_out_writable(runs.out_dir(recipe, "classifier"))
+    with runs.training_context(recipe) as strategy:
+        return _train(plan_finetune(recipe, strategy.num_replicas_in_sync), verbose)
+
+
+def _train(plan: Plan, verbose: bool) -> runs.Result:
+    recipe = plan.recipe
     data, split, clf, stages, out = plan.data, plan.split, plan.clf, plan.stages, plan.out
     x, y = plan.labeled
     x_val, y_val = data.x[split.val], data.y[split.val]
@@ -113,12 +128,12 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     for stage in stages:
         unfrozen = freeze_all_but_top(clf.base, clf.blocks, stage.top, recipe.train_batchnorm)
         factors = _lr_factors(clf.blocks, stage.top, recipe.lr_decay)
-        cached = stage.top == 0 and recipe.cache_features and can_cache(clf.features)
+        cached = stage.top == 0 and recipe.cache_features and plan.replicas == 1 and can_cache(clf.features)
         trained = clf.head if cached else clf.model
         started = time.perf_counter()
         if cached and not features:
-            features.update(train=compute_features(clf.features, x, recipe.batch_size),
-                            val=compute_features(clf.features, x_val, recipe.batch_size) if len(x_val) else None)
+            features.update(train=compute_features(clf.features, x, plan.batch_size),
+                            val=compute_features(clf.features, x_val, plan.batch_size) if len(x_val) else None)
         inputs = features if cached else {"train": x, "val": x_val if len(x_val) else None}
         if recipe.lr == "auto":
             trained.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
@@ -131,9 +146,10 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
                         f"{', '.join(unfrozen) or 'no block'} + head", verbose)
         runs.print_line(format_audit(audit(clf.model, factors)), verbose)
         fit = trained.fit(
-            pipeline(inputs["train"], y, recipe.batch_size, shuffle=True, seed=recipe.seed),
-            validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_val, recipe.batch_size),
-            initial_epoch=epoch, epochs=epoch + stage.epochs, callbacks=callbacks, shuffle=False,
+            pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed),
+            validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_val, plan.batch_size),
+            initial_epoch=epoch, epochs=epoch + stage.epochs, callbacks=[*callbacks, StopOnNaN(stage.name)],
+            shuffle=False,
             verbose=2 if verbose else 0)
         stage_lrs.append(lr)
         runs.merge_history(history, fit)
@@ -143,7 +159,7 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     if not stages or trained is not clf.model:  # the last stage trained the head on cached features
         clf.model.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
     test_loss, test_accuracy = clf.model.evaluate(
-        pipeline(data.x[split.test], data.y[split.test], recipe.batch_size), verbose=0)
+        pipeline(data.x[split.test], data.y[split.test], plan.batch_size), verbose=0)
     metrics = {"test_accuracy": float(test_accuracy), "test_loss": float(test_loss)}
     manifest = runs.base_manifest("classifier", recipe, data, split)
     manifest.update(
@@ -158,6 +174,19 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     runs.print_line(f"test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(split.test)} "
                     f"held-out examples; classifier saved to {out}", verbose)
     return runs.Result(model=clf.model, history=history, metrics=metrics, artifact=out, manifest=manifest)
+
+
+def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
+    """`model` as it was saved, or a copy with its weights whose layers compute under `policy` (mixed precision)."""
+    if policy == "float32":
+        return model
+
+    def clone(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": policy})
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def plan_stages(recipe: Recipe, blocks: Blocks) -> list[Stage]:
@@ -191,7 +220,7 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any
                 f"The data's inputs have shape {data.input_shape}, but the encoder in {recipe.from_!r} "
                 f"takes {tuple(encoder_manifest['input_shape'])}."
             )
-        base = keras.saving.load_model(Path(recipe.from_) / artifacts.MODEL)
+        base = with_dtype_policy(artifacts.load_model(recipe.from_), recipe.precision)
         x = base(inputs)
         blocks = blocks_of(base)
         info = {"from": str(recipe.from_), "kind": "encoder", "description": f"encoder {recipe.from_}"}

@@ -121,7 +121,7 @@ def inspect(model: keras.Model | str | Path, verbose: bool = True) -> list[Block
         from transferkit import artifacts
 
         artifacts.read_manifest(model, ("classifier",))
-        model = keras.saving.load_model(Path(model) / artifacts.MODEL)
+        model = artifacts.load_model(model)
     rows = audit(model)
     if verbose:
         print(format_audit(rows), flush=True)

@@ -33,13 +33,14 @@ def run_lr_find(recipe: Recipe, stage: str | None = None, plot: str | Path | Non
     _validate(start_lr, end_lr, num_steps, 0.98, 4.0, recipe.batch_size)
     if plot is not None:
         _check_folder(Path(plot))
-    plan = plan_finetune(recipe)
-    chosen = _stage(plan.stages, stage)
-    freeze_all_but_top(plan.clf.base, plan.clf.blocks, chosen.top, recipe.train_batchnorm)
-    plan.clf.model.compile(optimizer=runs.make_optimizer(recipe, start_lr), loss=LOSS)
-    x, y = plan.labeled
-    result = lr_find(plan.clf.model, (x, y), start_lr=start_lr, end_lr=end_lr, num_steps=num_steps,
-                     batch_size=recipe.batch_size, plot=plot)
+    with runs.training_context(recipe) as strategy:
+        plan = plan_finetune(recipe, strategy.num_replicas_in_sync)
+        chosen = _stage(plan.stages, stage)
+        freeze_all_but_top(plan.clf.base, plan.clf.blocks, chosen.top, recipe.train_batchnorm)
+        plan.clf.model.compile(optimizer=runs.make_optimizer(recipe, start_lr), loss=LOSS)
+        x, y = plan.labeled
+        result = lr_find(plan.clf.model, (x, y), start_lr=start_lr, end_lr=end_lr, num_steps=num_steps,
+                         batch_size=plan.batch_size, plot=plot)
     runs.print_line(f"stage {chosen.name} of {plan.clf.info['description']}\n{result.summary()}"
                     + (f"\nplot written to {plot}" if plot else ""), verbose)
     return result

@@ -43,7 +43,7 @@ def run_predict(model_dir: str | Path, inputs: list[str], mc_samples: int = 0, o
     if output is not None and not Path(output).parent.is_dir():
         raise SettingsError(f"The folder of --output {str(output)!r} does not exist.")
     names, x = _load_inputs(inputs, manifest)
-    model = keras.saving.load_model(model_dir / artifacts.MODEL)
+    model = artifacts.load_model(model_dir)
     classes = manifest["data"].get("class_names") or [str(i) for i in range(manifest["num_classes"])]
     if mc_samples:
         if not has_dropout(model):

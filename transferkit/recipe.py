@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import SettingsError
+from transferkit.runtime import DEVICES, PRECISIONS, STRATEGIES
 
 TASKS = ("autoencoder", "denoising", "stacked", "rotation", "pairs", "gan")
 NOISE_KINDS = ("gaussian", "dropout")
@@ -80,6 +81,11 @@ class Recipe:
     lr_decay: float = 1.0
     train_batchnorm: bool = False
     cache_features: bool = True
+    # where it runs
+    device: str = "auto"
+    strategy: str = "auto"
+    precision: str = "float32"
+    jit_compile: bool = False
     # output
     out: str | None = None
     name: str | None = None
@@ -108,6 +114,8 @@ class Recipe:
         _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
         _check(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "a number in (0, 1)")
         _check(self.plateau_patience >= 0, "plateau_patience", self.plateau_patience, "an integer >= 0")
+        for key, choices in (("device", DEVICES), ("strategy", STRATEGIES), ("precision", PRECISIONS)):
+            _check(getattr(self, key) in choices, key, getattr(self, key), f"one of {', '.join(choices)}")
         _check(self.noise_kind in NOISE_KINDS, "noise_kind", self.noise_kind, f"one of {', '.join(NOISE_KINDS)}")
         for key in ("max_norm", "clipnorm", "clipvalue"):
             value = getattr(self, key)

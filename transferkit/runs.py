@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,17 @@ def out_dir(recipe: Recipe, kind: str) -> Path:
     return artifacts.default_out(recipe.name or f"{data_slug(recipe.data)}-{kind}")
 
 
+def check_out_writable(out: Path) -> None:
+    """Refuse, before any work, an output folder whose nearest existing ancestor cannot be written."""
+    import os
+
+    ancestor = Path(out).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SettingsError(f"--out {str(out)!r} cannot be written: {str(ancestor)!r} is not a writable folder.")
+
+
 def data_slug(spec: str) -> str:
     scheme, _, arg = spec.partition(":")
     if not arg:
@@ -89,7 +102,11 @@ def base_manifest(kind: str, recipe: Recipe, data: Data, split: Split) -> dict[s
 
 def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: Split,
              history: dict[str, list[float]]) -> Path:
-    """Write the artifact folder atomically: model, recipe, manifest, split, history."""
+    """Write the artifact folder atomically: model, recipe, manifest, split, history (the chief only)."""
+    from transferkit.runtime import is_chief
+
+    if not is_chief():
+        return out
     with artifacts.atomic_dir(out) as tmp:
         model.save(tmp / artifacts.MODEL)
         (tmp / artifacts.RECIPE).write_text(dump_toml(recipe.to_dict()))
@@ -108,6 +125,23 @@ def make_optimizer(recipe: Recipe, learning_rate: Any):
                          clipvalue=recipe.clipvalue)
     except ValueError as err:
         raise SettingsError(str(err)) from None
+
+
+@contextlib.contextmanager
+def training_context(recipe: Recipe) -> Iterator[Any]:
+    """The recipe's strategy scope and precision policy, for building, compiling and fitting; yields the strategy."""
+    import keras
+
+    from transferkit.runtime import resolve_strategy, set_precision
+
+    strategy = resolve_strategy(recipe.device, recipe.strategy)
+    previous = keras.mixed_precision.global_policy()
+    set_precision(recipe.precision)
+    try:
+        with strategy.scope():
+            yield strategy
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def schedule_options(recipe: Recipe) -> dict[str, Any]:
@@ -133,7 +167,7 @@ def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int,
     opt = make_optimizer(recipe, rate)
     if lr_factors:
         opt = with_learning_rate_factors(opt, lr_factors)
-    model.compile(optimizer=opt, loss=loss, metrics=metrics)
+    model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=recipe.jit_compile)
     return schedule_callbacks(recipe.schedule, rate, optimizer=opt, **options)
 
 

@@ -41,7 +41,7 @@ def run_export(model_dir: str | Path, out: str | Path | None = None, mc_samples:
 
     model_dir = Path(model_dir)
     manifest = artifacts.read_manifest(model_dir)
-    model = keras.saving.load_model(model_dir / artifacts.MODEL)
+    model = artifacts.load_model(model_dir)
     out = Path(out) if out else model_dir / "serving"
     output_name = "probabilities" if manifest["kind"] == "classifier" else "features"
     spec = tf.TensorSpec((None, *manifest["input_shape"]), tf.float32, name="inputs")
