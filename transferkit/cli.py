@@ -49,6 +49,9 @@ def _common_options(f: Callable) -> Callable:
                      help="tf.distribute strategy (auto: TPU if found, mirrored with 2+ GPUs, else default)."),
         click.option("--precision", type=click.Choice(PRECISIONS), help="float32 (default) or mixed precision."),
         click.option("--jit-compile/--no-jit-compile", default=None, help="XLA-compile the training step."),
+        click.option("--backup-every", type=int, help="Also back up every N steps (always at each epoch end)."),
+        click.option("--restart/--resume", default=None,
+                     help="Discard a backup of an interrupted run instead of continuing it (default: resume)."),
         click.option("--out", type=click.Path(file_okay=False), help="Artifact folder (default saved_models/NAME)."),
         click.option("--name", help="Artifact name under saved_models/."),
     ]

@@ -35,6 +35,7 @@ from transferkit import artifacts, runs
 from transferkit.backbones import (
     backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter,
 )
+from transferkit.backup import Backup, BackupCallback
 from transferkit.callbacks import StopOnNaN
 from transferkit.data import Data, Split, load_data, pipeline, split_data
 from transferkit.errors import SettingsError
@@ -119,18 +120,32 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                     f"({recipe.label_fraction:g} of {len(split.train)}), {data.num_classes} classes; "
                     f"stages {describe(stages)}", verbose)
 
-    history: dict[str, list[float]] = {}
+    backup = Backup.for_output(out, recipe.run_settings())
+    state = backup.state(restart=recipe.restart)
+    resume_at = state["epoch"] if state else 0
+    history: dict[str, list[float]] = dict(state["history"]) if state else {}
+    if state:
+        runs.print_line(f"resuming from the backup in {backup.folder}: epoch {resume_at + 1} "
+                        f"of {sum(s.epochs for s in stages)}", verbose)
     features: dict[str, Any] = {}
     seconds: list[float] = []
-    stage_lrs: list[float] = []
+    stage_lrs: list[float | None] = []
     epoch = 0
+    trained = clf.model
     loss, accuracy = "sparse_categorical_crossentropy", ["accuracy"]
-    for stage in stages:
+    for index, stage in enumerate(stages):
+        start, epoch = epoch, epoch + stage.epochs
+        if epoch <= resume_at:  # finished before the interruption
+            stage_lrs.append(None)
+            seconds.append(0.0)
+            continue
         unfrozen = freeze_all_but_top(clf.base, clf.blocks, stage.top, recipe.train_batchnorm)
         factors = _lr_factors(clf.blocks, stage.top, recipe.lr_decay)
         cached = stage.top == 0 and recipe.cache_features and plan.replicas == 1 and can_cache(clf.features)
         trained = clf.head if cached else clf.model
         started = time.perf_counter()
+        if state and start <= resume_at:  # the weights the interrupted run had at resume_at
+            backup.load_weights(clf.model)
         if cached and not features:
             features.update(train=compute_features(clf.features, x, plan.batch_size),
                             val=compute_features(clf.features, x_val, plan.batch_size) if len(x_val) else None)
@@ -141,20 +156,22 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
         else:
             lr = plan.stage_lr(stage)
         callbacks = runs.compile_stage(trained, recipe, lr, plan.steps(stage), loss, accuracy, lr_factors=factors)
-        runs.print_line(f"stage {stage.name}: epochs {epoch + 1}-{epoch + stage.epochs}, {recipe.schedule} learning "
+        if state and start < resume_at:  # mid-stage: the optimizer's state too (its step drives the schedule)
+            backup.restore(clf.model, trained)
+        first = max(start, resume_at)
+        runs.print_line(f"stage {stage.name}: epochs {first + 1}-{epoch}, {recipe.schedule} learning "
                         f"rate {lr:.3g}{', on cached base outputs' if cached else ''}; trainable: "
                         f"{', '.join(unfrozen) or 'no block'} + head", verbose)
         runs.print_line(format_audit(audit(clf.model, factors)), verbose)
+        keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every)
         fit = trained.fit(
             pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed),
             validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_val, plan.batch_size),
-            initial_epoch=epoch, epochs=epoch + stage.epochs, callbacks=[*callbacks, StopOnNaN(stage.name)],
-            shuffle=False,
-            verbose=2 if verbose else 0)
+            initial_epoch=first, epochs=epoch, callbacks=[*callbacks, StopOnNaN(stage.name), keep],
+            shuffle=False, verbose=2 if verbose else 0)
         stage_lrs.append(lr)
         runs.merge_history(history, fit)
         seconds.append(time.perf_counter() - started)
-        epoch += stage.epochs
 
     if not stages or trained is not clf.model:  # the last stage trained the head on cached features
         clf.model.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
@@ -171,6 +188,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
         metrics=metrics,
     )
     runs.save_run(out, clf.model, recipe, manifest, split, history)
+    backup.discard()
     runs.print_line(f"test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(split.test)} "
                     f"held-out examples; classifier saved to {out}", verbose)
     return runs.Result(model=clf.model, history=history, metrics=metrics, artifact=out, manifest=manifest)
