@@ -66,3 +66,14 @@ def test_encoder_exports_features(encoder_dir, tmp_path):
     manifest = json.loads((Path(encoder_dir) / "manifest.json").read_text())
     got = tf.saved_model.load(str(out)).signatures["serve"](inputs=tf.zeros((2, 8, 8, 1)))["features"]
     assert list(got.shape) == [2, *manifest["output_shape"]]
+
+
+def test_a_fresh_process_loads_a_classifier_trained_with_every_registered_piece(encoder_dir, tmp_path):
+    # 1cycle schedule, per-block rates (a Discriminative optimizer), MC dropout in the head
+    out = tmp_path / "clf"
+    tk.finetune(from_=str(encoder_dir), unfreeze_top=2, lr_decay=2.0, dropout=0.2, mc_dropout=True, head_epochs=1,
+                epochs=1, label_fraction=0.1, out=str(out), verbose=False)
+    code = f"import transferkit; m = transferkit.load_model({str(out)!r}); print(type(m.optimizer).__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "DiscriminativeNadam"

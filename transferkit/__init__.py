@@ -48,6 +48,7 @@ _EXPORTS = {
     "OneCycleMomentum": "callbacks",
     "lr_find": "lr_finder",
     "BACKBONES": "backbones",
+    "load_model": "artifacts",
     "inspect": "freezing",
     "audit": "freezing",
     "with_learning_rate_factors": "discriminative",

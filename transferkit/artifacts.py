@@ -67,11 +67,36 @@ def _flush(folder: Path) -> None:
         os.close(fd)
 
 
+# modules whose classes (layers, schedules, optimizers) saved models may name
+KERAS_OBJECT_MODULES = ("layers", "schedules", "discriminative", "backbones", "tied")
+
+
+def register_keras_objects() -> None:
+    """Import every transferkit module that registers Keras objects, so saved models that use them load."""
+    import importlib
+
+    for name in KERAS_OBJECT_MODULES:
+        try:
+            importlib.import_module(f"transferkit.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"transferkit.{name}":
+                raise
+
+
 def load_model(path: str | Path):
-    """The `model.keras` of the artifact at `path`, loaded in Keras's safe mode; a clear error if it is damaged."""
+    """A transferkit model: an artifact folder's `model.keras`, or a `.keras` file, in Keras's safe mode.
+
+    Example:
+
+    >>> model = load_model("saved_models/digits-classifier")     # doctest: +SKIP
+
+    Raises:
+        TransferkitError: the file is damaged (the message names it).
+    """
     import keras
 
-    file = Path(path) / MODEL
+    register_keras_objects()
+    file = Path(path) if str(path).endswith(".keras") else Path(path) / MODEL
     try:
         return keras.saving.load_model(file, safe_mode=True)
     except Exception as err:  # a truncated zip, a missing entry, a bad config
