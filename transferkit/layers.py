@@ -24,8 +24,19 @@ def _check_rate(rate: float) -> None:
         )
 
 
+class _AlwaysOn:
+    """Mixin for a dropout layer: check `rate`, and drop whatever `training` says."""
+
+    def __init__(self, rate: float, noise_shape=None, seed: int | None = None, **kwargs):
+        _check_rate(rate)
+        super().__init__(rate, noise_shape=noise_shape, seed=seed, **kwargs)
+
+    def call(self, inputs, training=None):
+        return super().call(inputs, training=True)
+
+
 @keras.saving.register_keras_serializable(package="transferkit")
-class MCDropout(keras.layers.Dropout):
+class MCDropout(_AlwaysOn, keras.layers.Dropout):
     """Dropout that stays on at inference (Monte Carlo dropout).
 
     Units are dropped with probability `rate` and the kept ones scaled by
@@ -55,16 +66,9 @@ class MCDropout(keras.layers.Dropout):
         ValueError: if `rate` is not in [0, 1).
     """
 
-    def __init__(self, rate: float, noise_shape=None, seed: int | None = None, **kwargs):
-        _check_rate(rate)
-        super().__init__(rate, noise_shape=noise_shape, seed=seed, **kwargs)
-
-    def call(self, inputs, training=None):
-        return super().call(inputs, training=True)
-
 
 @keras.saving.register_keras_serializable(package="transferkit")
-class MCAlphaDropout(keras.layers.AlphaDropout):
+class MCAlphaDropout(_AlwaysOn, keras.layers.AlphaDropout):
     """Alpha dropout that stays on at inference, for self-normalizing nets.
 
     Dropped units are set to `alpha' = -scale * alpha` (SELU's negative
@@ -92,13 +96,6 @@ class MCAlphaDropout(keras.layers.AlphaDropout):
     Raises:
         ValueError: if `rate` is not in [0, 1).
     """
-
-    def __init__(self, rate: float, noise_shape=None, seed: int | None = None, **kwargs):
-        _check_rate(rate)
-        super().__init__(rate, noise_shape=noise_shape, seed=seed, **kwargs)
-
-    def call(self, inputs, training=None):
-        return super().call(inputs, training=True)
 
 
 @keras.saving.register_keras_serializable(package="transferkit")
