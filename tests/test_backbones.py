@@ -13,17 +13,47 @@ from tests.helpers import assert_config_round_trip, assert_reloads_with_same_out
     ("mobilenetv2", "Conv1", "Conv_1", 19),          # stem, expanded_conv, block_1..16, top
     ("efficientnetb0", "stem", "top", 9),            # stem, block1..7, top
     ("resnet50", "conv1", "conv5_block3", 17),       # conv1, 3 + 4 + 6 + 3 residual blocks
+    ("resnet50v2", "conv1", "conv5_block3", 17),     # the same; the final BatchNorm is in the last block
+    ("densenet121", "conv1", "conv5_block16", 62),   # conv1, 6 + 12 + 24 + 16 dense blocks, 3 transitions
+    ("vgg16", "block1", "block5", 5),
+    ("mobilenetv3small", "conv", "conv_1", 13),      # stem, expanded_conv, _1.._10, top
+    ("efficientnetv2b0", "stem", "top", 8),          # stem, block1..6, top
+    ("convnexttiny", "stem", "layer_normalization", 23),  # stem, 3+3+9+3 blocks, 3 downsamplings, final norm
 ])
 def test_registry_names_each_architectures_blocks(name, first, last, count):
     base = build_backbone(name, "none", (32, 32, 3))
     blocks = blocks_of(base, BACKBONES[name].blocks)
     assert len(blocks) == count
     assert blocks[0][0] == first and blocks[-1][0] == last
-    # every layer with weights belongs to exactly one block
+    assert_blocks_cover_every_layer_once(base, blocks)
+    assert_unfreeze_top_1_unfreezes_only_the_top_block(base, blocks)
+
+
+def assert_blocks_cover_every_layer_once(base, blocks):
     in_blocks = [layer.name for _, layers in blocks for layer in layers]
-    with_weights = [layer.name for layer in base.layers if layer.weights and layer.name not in
-                    ("normalization", "rescaling")]
+    # the layers before the first block are the models' own fixed input scaling
+    with_weights = [layer.name for layer in base.layers if layer.weights and not layer.name.startswith(
+        ("normalization", "rescaling"))]
     assert sorted(in_blocks) == sorted(with_weights)
+
+
+def assert_unfreeze_top_1_unfreezes_only_the_top_block(base, blocks):
+    from transferkit.freezing import freeze_all_but_top
+
+    freeze_all_but_top(base, blocks, 1)
+    top = {id(w) for layer in blocks[-1][1] if not isinstance(layer, keras.layers.BatchNormalization)
+           for w in layer.trainable_weights}
+    assert base.trainable_weights and {id(w) for w in base.trainable_weights} == top
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_registry_entry_covers_its_layers_and_unfreezes_its_top_block(name):
+    base = build_backbone(name, "none", (32, 32, 3))
+    blocks = blocks_of(base, BACKBONES[name].blocks)
+    assert len(blocks) >= 3
+    assert_blocks_cover_every_layer_once(base, blocks)
+    assert_unfreeze_top_1_unfreezes_only_the_top_block(base, blocks)
 
 
 @pytest.mark.parametrize("mode, module", [

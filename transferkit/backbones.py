@@ -36,6 +36,7 @@ class Backbone:
         default_size: the side its ImageNet weights were trained at.
         blocks: regular expressions whose first group names a layer's block; a
             layer that matches none belongs to the block of the layer before it.
+            Every block has weights that train when it is unfrozen.
     """
 
     constructor: str
@@ -45,19 +46,35 @@ class Backbone:
     blocks: tuple[str, ...] = ()
 
 
+_MOBILENETV2 = (r"^(?:bn_)?(Conv1)", r"^(expanded_conv)_", r"^(block_\d+)_", r"^(Conv_1)(?:_bn)?$")
+_MOBILENETV3 = (r"^(conv)(?:_bn)?$", r"^(expanded_conv(?:_\d+)?)_", r"^(conv_1)(?:_bn)?$")
+_EFFICIENTNET = (r"^(stem)_", r"^(block\d)[a-z]_", r"^(top)_")
+# a final BatchNorm alone (ResNetV2's post_bn, DenseNet's bn) joins the last block: frozen BatchNorm
+# would leave a block of its own with nothing to train
+_RESNET = (r"^(conv1)_", r"^(conv\d_block\d+)_")
+_DENSENET = (r"^(conv1)_", r"^(conv\d_block\d+)_", r"^(pool\d)_")
+_VGG = (r"^(block\d)_",)
+_CONVNEXT = (r"^convnext_[a-z]+_(stem)", r"^convnext_[a-z]+_(stage_\d+_block_\d+)_",
+             r"^convnext_[a-z]+_(downsampling_block_\d+)", r"^(layer_normalization)$")
+
+
+def _family(names: dict[str, str], preprocess: str, blocks: tuple[str, ...]) -> dict[str, Backbone]:
+    return {key: Backbone(constructor, preprocess, blocks=blocks) for key, constructor in names.items()}
+
+
 BACKBONES: dict[str, Backbone] = {
-    "mobilenetv2": Backbone(
-        "MobileNetV2", "tf",
-        blocks=(r"^(?:bn_)?(Conv1)", r"^(expanded_conv)_", r"^(block_\d+)_", r"^(Conv_1)(?:_bn)?$"),
-    ),
-    "efficientnetb0": Backbone(
-        "EfficientNetB0", "none",
-        blocks=(r"^(stem)_", r"^(block\d)[a-z]_", r"^(top)_"),
-    ),
-    "resnet50": Backbone(
-        "ResNet50", "caffe",
-        blocks=(r"^(conv1)_", r"^(conv\d_block\d+)_"),
-    ),
+    **_family({"mobilenetv2": "MobileNetV2"}, "tf", _MOBILENETV2),
+    **_family({"mobilenetv3small": "MobileNetV3Small", "mobilenetv3large": "MobileNetV3Large"}, "none",
+              _MOBILENETV3),
+    **_family({f"efficientnetb{i}": f"EfficientNetB{i}" for i in range(8)}, "none", _EFFICIENTNET),
+    **_family({f"efficientnetv2{v.lower()}": f"EfficientNetV2{v}" for v in ("B0", "B1", "B2", "B3", "S", "M", "L")},
+              "none", _EFFICIENTNET),
+    **_family({f"resnet{d}": f"ResNet{d}" for d in (50, 101, 152)}, "caffe", _RESNET),
+    **_family({f"resnet{d}v2": f"ResNet{d}V2" for d in (50, 101, 152)}, "tf", _RESNET),
+    **_family({f"densenet{d}": f"DenseNet{d}" for d in (121, 169, 201)}, "torch", _DENSENET),
+    **_family({"vgg16": "VGG16", "vgg19": "VGG19"}, "caffe", _VGG),
+    **_family({f"convnext{size}": f"ConvNeXt{size.capitalize()}" for size in ("tiny", "small", "base", "large")},
+              "none", _CONVNEXT),
 }
 
 ENCODER_BLOCK = r"^(?:encoder_)?(block\d+)_"

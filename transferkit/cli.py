@@ -113,7 +113,8 @@ def pretrain(recipe: str | None, **settings: Any) -> None:
 def _finetune_options(f: Callable) -> Callable:
     options = [
         click.option("--from", "from_", type=click.Path(file_okay=False), help="A saved encoder artifact."),
-        click.option("--backbone", help="A Keras Applications backbone: mobilenetv2, efficientnetb0, resnet50."),
+        click.option("--backbone", help="A Keras Applications backbone: mobilenetv2, efficientnetb0, resnet50, densenet121, vgg16, "
+                                               "convnexttiny, ... (transferkit.BACKBONES)."),
         click.option("--weights", help="Backbone weights: imagenet, none or a weights file."),
         click.option("--head-epochs", type=int, help="Epochs of stage 1 (head only, base frozen)."),
         click.option("--unfreeze-top", type=int, help="Blocks of the base to unfreeze in stage 2 (0: head only)."),

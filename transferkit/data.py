@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -183,12 +184,21 @@ def _label_subset(train: np.ndarray, y: np.ndarray, fraction: float, rng: np.ran
 
 
 def _load_digits(spec: str, arg: str, image_size: int | None) -> Data:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = _digits()
     x = digits.images.astype("float32")[..., None]
     return Data(x=x, y=digits.target.astype("int64"), spec=spec,
                 class_names=tuple(str(c) for c in digits.target_names), value_range=(0.0, 16.0))
+
+
+@functools.lru_cache(maxsize=1)
+def _digits():
+    """scikit-learn's digits, read once per process (its CSV parse is most of a short run's data time)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    digits.images.setflags(write=False)
+    digits.target.setflags(write=False)
+    return digits
 
 
 def _load_npz(spec: str, arg: str, image_size: int | None) -> Data:

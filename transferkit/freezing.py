@@ -50,10 +50,10 @@ def find_base(model: keras.Model) -> keras.Model:
 
 def block_patterns(base: keras.Model) -> tuple[str, ...]:
     """The block expressions for `base`: a registry entry's by model name, else a transferkit encoder's."""
-    name = base.name.replace("_", "").lower()
-    for key, entry in BACKBONES.items():
+    name = base.name.replace("_", "").replace("-", "").lower()
+    for key in sorted(BACKBONES, key=len, reverse=True):  # mobilenetv2 before a shorter name it starts with
         if name.startswith(key):
-            return entry.blocks
+            return BACKBONES[key].blocks
     return (ENCODER_BLOCK,)
 
 
