@@ -6,7 +6,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean
+# the pieces users import into their own Keras code, on the JAX backend too
+BACKEND_NEUTRAL_TESTS := tests/test_layers.py tests/test_setups.py tests/test_reference_values.py \
+	tests/test_optimizers.py tests/test_schedules.py
+
+.PHONY: demo test test-jax test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-jax: $(STAMP)
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -q $(BACKEND_NEUTRAL_TESTS)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
