@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from transferkit.diagnose_cli import diagnose
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.optimizers import OPTIMIZERS
 from transferkit.recipe import NOISE_KINDS, SCHEDULES, TASKS
@@ -49,6 +50,10 @@ def _common_options(f: Callable) -> Callable:
                      help="tf.distribute strategy (auto: TPU if found, mirrored with 2+ GPUs, else default)."),
         click.option("--precision", type=click.Choice(PRECISIONS), help="float32 (default) or mixed precision."),
         click.option("--jit-compile/--no-jit-compile", default=None, help="XLA-compile the training step."),
+        click.option("--health-every", type=int,
+                     help="Check gradients and activations every N steps; warn once per problem (0: off)."),
+        click.option("--tensorboard", type=click.Path(file_okay=False),
+                     help="Write the training-health figures for TensorBoard here (checks every 50 steps)."),
         click.option("--backup-every", type=int, help="Also back up every N steps (always at each epoch end)."),
         click.option("--restart/--resume", default=None,
                      help="Discard a backup of an interrupted run instead of continuing it (default: resume)."),
@@ -230,6 +235,9 @@ def inspect(model_dir: str) -> None:
     from transferkit.freezing import inspect as run
 
     run(model_dir)
+
+
+cli.add_command(diagnose)
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ from transferkit.errors import SettingsError
 from transferkit.discriminative import block_factors
 from transferkit.feature_cache import can_cache, compute_features
 from transferkit.freezing import audit, format_audit, freeze_all_but_top
+from transferkit.health import TrainingHealth
 from transferkit.recipe import Recipe
 from transferkit.setups import dropout_layer, setup_for
 from transferkit.stages import Stage, describe, gradual_stages, parse_stages, two_stages
@@ -82,8 +83,12 @@ class Plan:
         """The global batch: the recipe's batch size per replica, times the replicas."""
         return self.recipe.batch_size * self.replicas
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return runs.steps_per_epoch(len(self.split.labeled), self.batch_size)
+
     def steps(self, stage: Stage) -> int:
-        return stage.epochs * runs.steps_per_epoch(len(self.split.labeled), self.batch_size)
+        return stage.epochs * self.steps_per_epoch
 
     def stage_lr(self, stage: Stage) -> float:
         return self.recipe.lr if stage.top == 0 else self.recipe.lr * self.recipe.finetune_lr_factor
@@ -164,10 +169,13 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                         f"{', '.join(unfrozen) or 'no block'} + head", verbose)
         runs.print_line(format_audit(audit(clf.model, factors)), verbose)
         keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every)
+        health = [TrainingHealth(pipeline(inputs["train"], y, plan.batch_size), every=recipe.health_steps,
+                                 log_dir=recipe.tensorboard, initial_step=first * plan.steps_per_epoch)
+                  ] if recipe.health_steps else []
         fit = trained.fit(
             pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed),
             validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_val, plan.batch_size),
-            initial_epoch=first, epochs=epoch, callbacks=[*callbacks, StopOnNaN(stage.name), keep],
+            initial_epoch=first, epochs=epoch, callbacks=[*callbacks, StopOnNaN(stage.name), keep, *health],
             shuffle=False, verbose=2 if verbose else 0)
         stage_lrs.append(lr)
         runs.merge_history(history, fit)

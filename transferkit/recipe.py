@@ -86,6 +86,9 @@ class Recipe:
     strategy: str = "auto"
     precision: str = "float32"
     jit_compile: bool = False
+    # training health
+    health_every: int = 0
+    tensorboard: str | None = None
     # resume after a crash
     backup_every: int | None = None
     restart: bool = False
@@ -120,6 +123,7 @@ class Recipe:
         for key, choices in (("device", DEVICES), ("strategy", STRATEGIES), ("precision", PRECISIONS)):
             _check(getattr(self, key) in choices, key, getattr(self, key), f"one of {', '.join(choices)}")
         _check(self.noise_kind in NOISE_KINDS, "noise_kind", self.noise_kind, f"one of {', '.join(NOISE_KINDS)}")
+        _check(self.health_every >= 0, "health_every", self.health_every, "an integer >= 0 (0: off)")
         _check(self.backup_every is None or self.backup_every >= 1, "backup_every", self.backup_every,
                "an integer >= 1")
         for key in ("max_norm", "clipnorm", "clipvalue"):
@@ -143,13 +147,19 @@ class Recipe:
         return self
 
     @property
+    def health_steps(self) -> int:
+        """Steps between training-health checks: `health_every`, else 50 with `tensorboard`, else 0 (off)."""
+        return self.health_every or (50 if self.tensorboard else 0)
+
+    @property
     def resolved_split_seed(self) -> int:
         """The seed of the train/validation/test split: `split_seed`, else `seed`."""
         return self.seed if self.split_seed is None else self.split_seed
 
     def run_settings(self) -> dict[str, Any]:
         """The settings that make a run what it is: a backup continues only a run with the same ones."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("restart", "backup_every", "device")}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in ("restart", "backup_every", "device", "health_every", "tensorboard")}
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as TOML-ready data (`from_` written `from`, `None` left out)."""
