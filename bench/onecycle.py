@@ -2,10 +2,11 @@
 
 For each seed, a constant-rate fine-tune (every block unfrozen) runs N epochs;
 its test accuracy is the target. 1cycle (fastai's cosine, same peak rate) then
-runs M = 1, 2, ... N epochs, each a whole cycle, and the smallest M whose
+(peak `--onecycle-lr`, by default the constant rate) runs M = 1, 2, ... N
+epochs, each a whole cycle, and the smallest M whose
 accuracy reaches the target is its epochs-to-target.
 
-    python bench/onecycle.py [--epochs 20] [--seeds 3] [--lr 0.003] [--label-fraction 0.5]
+    python bench/onecycle.py [--epochs 20] [--seeds 3] [--lr 0.003] [--onecycle-lr 0.01] [--label-fraction 0.5]
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument("--lr", type=float, default=0.003, help="the constant rate")
+    parser.add_argument("--onecycle-lr", type=float, default=None, help="1cycle's peak rate (default: --lr)")
     parser.add_argument("--label-fraction", type=float, default=0.5)
     args = parser.parse_args()
 
@@ -32,7 +34,8 @@ def main() -> None:
     encoder = tk.pretrain(epochs=10, out=f"{work}/enc", verbose=False).artifact
 
     def accuracy(schedule: str, epochs: int, seed: int) -> float:
-        return tk.finetune(from_=str(encoder), unfreeze_schedule=f"all:{epochs}", schedule=schedule, lr=args.lr,
+        lr = (args.onecycle_lr or args.lr) if schedule == "onecycle" else args.lr
+        return tk.finetune(from_=str(encoder), unfreeze_schedule=f"all:{epochs}", schedule=schedule, lr=lr,
                            label_fraction=args.label_fraction, seed=seed, out=f"{work}/clf", verbose=False
                            ).metrics["test_accuracy"]
 
