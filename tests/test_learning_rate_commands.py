@@ -73,4 +73,4 @@ def test_lr_auto_runs_the_finder_before_each_stage(encoder_dir, tmp_path, capsys
     assert printed.count("LR range test") == 2
     manifest = json.loads((Path(result.artifact) / "manifest.json").read_text())
     valleys = [float(line.split()[-1]) for line in printed.splitlines() if "valley" in line]
-    assert [s["lr"] for s in manifest["stages"]] == pytest.approx(valleys)
+    assert [s["lr"] for s in manifest["stages"]] == pytest.approx(valleys, rel=5e-3)  # printed to 3 digits

@@ -1,29 +1,189 @@
-"""Pretraining on unlabeled inputs: autoencoders whose encoder is kept.
+"""Pretraining on unlabeled inputs: six tasks, one kind of encoder kept.
 
 The encoder takes raw inputs: it standardizes them with the training split's
 per-channel statistics (a `Normalization` layer inside the model), then runs
-its blocks. The autoencoder reconstructs the standardized inputs; the denoising
-one sees them with Gaussian noise added first.
+its blocks (`encoder_block{i}_...`). Every task trains that same encoder and
+saves it the same way, so `finetune --from` takes any of them:
+
+| task | what the encoder learns from | picture |
+|---|---|---|
+| `autoencoder` | reconstructing its standardized inputs | `reconstructions.png` |
+| `denoising` | the same from inputs with Gaussian or dropout (masking) noise | `reconstructions.png` |
+| `stacked` | greedy layer-wise: each block a shallow autoencoder of the codes below | `reconstructions.png` |
+| `rotation` | which of 0/90/180/270 degrees an image was rotated by | `predictions.png` |
+| `pairs` | whether two augmented views come from the same image | `pairs.png` |
+| `gan` | telling real inputs from a generator's (the discriminator's lower layers) | `samples.png` |
+
+Each artifact also holds `loss.png`, the training curves.
 
 Example:
 
 >>> from transferkit.recipe import Recipe
 >>> from transferkit.pretraining import run_pretrain
->>> result = run_pretrain(Recipe(epochs=1, out="/tmp/enc"))   # doctest: +SKIP
+>>> result = run_pretrain(Recipe(task="stacked", epochs=5, out="/tmp/enc"))   # doctest: +SKIP
+>>> sorted(p.name for p in result.artifact.glob("*.png"))                      # doctest: +SKIP
+['loss.png', 'reconstructions.png']
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
+import re
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
 
 from transferkit import runs
-from transferkit.data import pipeline
+from transferkit.data import Data, Split, pipeline
 from transferkit.errors import SettingsError
 from transferkit.recipe import Recipe
 from transferkit.setups import activation_layer, conv_stack, dense_stack, setup_for
+
+# task -> "module:function" training it (imported when used: the pretext and GAN modules import this one)
+TASKS: dict[str, str] = {
+    "autoencoder": "transferkit.pretraining:train_autoencoder",
+    "denoising": "transferkit.pretraining:train_autoencoder",
+    "stacked": "transferkit.pretraining:train_stacked",
+    "rotation": "transferkit.pretext:train_rotation",
+    "pairs": "transferkit.pretext:train_pairs",
+    "gan": "transferkit.gan:train_gan",
+}
+DECODER_TASKS = ("autoencoder", "denoising", "stacked")
+_BLOCK = re.compile(r"^encoder_(block\d+)_")
+
+
+@dataclasses.dataclass
+class Job:
+    """What a task trains on: the recipe, the data, its unlabeled splits, and the encoder to train."""
+
+    recipe: Recipe
+    data: Data
+    split: Split
+    encoder: keras.Model
+    verbose: bool
+
+    @property
+    def x_train(self) -> np.ndarray:
+        return self.data.x[self.split.train]
+
+    @property
+    def x_val(self) -> np.ndarray:
+        return self.data.x[self.split.val]
+
+    @property
+    def data_std(self) -> float:
+        """The inputs' typical standard deviation (the root of the mean per-channel variance)."""
+        return float(np.sqrt(runs.channel_stats(self.x_train)[1].mean()))
+
+    def standardize(self, x: np.ndarray) -> np.ndarray:
+        return keras.ops.convert_to_numpy(self.encoder.get_layer("normalize")(x))
+
+    def destandardize(self, z: np.ndarray) -> np.ndarray:
+        mean, variance = runs.channel_stats(self.x_train)
+        return np.asarray(z) * np.sqrt(variance) + mean
+
+    def sample(self, n: int = 8) -> np.ndarray:
+        """`n` inputs to draw in pictures: validation inputs where there are any, else training ones."""
+        x = self.x_val if len(self.x_val) else self.x_train
+        return x[:n]
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """What a task hands back: its history, final metrics and pictures (file name -> figure)."""
+
+    history: dict[str, list[float]]
+    metrics: dict[str, float]
+    figures: dict[str, Any]
+
+
+def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
+    """Train the recipe's task on the unlabeled training inputs; save the encoder and pictures.
+
+    Example:
+
+    >>> run_pretrain(Recipe(task="rotation", arch="conv", epochs=5, out="/tmp/enc"))   # doctest: +SKIP
+
+    Raises:
+        SettingsError: settings that cannot work for the task (before any training).
+    """
+    recipe = recipe.validate()
+    runs.check_out_writable(runs.out_dir(recipe, "encoder"))
+    with runs.training_context(recipe):
+        return _pretrain(recipe, verbose)
+
+
+def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
+    data, split = runs.prepare(recipe)
+    check_settings(recipe, data, split)
+    out = runs.out_dir(recipe, "encoder")
+    keras.utils.set_random_seed(recipe.seed)
+    runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
+    x_train = data.x[split.train]
+    encoder = build_encoder(data.input_shape, recipe, x_train)
+    job = Job(recipe, data, split, encoder, verbose)
+    runs.print_line(f"pretrain: {recipe.task} ({recipe.arch}, {recipe.activation}) on {len(x_train)} unlabeled "
+                    f"inputs of {data.spec}", verbose)
+    module, _, name = TASKS[recipe.task].partition(":")
+    done: Pretrained = getattr(importlib.import_module(module), name)(job)
+    done.figures.setdefault("loss.png", _loss_picture(recipe, done.history))
+
+    manifest = runs.base_manifest("encoder", recipe, data, split)
+    manifest.update(
+        task=recipe.task,
+        arch=recipe.arch,
+        activation=recipe.activation,
+        normalization=dict(zip(("mean", "variance"), runs.channel_stats(x_train))),
+        output_shape=list(encoder.output.shape[1:]),
+        pictures=sorted(done.figures),
+        metrics=done.metrics,
+    )
+    runs.save_run(out, encoder, recipe, manifest, split, done.history, figures=done.figures)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in done.metrics.items()) or "untrained (epochs=0)"
+    runs.print_line(f"pretrain: {recipe.task} {shown}; encoder and {', '.join(sorted(done.figures))} saved to {out}",
+                    verbose)
+    return runs.Result(model=encoder, history=done.history, metrics=done.metrics, artifact=out, manifest=manifest)
+
+
+def check_settings(recipe: Recipe, data: Data, split: Split) -> None:
+    """Refuse, before any training, settings the task cannot use; one line naming the value.
+
+    Raises:
+        SettingsError: an unknown task or noise kind, tied weights without dense
+            layers to tie or without a decoder, denoising without noise, rotation
+            of inputs that are not square images, a GAN on fewer inputs than a batch.
+    """
+    if recipe.task not in TASKS:
+        raise SettingsError(f"Unknown pretraining task {recipe.task!r}; expected one of {', '.join(TASKS)}. "
+                            f"Received: task={recipe.task!r}")
+    if recipe.noise_kind not in ("gaussian", "dropout"):
+        raise SettingsError(f"Unknown noise kind {recipe.noise_kind!r}; expected gaussian or dropout. "
+                            f"Received: noise_kind={recipe.noise_kind!r}")
+    if recipe.arch == "conv" and len(data.input_shape) != 3:
+        raise SettingsError(f"--arch conv needs images (H, W, C); the data's inputs have shape {data.input_shape}.")
+    if recipe.tied_weights and recipe.arch != "dense":
+        raise SettingsError(f"--tied-weights ties a dense decoder to the encoder's Dense kernels; a conv encoder "
+                            f"has none. Use --arch dense or --no-tied-weights. Received: arch={recipe.arch!r}")
+    if recipe.tied_weights and recipe.task not in DECODER_TASKS:
+        raise SettingsError(f"--tied-weights needs a decoder ({', '.join(DECODER_TASKS)}); task {recipe.task!r} "
+                            f"has none. Received: task={recipe.task!r}, tied_weights=True")
+    if recipe.task == "denoising" and recipe.noise <= 0:
+        raise SettingsError(f"--task denoising needs --noise > 0 (without noise it is --task autoencoder). "
+                            f"Received: noise={recipe.noise}")
+    if recipe.noise_kind == "dropout" and recipe.noise >= 1:
+        raise SettingsError(f"--noise-kind dropout drops a fraction of inputs: --noise must be in [0, 1). "
+                            f"Received: noise={recipe.noise}")
+    if recipe.task == "rotation" and (len(data.input_shape) != 3 or data.input_shape[0] != data.input_shape[1]):
+        raise SettingsError(f"--task rotation rotates square images by 0/90/180/270 degrees; the data's inputs "
+                            f"have shape {data.input_shape}. Received: task='rotation'")
+    if recipe.task == "gan" and len(split.train) < recipe.batch_size:
+        raise SettingsError(f"--task gan trains on full batches: the training split has {len(split.train)} inputs, "
+                            f"fewer than one batch. Lower --batch-size or use more data. "
+                            f"Received: batch_size={recipe.batch_size}")
 
 
 def build_encoder(input_shape: tuple[int, ...], recipe: Recipe, x_train: np.ndarray) -> keras.Model:
@@ -44,12 +204,37 @@ def build_encoder(input_shape: tuple[int, ...], recipe: Recipe, x_train: np.ndar
     return keras.Model(inputs, x, name="encoder")
 
 
+def encoder_blocks(encoder: keras.Model) -> list[tuple[str, list[keras.layers.Layer]]]:
+    """Every layer of each `encoder_block{i}_` block, bottom to top (pooling and dropout included)."""
+    blocks: dict[str, list[keras.layers.Layer]] = {}
+    for layer in encoder.layers:
+        match = _BLOCK.match(layer.name)
+        if match:
+            blocks.setdefault(match.group(1), []).append(layer)
+    return list(blocks.items())
+
+
 def build_decoder(encoder: keras.Model, input_shape: tuple[int, ...], recipe: Recipe) -> keras.Model:
-    """The mirror of `encoder`, back to the standardized input's shape."""
+    """The mirror of `encoder`, back to the standardized input's shape.
+
+    With `recipe.tied_weights` (dense only) each decoder layer is a
+    `DenseTranspose` of the matching encoder Dense: one kernel for both.
+    """
     setup = setup_for(recipe.activation)
     codes = keras.Input(encoder.output.shape[1:], name="codes")
     x = codes
-    if recipe.arch == "dense":
+    if recipe.arch == "dense" and recipe.tied_weights:
+        from transferkit.tied import DenseTranspose
+
+        denses = [layer for _, layers in encoder_blocks(encoder) for layer in layers
+                  if isinstance(layer, keras.layers.Dense)]
+        for i, dense in enumerate(reversed(denses), start=1):
+            last = i == len(denses)
+            x = DenseTranspose(dense, name="decoder_out" if last else f"decoder_block{i}_tied")(x)
+            if not last:
+                x = activation_layer(recipe.activation, name=f"decoder_block{i}_act")(x)
+        x = keras.layers.Reshape(input_shape, name="decoder_reshape")(x)
+    elif recipe.arch == "dense":
         for layer in dense_stack(list(reversed(recipe.units[:-1])), **_stack_options(recipe), name="decoder_"):
             x = layer(x)
         x = keras.layers.Dense(math.prod(input_shape), name="decoder_out")(x)
@@ -64,67 +249,214 @@ def build_decoder(encoder: keras.Model, input_shape: tuple[int, ...], recipe: Re
     return keras.Model(codes, x, name="decoder")
 
 
-def build_autoencoder(encoder: keras.Model, decoder: keras.Model, noise: float = 0.0,
-                      data_std: float = 1.0) -> keras.Model:
-    """inputs → (Gaussian noise of `noise` x `data_std`, training only) → encoder → decoder.
+def corruption(noise: float, noise_kind: str = "gaussian", data_std: float = 1.0, name: str = "noise",
+               seed: int | None = None) -> list[keras.layers.Layer]:
+    """Layers that corrupt raw inputs while training (and pass them through at inference).
 
-    Keras's GaussianNoise takes a standard deviation in [0, 1], so the noise is
-    added on inputs scaled to unit deviation and scaled back.
+    `gaussian`: adds noise of standard deviation `noise x data_std` (Keras's
+    GaussianNoise takes a deviation on the unit scale, so the inputs are scaled
+    to it and back). `dropout`: masking noise, a fraction `noise` of the inputs
+    set to 0 without rescaling the others (Vincent et al., 2010).
+
+    Example:
+
+    >>> [l.name for l in corruption(0.2, "dropout")]
+    ['noise', 'noise_unscale']
     """
+    if noise <= 0:
+        return []
+    if noise_kind == "gaussian":
+        return [keras.layers.Rescaling(1.0 / data_std, name=f"{name}_to_unit_std"),
+                keras.layers.GaussianNoise(noise, seed=seed, name=name),
+                keras.layers.Rescaling(data_std, name=f"{name}_from_unit_std")]
+    if noise_kind == "dropout":
+        return [keras.layers.Dropout(noise, seed=seed, name=name),
+                _TrainingOnlyScale(1.0 - noise, name=f"{name}_unscale")]
+    raise SettingsError(f"Unknown noise kind {noise_kind!r}; expected gaussian or dropout. "
+                        f"Received: noise_kind={noise_kind!r}")
+
+
+def build_autoencoder(encoder: keras.Model, decoder: keras.Model, noise: float = 0.0,
+                      data_std: float = 1.0, noise_kind: str = "gaussian") -> keras.Model:
+    """inputs → (noise, training only; see `corruption`) → encoder → decoder."""
     inputs = keras.Input(encoder.input.shape[1:], name="inputs")
     x = inputs
-    if noise > 0:
-        x = keras.layers.Rescaling(1.0 / data_std, name="to_unit_std")(x)
-        x = keras.layers.GaussianNoise(noise, name="noise")(x)
-        x = keras.layers.Rescaling(data_std, name="from_unit_std")(x)
+    for layer in corruption(noise, noise_kind, data_std):
+        x = layer(x)
     return keras.Model(inputs, decoder(encoder(x)), name="autoencoder")
 
 
-def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
-    """Train the recipe's autoencoder on the unlabeled training inputs; save the encoder."""
-    data, split = runs.prepare(recipe)
-    out = runs.out_dir(recipe, "encoder")
-    keras.utils.set_random_seed(recipe.seed)
-    x_train, x_val = data.x[split.train], data.x[split.val]
-    runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
+def fit_task(model: keras.Model, x: Any, y: Any, recipe: Recipe, loss: Any, verbose: bool,
+             validation: tuple[Any, Any] | None = None, metrics: list | None = None,
+             train: Any = None) -> dict[str, list[float]]:
+    """Compile `model` with the recipe's optimizer and schedule and fit it for `recipe.epochs`; the history.
 
-    encoder = build_encoder(data.input_shape, recipe, x_train)
-    decoder = build_decoder(encoder, data.input_shape, recipe)
-    autoencoder = build_autoencoder(encoder, decoder, noise=recipe.noise if recipe.task == "denoising" else 0.0,
-                                    data_std=float(np.sqrt(runs.channel_stats(x_train)[1].mean())))
-
-    standardize = encoder.get_layer("normalize")
-    targets = {name: keras.ops.convert_to_numpy(standardize(x)) for name, x in (("train", x_train), ("val", x_val))}
-    train = pipeline(x_train, targets["train"], recipe.batch_size, shuffle=True, seed=recipe.seed)
-    val = pipeline(x_val, targets["val"], recipe.batch_size) if len(x_val) else None
-    runs.print_line(f"pretrain: {recipe.task} ({recipe.arch}, {recipe.activation}) on {len(x_train)} unlabeled "
-                    f"inputs of {data.spec}", verbose)
+    `lr="auto"` runs the LR finder on `(x, y)` first. `train` replaces the
+    default shuffled pipeline of `(x, y)` (one epoch of it has as many batches).
+    """
+    if recipe.epochs == 0:
+        return {}
     if recipe.lr == "auto":
-        autoencoder.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss="mse")
-        lr = runs.find_learning_rate(autoencoder, x_train, targets["train"], recipe, verbose)
+        model.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=metrics)
+        lr = runs.find_learning_rate(model, x, y, recipe, verbose)
     else:
         lr = recipe.lr
-    callbacks = runs.compile_stage(autoencoder, recipe, lr,
-                                   recipe.epochs * runs.steps_per_epoch(len(x_train), recipe.batch_size), "mse")
-    history = autoencoder.fit(train, validation_data=val, epochs=recipe.epochs, callbacks=callbacks, shuffle=False,
-                              verbose=2 if verbose else 0)
+    steps = recipe.epochs * runs.steps_per_epoch(len(y), recipe.batch_size)
+    callbacks = runs.compile_stage(model, recipe, lr, steps, loss, metrics)
+    if train is None:
+        train = pipeline(x, y, recipe.batch_size, shuffle=True, seed=recipe.seed)
+    val = pipeline(*validation, recipe.batch_size) if validation is not None and len(validation[1]) else None
+    history = model.fit(train, validation_data=val, epochs=recipe.epochs, callbacks=callbacks, shuffle=False,
+                        verbose=2 if verbose else 0)
+    return runs.merge_history({}, history)
 
-    hist = runs.merge_history({}, history)
-    metrics = {"loss": hist["loss"][-1], **({"val_loss": hist["val_loss"][-1]} if "val_loss" in hist else {})}
-    manifest = runs.base_manifest("encoder", recipe, data, split)
-    manifest.update(
-        task=recipe.task,
-        arch=recipe.arch,
-        activation=recipe.activation,
-        normalization=dict(zip(("mean", "variance"), runs.channel_stats(x_train))),
-        output_shape=list(encoder.output.shape[1:]),
-        metrics=metrics,
-    )
-    runs.save_run(out, encoder, recipe, manifest, split, hist)
-    runs.print_line(f"pretrain: reconstruction loss {metrics['loss']:.4f}"
-                    + (f", validation {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
-                    + f"; encoder saved to {out}", verbose)
-    return runs.Result(model=encoder, history=hist, metrics=metrics, artifact=out, manifest=manifest)
+
+def final_metrics(history: dict[str, list[float]], keys: tuple[str, ...] = ()) -> dict[str, float]:
+    """The last value of each history entry (of `keys`, if given): the run's metrics."""
+    return {k: float(v[-1]) for k, v in history.items() if v and (not keys or k in keys)}
+
+
+def pooled(x):
+    """A feature map pooled (images) or flattened (other shapes) to vectors."""
+    if len(x.shape) == 4:
+        return keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if len(x.shape) > 2:
+        return keras.layers.Flatten(name="flatten_features")(x)
+    return x
+
+
+def train_autoencoder(job: Job) -> Pretrained:
+    """`autoencoder` and `denoising`: reconstruct the standardized inputs (from noisy ones when denoising)."""
+    recipe = job.recipe
+    noise = recipe.noise if recipe.task == "denoising" else 0.0
+    decoder = build_decoder(job.encoder, job.data.input_shape, recipe)
+    autoencoder = build_autoencoder(job.encoder, decoder, noise=noise, data_std=job.data_std,
+                                    noise_kind=recipe.noise_kind)
+    targets = job.standardize(job.x_train)
+    history = fit_task(autoencoder, job.x_train, targets, recipe, "mse", job.verbose,
+                       validation=(job.x_val, job.standardize(job.x_val)))
+    sample = job.sample()
+    rows = [("inputs", sample)]
+    if noise:
+        corrupt = keras.Sequential(corruption(noise, recipe.noise_kind, job.data_std, seed=recipe.seed))
+        rows.append((f"{recipe.noise_kind} noise", keras.ops.convert_to_numpy(corrupt(sample, training=True))))
+    rows.append(("reconstructed", job.destandardize(keras.ops.convert_to_numpy(autoencoder(sample)))))
+    return Pretrained(history, final_metrics(history, ("loss", "val_loss")),
+                      {"reconstructions.png": _reconstructions(job, rows)})
+
+
+def train_stacked(job: Job, on_layer_trained: Callable[[int], None] | None = None) -> Pretrained:
+    """Greedy layer-wise pretraining: each block a shallow autoencoder of the codes below it.
+
+    Block 1 learns to reconstruct the standardized inputs, block 2 the codes of
+    block 1 (computed once, block 1 frozen by construction), and so on; each is
+    a denoising autoencoder when `noise > 0` (Vincent et al., 2010), with a
+    `DenseTranspose` decoder when `tied_weights`. Each block trains for
+    `epochs` epochs; `on_layer_trained(i)` runs after block `i` (from 0).
+    The history holds every block's epochs in turn and `block` (which one).
+    """
+    recipe = job.recipe
+    head = [job.encoder.get_layer("normalize")]
+    if recipe.arch == "dense" and len(job.data.input_shape) > 1:
+        head.append(job.encoder.get_layer("flatten"))
+    codes = {"train": _apply(head, job.x_train), "val": _apply(head, job.x_val)}
+    history: dict[str, list[float]] = {}
+    decoders: list[list[keras.layers.Layer]] = []
+    blocks = encoder_blocks(job.encoder)
+    for i, (name, layers) in enumerate(blocks):
+        shallow, decoder = _shallow_autoencoder(layers, codes["train"].shape[1:], recipe, i + 1,
+                                                float(codes["train"].std()))
+        runs.print_line(f"stacked: {name} ({i + 1} of {len(blocks)}) on codes of shape "
+                        f"{codes['train'].shape[1:]}", job.verbose)
+        block_history = fit_task(shallow, codes["train"], codes["train"], recipe, "mse", job.verbose,
+                                 validation=(codes["val"], codes["val"]))
+        for key, values in block_history.items():
+            history.setdefault(key, []).extend(values)
+        history.setdefault("block", []).extend([float(i + 1)] * len(block_history.get("loss", [])))
+        decoders.append(decoder)
+        codes = {k: _apply(layers, v) for k, v in codes.items()}
+        if on_layer_trained is not None:
+            on_layer_trained(i)
+
+    inputs = keras.Input(job.data.input_shape)
+    x = job.encoder(inputs)
+    for decoder in reversed(decoders):
+        x = _apply(decoder, x)
+    stack = keras.Model(inputs, keras.layers.Reshape(job.data.input_shape)(x), name="stacked_autoencoder")
+    metrics = {}
+    if recipe.epochs:
+        metrics["loss"] = _mse(stack, job.x_train, job.standardize(job.x_train))
+        if len(job.x_val):
+            metrics["val_loss"] = _mse(stack, job.x_val, job.standardize(job.x_val))
+    sample = job.sample()
+    rows = [("inputs", sample), ("reconstructed", job.destandardize(keras.ops.convert_to_numpy(stack(sample))))]
+    return Pretrained(history, metrics, {"reconstructions.png": _reconstructions(job, rows)})
+
+
+def _shallow_autoencoder(layers: list[keras.layers.Layer], shape: tuple[int, ...], recipe: Recipe, index: int,
+                         data_std: float) -> tuple[keras.Model, list[keras.layers.Layer]]:
+    """codes → (noise) → one encoder block → its decoder back to the codes' shape; and the decoder's layers."""
+    inputs = keras.Input(shape)
+    x = inputs
+    for layer in corruption(recipe.noise, recipe.noise_kind, data_std, name=f"noise{index}"):
+        x = layer(x)
+    x = _apply(layers, x)
+    if len(shape) == 1 and recipe.tied_weights:
+        from transferkit.tied import DenseTranspose
+
+        dense = next(layer for layer in layers if isinstance(layer, keras.layers.Dense))
+        decoder = [DenseTranspose(dense, name=f"decoder_block{index}_tied")]
+    elif len(shape) == 1:
+        decoder = [keras.layers.Dense(shape[0], name=f"decoder_block{index}_dense")]
+    else:
+        pooled_ = any(isinstance(layer, keras.layers.MaxPooling2D) for layer in layers)
+        decoder = [keras.layers.Conv2DTranspose(shape[-1], 3, strides=2 if pooled_ else 1, padding="same",
+                                                name=f"decoder_block{index}_up"),
+                   keras.layers.CenterCrop(shape[0], shape[1], name=f"decoder_block{index}_crop")]
+    return keras.Model(inputs, _apply(decoder, x), name=f"shallow_autoencoder{index}"), decoder
+
+
+def _apply(layers: list, x):
+    """Run `x` through `layers` in order (inference mode for arrays, symbolic for tensors)."""
+    symbolic = isinstance(x, keras.KerasTensor)
+    for layer in layers:
+        x = layer(x) if symbolic else layer(x, training=False)
+    return x if symbolic else keras.ops.convert_to_numpy(x)
+
+
+def _mse(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean((keras.ops.convert_to_numpy(model.predict(x, verbose=0)) - y) ** 2))
+
+
+def _reconstructions(job: Job, rows: list[tuple[str, np.ndarray]]):
+    from transferkit.pictures import image_grid
+
+    return image_grid(rows, value_range=job.data.value_range,
+                      title=f"{job.recipe.task}: {'validation' if len(job.x_val) else 'training'} inputs")
+
+
+def _loss_picture(recipe: Recipe, history: dict[str, list[float]]):
+    from transferkit.pictures import loss_figure
+
+    blocks = history.get("block", [])
+    bands = [i for i in range(1, len(blocks)) if blocks[i] != blocks[i - 1]]
+    return loss_figure({k: v for k, v in history.items() if k != "block"}, bands=bands,
+                       title=f"pretrain --task {recipe.task}")
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class _TrainingOnlyScale(keras.layers.Layer):
+    """Multiply by `scale` while training only: undoes Dropout's rescaling, which makes it masking noise."""
+
+    def __init__(self, scale: float, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = float(scale)
+
+    def call(self, inputs, training=None):
+        return inputs * self.scale if training else inputs
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
 
 
 def _stack_options(recipe: Recipe) -> dict:

@@ -101,8 +101,11 @@ def base_manifest(kind: str, recipe: Recipe, data: Data, split: Split) -> dict[s
 
 
 def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: Split,
-             history: dict[str, list[float]]) -> Path:
-    """Write the artifact folder atomically: model, recipe, manifest, split, history (the chief only)."""
+             history: dict[str, list[float]], figures: dict[str, Any] | None = None) -> Path:
+    """Write the artifact folder atomically: model, recipe, manifest, split, history and pictures (the chief only).
+
+    `figures` maps PNG file names to matplotlib figures, drawn into the same temporary folder.
+    """
     from transferkit.runtime import is_chief
 
     if not is_chief():
@@ -113,6 +116,10 @@ def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: 
         artifacts.write_json(tmp / artifacts.MANIFEST, manifest)
         artifacts.write_json(tmp / artifacts.SPLIT, split.to_dict())
         artifacts.write_json(tmp / "history.json", history)
+        if figures:
+            from transferkit.pictures import write_pictures
+
+            write_pictures(tmp, figures)
     return out
 
 

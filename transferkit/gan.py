@@ -1,0 +1,170 @@
+"""A small GAN on the unlabeled inputs; the discriminator's lower layers become the encoder.
+
+The discriminator is the encoder (standardization and the recipe's blocks)
+with a one-logit head; the generator maps Gaussian codes through the mirror
+of those blocks (ReLU with BatchNorm, as in DCGAN) to `tanh` outputs scaled
+into the data's value range, so fakes are raw inputs like the real ones and
+pass through the same standardization. Both train with Adam (`beta_1=0.5`,
+Radford et al., 2016), the discriminator on one-sided smoothed labels (0.9).
+
+Example:
+
+>>> from transferkit.recipe import Recipe
+>>> from transferkit.pretraining import run_pretrain
+>>> run_pretrain(Recipe(task="gan", arch="conv", epochs=20, out="/tmp/gan-encoder"))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from transferkit import runs
+from transferkit.pretraining import Job, Pretrained, final_metrics, pooled
+from transferkit.recipe import Recipe
+
+LATENT_DIM = 32
+DEFAULT_LR = 2e-4  # DCGAN's; used for lr="auto", which has no LR finder for a two-player game
+REAL_LABEL = 0.9
+
+
+def build_generator(input_shape: tuple[int, ...], recipe: Recipe, value_range: tuple[float, float],
+                    latent_dim: int = LATENT_DIM) -> keras.Model:
+    """Gaussian codes → the mirror of the recipe's blocks → `tanh` → scaled into `value_range`."""
+    codes = keras.Input((latent_dim,), name="codes")
+    if recipe.arch == "dense":
+        x = codes
+        for i, units in enumerate(reversed(recipe.units), start=1):
+            x = _block(keras.layers.Dense(units, use_bias=False, name=f"generator_block{i}_dense")(x), i)
+        x = keras.layers.Dense(math.prod(input_shape), activation="tanh", name="generator_out")(x)
+        x = keras.layers.Reshape(input_shape, name="generator_reshape")(x)
+    else:
+        height, width, channels = input_shape
+        scale = 2 ** len(recipe.filters)
+        start = (max(1, math.ceil(height / scale)), max(1, math.ceil(width / scale)))
+        x = keras.layers.Dense(start[0] * start[1] * recipe.filters[-1], use_bias=False,
+                               name="generator_project")(codes)
+        x = keras.layers.Reshape((*start, recipe.filters[-1]), name="generator_reshape")(_block(x, 0))
+        for i, filters in enumerate(reversed(recipe.filters), start=1):
+            x = keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same", use_bias=False,
+                                             name=f"generator_block{i}_up")(x)
+            x = _block(x, i)
+        x = keras.layers.Conv2D(channels, 3, padding="same", activation="tanh", name="generator_out")(x)
+        x = keras.layers.CenterCrop(height, width, name="generator_crop")(x)
+    lo, hi = value_range
+    x = keras.layers.Rescaling((hi - lo) / 2, offset=(hi + lo) / 2, name="to_value_range")(x)
+    return keras.Model(codes, x, name="generator")
+
+
+def build_discriminator(encoder: keras.Model) -> keras.Model:
+    """The encoder with a one-logit head: real (high) or generated (low)."""
+    inputs = keras.Input(encoder.input.shape[1:], name="inputs")
+    logit = keras.layers.Dense(1, name="real_or_fake")(pooled(encoder(inputs)))
+    return keras.Model(inputs, logit, name="discriminator")
+
+
+class GAN(keras.Model):
+    """Alternating discriminator and generator steps in `fit` (TensorFlow backend).
+
+    Example:
+
+    >>> gan = GAN(generator, discriminator, seed=0)                      # doctest: +SKIP
+    >>> gan.compile(keras.optimizers.Adam(2e-4, beta_1=0.5),
+    ...             keras.optimizers.Adam(2e-4, beta_1=0.5))                # doctest: +SKIP
+    >>> gan.fit(real_batches, epochs=10)                                   # doctest: +SKIP
+
+    Args:
+        generator: `keras.Model` from codes of shape `(latent_dim,)` to inputs.
+        discriminator: `keras.Model` from inputs to one logit.
+        seed: Int. Seed of the codes drawn. Defaults to `0`.
+    """
+
+    def __init__(self, generator: keras.Model, discriminator: keras.Model, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.generator = generator
+        self.discriminator = discriminator
+        self.latent_dim = int(generator.input.shape[-1])
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
+        self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
+        self.real_accuracy = keras.metrics.Mean(name="d_real_accuracy")
+
+    def compile(self, d_optimizer: keras.optimizers.Optimizer, g_optimizer: keras.optimizers.Optimizer,
+                **kwargs) -> None:
+        super().compile(**kwargs)
+        self.d_optimizer = d_optimizer
+        self.g_optimizer = g_optimizer
+
+    @property
+    def metrics(self):
+        return [self.d_loss_tracker, self.g_loss_tracker, self.real_accuracy]
+
+    def call(self, codes, training=False):
+        return self.generator(codes, training=training)
+
+    def train_step(self, real):
+        batch = tf.shape(real)[0]
+        bce = keras.losses.BinaryCrossentropy(from_logits=True)
+        codes = keras.random.normal((batch, self.latent_dim), seed=self.seed_generator)
+        fake = self.generator(codes, training=True)
+        with tf.GradientTape() as tape:
+            real_logits = self.discriminator(real, training=True)
+            fake_logits = self.discriminator(fake, training=True)
+            d_loss = (bce(tf.fill(tf.shape(real_logits), REAL_LABEL), real_logits)
+                      + bce(tf.zeros_like(fake_logits), fake_logits))
+        weights = self.discriminator.trainable_weights
+        self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, weights), weights))
+
+        codes = keras.random.normal((batch, self.latent_dim), seed=self.seed_generator)
+        with tf.GradientTape() as tape:
+            fooled = self.discriminator(self.generator(codes, training=True), training=True)
+            g_loss = bce(tf.ones_like(fooled), fooled)
+        weights = self.generator.trainable_weights
+        self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, weights), weights))
+
+        self.d_loss_tracker.update_state(d_loss)
+        self.g_loss_tracker.update_state(g_loss)
+        self.real_accuracy.update_state(tf.reduce_mean(tf.cast(real_logits > 0, "float32")))
+        return {m.name: m.result() for m in self.metrics}
+
+
+def train_gan(job: Job) -> Pretrained:
+    """`gan`: train the GAN for `epochs` on full batches of the training inputs; the pictures of its samples."""
+    recipe = job.recipe
+    lr = DEFAULT_LR if recipe.lr == "auto" else float(recipe.lr)
+    generator = build_generator(job.data.input_shape, recipe, job.data.value_range)
+    gan = GAN(generator, build_discriminator(job.encoder), seed=recipe.seed, name="gan")
+    gan.compile(keras.optimizers.Adam(lr, beta_1=0.5), keras.optimizers.Adam(lr, beta_1=0.5))
+    runs.print_line(f"gan: Adam(beta_1=0.5) at learning rate {lr:g} for both players"
+                    f"{' (lr=auto: DCGAN default)' if recipe.lr == 'auto' else ''}", job.verbose)
+    history: dict[str, list[float]] = {}
+    if recipe.epochs:
+        real = (tf.data.Dataset.from_tensor_slices(job.x_train.astype("float32")).cache()
+                .shuffle(len(job.x_train), seed=recipe.seed, reshuffle_each_iteration=True)
+                .batch(recipe.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+        history = runs.merge_history({}, gan.fit(real, epochs=recipe.epochs, shuffle=False,
+                                                         verbose=2 if job.verbose else 0))
+    samples = sample_inputs(generator, 16, seed=recipe.seed)
+    from transferkit.pictures import image_grid, loss_figure
+
+    figures = {
+        "samples.png": image_grid([("generated", samples[:8]), ("generated", samples[8:]),
+                                   ("real", job.sample(8))], value_range=job.data.value_range,
+                                  title=f"gan: samples after {recipe.epochs} epochs"),
+        "loss.png": loss_figure(history, keys=("d_loss", "g_loss"), title="pretrain --task gan"),
+    }
+    return Pretrained(history, final_metrics(history, ("d_loss", "g_loss", "d_real_accuracy")), figures)
+
+
+def _block(x, index: int):
+    x = keras.layers.BatchNormalization(name=f"generator_block{index}_bn")(x)
+    return keras.layers.ReLU(name=f"generator_block{index}_relu")(x)
+
+
+def sample_inputs(generator: keras.Model, n: int, seed: int = 0) -> np.ndarray:
+    """`n` generated inputs from a trained generator."""
+    codes = keras.random.normal((n, int(generator.input.shape[-1])), seed=seed)
+    return keras.ops.convert_to_numpy(generator(codes, training=False))
