@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +98,8 @@ def plot_schedule(curve: ScheduleCurve, path: str | Path, title: str = "") -> Pa
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from transferkit.pictures import save_figure
+
     path = Path(path)
     if not path.parent.is_dir():
         raise SettingsError(f"The folder of {str(path)!r} does not exist.")
@@ -119,7 +120,4 @@ def plot_schedule(curve: ScheduleCurve, path: str | Path, title: str = "") -> Pa
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

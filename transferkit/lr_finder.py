@@ -24,7 +24,6 @@ import dataclasses
 import itertools
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import keras
@@ -112,6 +111,8 @@ class LRFindResult:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
+        from transferkit.pictures import save_figure
+
         path = Path(path)
         _check_folder(path)
         lrs, losses = np.asarray(self.lrs), np.asarray(self.losses)
@@ -133,15 +134,7 @@ class LRFindResult:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best")
         figure.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-        os.close(fd)
-        try:
-            figure.savefig(tmp, format="png")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return save_figure(figure, path)
 
 
 def _batches(data, batch_size: int):
