@@ -38,7 +38,9 @@ import keras
 import numpy as np
 
 from transferkit import runs
+from transferkit.callbacks import StopOnNaN
 from transferkit.data import Data, Split, pipeline
+from transferkit.health import TrainingHealth
 from transferkit.errors import SettingsError
 from transferkit.recipe import Recipe
 from transferkit.setups import activation_layer, conv_stack, dense_stack, setup_for
@@ -306,6 +308,10 @@ def fit_task(model: keras.Model, x: Any, y: Any, recipe: Recipe, loss: Any, verb
     if train is None:
         train = pipeline(x, y, recipe.batch_size, shuffle=True, seed=recipe.seed)
     val = pipeline(*validation, recipe.batch_size) if validation is not None and len(validation[1]) else None
+    callbacks.append(StopOnNaN(f"pretrain {recipe.task}"))
+    if recipe.health_steps:
+        callbacks.append(TrainingHealth(pipeline(x, y, recipe.batch_size), every=recipe.health_steps,
+                                        log_dir=recipe.tensorboard, loss=loss))
     history = model.fit(train, validation_data=val, epochs=recipe.epochs, callbacks=callbacks, shuffle=False,
                         verbose=2 if verbose else 0)
     return runs.merge_history({}, history)
