@@ -15,8 +15,12 @@ def test_recipe_file_tables_apply_to_their_command():
 
 
 def test_flags_override_the_file_and_none_leaves_it():
+    import tomllib
+
+    in_file = tomllib.loads(open("recipes/digits.toml").read())["finetune"]
     fine = Recipe.load("recipes/digits.toml", "finetune").replace(unfreeze_top=1, lr=None)
-    assert fine.unfreeze_top == 1 and fine.lr == 0.003
+    assert fine.unfreeze_top == 1 != in_file["unfreeze_top"]
+    assert fine.lr == in_file["lr"]
 
 
 @pytest.mark.parametrize("fraction", [0, -0.1, 1.5])
