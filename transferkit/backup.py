@@ -104,13 +104,17 @@ def _fsync_replace(tmp: Path, target: Path) -> None:
 class BackupCallback(keras.callbacks.Callback):
     """Save a `Backup` at every epoch end, and every `every_steps` steps when given.
 
+    The run's last epoch (`final_epoch`) is not backed up: the artifact written
+    right after it holds the same weights.
+
     `history` is the run's history before this `fit`; the epochs of this `fit` are added to it.
     """
 
     def __init__(self, backup: Backup, model: keras.Model, stage: int, history: dict[str, list[float]],
-                 every_steps: int | None = None):
+                 every_steps: int | None = None, final_epoch: int | None = None):
         super().__init__()
         self.backup, self.full_model, self.stage, self.every_steps = backup, model, stage, every_steps
+        self.final_epoch = final_epoch
         self.history = {k: list(v) for k, v in history.items()}
         self._epoch, self._steps = 0, 0
 
@@ -126,4 +130,6 @@ class BackupCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
+        if epoch + 1 == self.final_epoch:  # the artifact, written next, supersedes this backup
+            return
         self.backup.save(self.full_model, self.model.optimizer, self.stage, epoch + 1, self.history)

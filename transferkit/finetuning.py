@@ -168,7 +168,8 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                         f"rate {lr:.3g}{', on cached base outputs' if cached else ''}; trainable: "
                         f"{', '.join(unfrozen) or 'no block'} + head", verbose)
         runs.print_line(format_audit(audit(clf.model, factors)), verbose)
-        keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every)
+        keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every,
+                              final_epoch=sum(s.epochs for s in stages))
         health = [TrainingHealth(pipeline(inputs["train"], y, plan.batch_size), every=recipe.health_steps,
                                  log_dir=recipe.tensorboard, initial_step=first * plan.steps_per_epoch)
                   ] if recipe.health_steps else []
