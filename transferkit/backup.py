@@ -29,7 +29,7 @@ from transferkit import artifacts
 from transferkit.errors import SettingsError
 
 STATE = "state.json"
-WEIGHTS = "model.weights.h5"
+WEIGHTS = "weights.npz"
 OPTIMIZER = "optimizer.npz"
 
 
@@ -66,18 +66,14 @@ class Backup:
     def save(self, model: keras.Model, optimizer, stage: int, epoch: int, history: dict[str, list[float]]) -> None:
         """Write weights, optimizer variables, then the state that points at them, each atomically."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".tmp.{WEIGHTS}"
-        model.save_weights(tmp)
-        _fsync_replace(tmp, self.folder / WEIGHTS)
-        tmp = self.folder / f".tmp.{OPTIMIZER}"
-        with open(tmp, "wb") as f:
-            np.savez(f, *[keras.ops.convert_to_numpy(v) for v in optimizer.variables])
-        _fsync_replace(tmp, self.folder / OPTIMIZER)
+        _save_arrays(self.folder / WEIGHTS, model.weights)
+        _save_arrays(self.folder / OPTIMIZER, optimizer.variables)
         artifacts.write_json(self.folder / STATE, {"settings": self.settings, "stage": stage, "epoch": epoch,
                                                    "history": history})
 
     def load_weights(self, model: keras.Model) -> None:
-        model.load_weights(self.folder / WEIGHTS)
+        if not _load_arrays(self.folder / WEIGHTS, model.weights):
+            raise SettingsError(f"The backup in {str(self.folder)!r} does not fit this model; pass --restart.")
 
     def restore(self, model: keras.Model, trained: keras.Model) -> None:
         """Load the weights into `model` and the optimizer variables into `trained`'s (compiled) optimizer."""
@@ -85,20 +81,34 @@ class Backup:
         optimizer = trained.optimizer
         if not optimizer.built:
             optimizer.build(trained.trainable_variables)
-        with np.load(self.folder / OPTIMIZER) as saved:
-            values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-        if len(values) == len(optimizer.variables):
-            for variable, value in zip(optimizer.variables, values):
-                variable.assign(value)
+        _load_arrays(self.folder / OPTIMIZER, optimizer.variables)
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _fsync_replace(tmp: Path, target: Path) -> None:
-    with open(tmp, "rb") as f:
+def _save_arrays(path: Path, variables) -> None:
+    """The variables' values, in order, to one .npz through a flushed temporary file and a rename.
+
+    One file of arrays writes far faster than Keras's .weights.h5 (a dataset per variable).
+    """
+    tmp = path.with_name(f".tmp.{path.name}")
+    with open(tmp, "wb") as f:
+        np.savez(f, *[keras.ops.convert_to_numpy(v) for v in variables])
+        f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, target)
+    os.replace(tmp, path)
+
+
+def _load_arrays(path: Path, variables) -> bool:
+    """Assign the saved arrays to `variables` in order; False (nothing assigned) if they do not fit."""
+    with np.load(path) as saved:
+        values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    if len(values) != len(variables) or any(tuple(v.shape) != a.shape for v, a in zip(variables, values)):
+        return False
+    for variable, value in zip(variables, values):
+        variable.assign(value)
+    return True
 
 
 class BackupCallback(keras.callbacks.Callback):
