@@ -52,7 +52,7 @@ class Data:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.x.shape[1:])
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """A short hash of the inputs and labels: the same data gives the same fingerprint."""
         h = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())
