@@ -22,21 +22,16 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from transferkit.freezing import all_layers
+
 MEMORY_LIMIT_BYTES = 1 << 30
 _STOCHASTIC = ("Dropout", "Noise", "Random", "RReLU")
-
-
-def _all_layers(model: keras.Model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
 
 
 def can_cache(features_model: keras.Model) -> bool:
     """True when the inputs-to-features path is frozen and deterministic in training mode."""
     return not features_model.trainable_weights and not any(
-        any(word in type(layer).__name__ for word in _STOCHASTIC) for layer in _all_layers(features_model))
+        any(word in type(layer).__name__ for word in _STOCHASTIC) for layer in all_layers(features_model))
 
 
 def compute_features(features_model: keras.Model, x: np.ndarray, batch_size: int,

@@ -16,6 +16,7 @@ block1   no         -          0                 8,320          -
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -38,6 +39,14 @@ def freeze_all_but_top(base: keras.Model, blocks: Blocks, top: int, train_batchn
     for layer in base.layers:
         layer.trainable = id(layer) in trainable
     return [name for name, _ in unfrozen]
+
+
+def all_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    """Every layer of `model`, descending into nested models (which are yielded too)."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
 
 
 def find_base(model: keras.Model) -> keras.Model:

@@ -21,6 +21,7 @@ import dataclasses
 import keras
 import numpy as np
 
+from transferkit.freezing import all_layers
 from transferkit.layers import MCAlphaDropout, MCDropout
 
 EPSILON = 1e-12
@@ -47,14 +48,7 @@ class MCPrediction:
 
 def has_dropout(model: keras.Model) -> bool:
     """Whether any layer of `model`, nested ones included, is a dropout layer."""
-    return any(isinstance(layer, _DROPOUT) for layer in _layers(model))
-
-
-def _layers(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _layers(layer)
+    return any(isinstance(layer, _DROPOUT) for layer in all_layers(model))
 
 
 def monte_carlo_model(model: keras.Model) -> keras.Model:
