@@ -111,3 +111,21 @@ def test_finetune_learns_digits_from_few_labels(encoder_dir, tmp_path):
                        finetune_lr_factor=1.0)
     # ten classes: chance is 0.1; fine-tuning every block of even a tiny encoder does far better
     assert result.metrics["test_accuracy"] > 0.5
+
+
+def test_head_stage_stops_when_val_loss_stalls_and_keeps_its_best_weights(encoder_dir, tmp_path):
+    result = tk.finetune(from_=str(encoder_dir), label_fraction=0.5, val_fraction=0.2, head_epochs=400, epochs=0,
+                         head_patience=3, lr=0.3, schedule="constant", batch_size=64, out=str(tmp_path / "c"),
+                         verbose=False)
+    stage = result.manifest["stages"][0]
+    val_losses = result.history["val_loss"]
+    assert stage["stopped_after"] == len(val_losses) < 400
+    best = int(np.argmin(val_losses))
+    assert stage["best_epoch"] == best + 1 and len(val_losses) - 1 - best == 3  # patience epochs after the best
+    # the saved classifier is the best epoch's: its validation loss is that epoch's
+    data = load_data("digits")
+    split = json.loads((result.artifact / "split.json").read_text())
+    model = tk.load_model(result.artifact)
+    model.compile(loss="sparse_categorical_crossentropy")
+    val = np.asarray(split["val"])
+    assert model.evaluate(data.x[val], data.y[val], verbose=0, return_dict=True)["loss"] == pytest.approx(val_losses[best], rel=1e-4)

@@ -122,6 +122,9 @@ def _finetune_options(f: Callable) -> Callable:
                                                "convnexttiny, ... (transferkit.BACKBONES)."),
         click.option("--weights", help="Backbone weights: imagenet, none or a weights file."),
         click.option("--head-epochs", type=int, help="Epochs of stage 1 (head only, base frozen)."),
+        click.option("--head-patience", type=int,
+                     help="Stop a head-only stage once its loss (val_loss with a validation example per class) has "
+                          "not improved for N epochs, keeping its best weights (20; 0: off)."),
         click.option("--unfreeze-top", type=int, help="Blocks of the base to unfreeze in stage 2 (0: head only)."),
         click.option("--unfreeze-schedule", help="Stages KEYWORD:EPOCHS, e.g. head:2,top2:3,top4:3,all:5."),
         click.option("--gradual/--no-gradual", default=None,
@@ -142,6 +145,14 @@ def _finetune_options(f: Callable) -> Callable:
 @cli.command()
 @_common_options
 @_finetune_options
+@click.option("--semi-supervised", type=click.Choice(["none", "pseudo", "propagate"]),
+              help="Learn from the unlabeled training examples too: self-training (pseudo) or label "
+                   "propagation over the base's features (propagate). Default: none.")
+@click.option("--propagate-on", type=click.Choice(["features", "inputs"]),
+              help="The kNN graph of propagate: on the base's features (default) or the raw inputs.")
+@click.option("--pseudo-rounds", type=int, help="Rounds of pseudo-labeling (5).")
+@click.option("--pseudo-threshold", type=float,
+              help="Keep only pseudo-labels at least this probable, in (0, 1) (default: top-k alone).")
 @_handle_errors
 def finetune(recipe: str | None, **settings: Any) -> None:
     """Fine-tune a new head (then the top blocks) on a few labels; print the test accuracy."""

@@ -44,6 +44,9 @@ from transferkit.feature_cache import can_cache, compute_features
 from transferkit.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.health import TrainingHealth
 from transferkit.recipe import Recipe
+from transferkit.semi_supervised import (
+    NEIGHBOURS, SPREAD, check_pool, pool_epochs, propagate_labels, pseudo_labels, unlabeled_pool,
+)
 from transferkit.setups import dropout_layer, setup_for
 from transferkit.stages import Stage, describe, gradual_stages, parse_stages, two_stages
 
@@ -62,6 +65,14 @@ class Classifier:
     info: dict[str, Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Stages trained on one set of examples: `labeled`, the `propagated` pool, or pseudo-labeling round `pseudoN`."""
+
+    name: str
+    stages: list[Stage]
+
+
 @dataclasses.dataclass
 class Plan:
     """Everything a fine-tuning run is made of, before any training."""
@@ -73,10 +84,16 @@ class Plan:
     stages: list[Stage]
     out: Path
     replicas: int = 1
+    phases: list[Phase] = dataclasses.field(default_factory=list)
 
     @property
     def labeled(self) -> tuple[np.ndarray, np.ndarray]:
         return self.data.x[self.split.labeled], self.data.y[self.split.labeled]
+
+    @property
+    def unlabeled(self) -> np.ndarray:
+        """Indices of the training examples whose labels are not used (never validation or test ones)."""
+        return unlabeled_pool(self.split.train, self.split.labeled, self.split.test)
 
     @property
     def batch_size(self) -> int:
@@ -105,8 +122,31 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     keras.utils.set_random_seed(recipe.seed)
     runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
     clf = build_classifier(recipe, data, encoder_manifest)
-    return Plan(recipe, data, split, clf, plan_stages(recipe, clf.blocks), runs.out_dir(recipe, "classifier"),
+    plan = Plan(recipe, data, split, clf, plan_stages(recipe, clf.blocks), runs.out_dir(recipe, "classifier"),
                 replicas)
+    check_pool(recipe.semi_supervised, plan.unlabeled)
+    plan.phases = plan_phases(plan)
+    return plan
+
+
+def plan_phases(plan: Plan) -> list[Phase]:
+    """The stages on the labeled examples, and for semi-supervised runs the stages on the pool.
+
+    pseudo: the stages on the labeled examples, then per round the last stage on
+    labeled + pseudo-labeled examples. propagate: the stages on the propagated
+    pool, then the last stage on the true labels. A stage on the pool keeps the
+    number of steps it has on the labeled examples.
+    """
+    recipe, stages = plan.recipe, plan.stages
+    if recipe.semi_supervised == "none" or not stages:
+        return [Phase("labeled", stages)]
+    labeled_steps = plan.steps_per_epoch
+    pool_steps = runs.steps_per_epoch(len(plan.split.labeled) + len(plan.unlabeled), plan.batch_size)
+    on_pool = [dataclasses.replace(s, epochs=pool_epochs(s.epochs, labeled_steps, pool_steps)) for s in stages]
+    if recipe.semi_supervised == "pseudo":
+        return [Phase("labeled", stages)] + [Phase(f"pseudo{r}", on_pool[-1:])
+                                             for r in range(1, recipe.pseudo_rounds + 1)]
+    return [Phase("propagated", on_pool), Phase("labeled", stages[-1:])]
 
 
 def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
@@ -116,73 +156,104 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
         return _train(plan_finetune(recipe, strategy.num_replicas_in_sync), verbose)
 
 
+@dataclasses.dataclass
+class Examples:
+    """What a phase trains on: rows of the data and their targets (class indices, or probabilities if `soft`)."""
+
+    rows: np.ndarray
+    y: np.ndarray
+    soft: bool = False
+
+
 def _train(plan: Plan, verbose: bool) -> runs.Result:
     recipe = plan.recipe
-    data, split, clf, stages, out = plan.data, plan.split, plan.clf, plan.stages, plan.out
-    x, y = plan.labeled
+    data, split, clf, out = plan.data, plan.split, plan.clf, plan.out
+    total_epochs = sum(s.epochs for phase in plan.phases for s in phase.stages)
     x_val, y_val = data.x[split.val], data.y[split.val]
-    runs.print_line(f"finetune: {clf.info['description']} on {len(x)} labeled examples "
+    semi = recipe.semi_supervised
+    runs.print_line(f"finetune: {clf.info['description']} on {len(split.labeled)} labeled examples "
                     f"({recipe.label_fraction:g} of {len(split.train)}), {data.num_classes} classes; "
-                    f"stages {describe(stages)}", verbose)
+                    f"stages {describe(plan.stages)}"
+                    + (f"; semi-supervised {semi} on {len(plan.unlabeled)} unlabeled examples"
+                       if semi != "none" else ""), verbose)
 
     backup = Backup.for_output(out, recipe.run_settings())
     state = backup.state(restart=recipe.restart)
     resume_at = state["epoch"] if state else 0
     history: dict[str, list[float]] = dict(state["history"]) if state else {}
     if state:
-        runs.print_line(f"resuming from the backup in {backup.folder}: epoch {resume_at + 1} "
-                        f"of {sum(s.epochs for s in stages)}", verbose)
+        runs.print_line(f"resuming from the backup in {backup.folder}: epoch {resume_at + 1} of {total_epochs}",
+                        verbose)
+    propagated = _propagate(plan) if semi == "propagate" else None  # on the base as given, before any backup
     features: dict[str, Any] = {}
-    seconds: list[float] = []
-    stage_lrs: list[float | None] = []
-    epoch = 0
+    done: list[dict[str, Any]] = []
+    pseudo_counts: dict[str, int] = {}
+    epoch, index = 0, -1
     trained = clf.model
-    loss, accuracy = "sparse_categorical_crossentropy", ["accuracy"]
-    for index, stage in enumerate(stages):
-        start, epoch = epoch, epoch + stage.epochs
-        if epoch <= resume_at:  # finished before the interruption
-            stage_lrs.append(None)
-            seconds.append(0.0)
-            continue
-        unfrozen = freeze_all_but_top(clf.base, clf.blocks, stage.top, recipe.train_batchnorm)
-        factors = _lr_factors(clf.blocks, stage.top, recipe.lr_decay)
-        cached = stage.top == 0 and recipe.cache_features and plan.replicas == 1 and can_cache(clf.features)
-        trained = clf.head if cached else clf.model
-        started = time.perf_counter()
-        if state and start <= resume_at:  # the weights the interrupted run had at resume_at
-            backup.load_weights(clf.model)
-        if cached and not features:
-            features.update(train=compute_features(clf.features, x, plan.batch_size),
-                            val=compute_features(clf.features, x_val, plan.batch_size) if len(x_val) else None)
-        inputs = features if cached else {"train": x, "val": x_val if len(x_val) else None}
-        if recipe.lr == "auto":
-            trained.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
-            lr = runs.find_learning_rate(trained, inputs["train"], y, recipe, verbose)
-        else:
-            lr = plan.stage_lr(stage)
-        callbacks = runs.compile_stage(trained, recipe, lr, plan.steps(stage), loss, accuracy, lr_factors=factors)
-        if state and start < resume_at:  # mid-stage: the optimizer's state too (its step drives the schedule)
-            backup.restore(clf.model, trained)
-        first = max(start, resume_at)
-        runs.print_line(f"stage {stage.name}: epochs {first + 1}-{epoch}, {recipe.schedule} learning "
-                        f"rate {lr:.3g}{', on cached base outputs' if cached else ''}; trainable: "
-                        f"{', '.join(unfrozen) or 'no block'} + head", verbose)
-        runs.print_line(format_audit(audit(clf.model, factors)), verbose)
-        keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every,
-                              final_epoch=sum(s.epochs for s in stages))
-        health = [TrainingHealth(pipeline(inputs["train"], y, plan.batch_size), every=recipe.health_steps,
-                                 log_dir=recipe.tensorboard, initial_step=first * plan.steps_per_epoch)
-                  ] if recipe.health_steps else []
-        fit = trained.fit(
-            pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed),
-            validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_val, plan.batch_size),
-            initial_epoch=first, epochs=epoch, callbacks=[*callbacks, StopOnNaN(stage.name), keep, *health],
-            shuffle=False, verbose=2 if verbose else 0)
-        stage_lrs.append(lr)
-        runs.merge_history(history, fit)
-        seconds.append(time.perf_counter() - started)
+    for phase in plan.phases:
+        examples = None
+        for stage in phase.stages:
+            index += 1
+            start, epoch = epoch, epoch + stage.epochs
+            record = {"name": stage.name, "phase": phase.name, "unfreeze_top": stage.top, "epochs": stage.epochs,
+                      "lr": None, "schedule": recipe.schedule, "seconds": 0.0}
+            done.append(record)
+            if epoch <= resume_at:  # finished before the interruption
+                continue
+            unfrozen = freeze_all_but_top(clf.base, clf.blocks, stage.top, recipe.train_batchnorm)
+            factors = _lr_factors(clf.blocks, stage.top, recipe.lr_decay)
+            cached = stage.top == 0 and recipe.cache_features and plan.replicas == 1 and can_cache(clf.features)
+            trained = clf.head if cached else clf.model
+            started = time.perf_counter()
+            if state and start <= resume_at:  # the weights the interrupted run had at resume_at
+                backup.load_weights(clf.model)
+            if examples is None:
+                examples = _examples(plan, phase, propagated, backup)
+                if phase.name.startswith("pseudo"):
+                    pseudo_counts[phase.name] = len(examples.rows) - len(split.labeled)
+            x, y = data.x[examples.rows], examples.y
+            y_check = np.eye(data.num_classes, dtype="float32")[y_val] if examples.soft else y_val
+            if cached and phase.name not in features:
+                features[phase.name] = dict(
+                    train=compute_features(clf.features, x, plan.batch_size),
+                    val=compute_features(clf.features, x_val, plan.batch_size) if len(x_val) else None)
+            inputs = features[phase.name] if cached else {"train": x, "val": x_val if len(x_val) else None}
+            loss, accuracy = _loss_and_metric(examples.soft)
+            if recipe.lr == "auto":
+                trained.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
+                lr = runs.find_learning_rate(trained, inputs["train"], y, recipe, verbose)
+            else:
+                lr = plan.stage_lr(stage)
+            steps = stage.epochs * runs.steps_per_epoch(len(y), plan.batch_size)
+            callbacks = runs.compile_stage(trained, recipe, lr, steps, loss, accuracy, lr_factors=factors)
+            if state and start < resume_at:  # mid-stage: the optimizer's state too (its step drives the schedule)
+                backup.restore(clf.model, trained)
+            first = max(start, resume_at)
+            runs.print_line(f"stage {stage.name}{'' if phase.name == 'labeled' else f' ({phase.name})'}: epochs "
+                            f"{first + 1}-{epoch} on {len(y)} examples, {recipe.schedule} learning rate {lr:.3g}"
+                            f"{', on cached base outputs' if cached else ''}; trainable: "
+                            f"{', '.join(unfrozen) or 'no block'} + head", verbose)
+            runs.print_line(format_audit(audit(clf.model, factors)), verbose)
+            keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every, final_epoch=total_epochs)
+            converge = [_head_stopping(recipe, validated=len(x_val) >= data.num_classes)
+                        ] if stage.top == 0 and recipe.head_patience else []
+            health = [TrainingHealth(pipeline(inputs["train"], y, plan.batch_size), every=recipe.health_steps,
+                                     log_dir=recipe.tensorboard, initial_step=first * steps // stage.epochs)
+                      ] if recipe.health_steps else []
+            fit = trained.fit(
+                pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed),
+                validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_check, plan.batch_size),
+                initial_epoch=first, epochs=epoch, callbacks=[*callbacks, StopOnNaN(stage.name), *converge, keep, *health],
+                shuffle=False, verbose=2 if verbose else 0)
+            runs.merge_history(history, fit)
+            record.update(lr=lr, seconds=round(time.perf_counter() - started, 3))
+            if converge and converge[0].stopped_epoch:
+                record.update(stopped_after=converge[0].stopped_epoch + 1, best_epoch=converge[0].best_epoch + 1)
+                runs.print_line(f"stage {stage.name}: {converge[0].monitor} stopped improving; kept epoch "
+                                f"{converge[0].best_epoch + 1}'s weights", verbose)
 
-    if not stages or trained is not clf.model:  # the last stage trained the head on cached features
+    loss, accuracy = _loss_and_metric(soft=False)
+    if trained is not clf.model or getattr(clf.model, "loss", None) != loss:  # not compiled for the true labels by the last stage
         clf.model.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
     test_loss, test_accuracy = clf.model.evaluate(
         pipeline(data.x[split.test], data.y[split.test], plan.batch_size), verbose=0)
@@ -192,8 +263,8 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
         num_classes=data.num_classes,
         base=clf.info,
         blocks=[name for name, _ in clf.blocks],
-        stages=[{"name": s.name, "unfreeze_top": s.top, "epochs": s.epochs, "lr": lr, "schedule": recipe.schedule,
-                 "seconds": round(t, 3)} for s, lr, t in zip(stages, stage_lrs, seconds)],
+        stages=done,
+        semi_supervised=_semi_record(plan, pseudo_counts),
         metrics=metrics,
     )
     runs.save_run(out, clf.model, recipe, manifest, split, history)
@@ -201,6 +272,84 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
     runs.print_line(f"test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(split.test)} "
                     f"held-out examples; classifier saved to {out}", verbose)
     return runs.Result(model=clf.model, history=history, metrics=metrics, artifact=out, manifest=manifest)
+
+
+def _head_stopping(recipe: Recipe, validated: bool) -> keras.callbacks.EarlyStopping:
+    """Train a head to convergence, not for a fixed count: stop when its loss stalls, keep its best weights.
+
+    The validation loss is watched when validation has an example per class;
+    with fewer labels, the training loss (then it stops only on a plateau).
+    """
+    return keras.callbacks.EarlyStopping(monitor="val_loss" if validated else "loss", patience=recipe.head_patience,
+                                         restore_best_weights=True)
+
+
+def _loss_and_metric(soft: bool) -> tuple[str, list]:
+    """Cross-entropy on class indices, or on probabilities; the metric is `accuracy` either way."""
+    if soft:
+        return "categorical_crossentropy", [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    return "sparse_categorical_crossentropy", ["accuracy"]
+
+
+def _examples(plan: Plan, phase: Phase, propagated: np.ndarray | None, backup: Backup) -> Examples:
+    """The rows and targets of `phase`; a pseudo-labeling round labels the pool with the model as it stands."""
+    split, data, recipe = plan.split, plan.data, plan.recipe
+    if phase.name == "labeled":
+        return Examples(split.labeled, data.y[split.labeled])
+    pool = plan.unlabeled
+    if phase.name == "propagated":
+        return Examples(np.concatenate([split.labeled, pool]), propagated, soft=True)
+    saved = backup.folder / f"{phase.name}.json"  # a resumed round keeps the pseudo-labels it started with
+    if saved.is_file():
+        chosen = artifacts.read_json(backup.folder, saved.name)
+        rows, labels = np.asarray(chosen["rows"], dtype=np.int64), np.asarray(chosen["labels"], dtype=np.int64)
+    else:
+        probs = plan.clf.model.predict(data.x[pool], batch_size=plan.batch_size, verbose=0)
+        picked, labels = pseudo_labels(probs, int(phase.name.removeprefix("pseudo")), recipe.pseudo_rounds,
+                                       recipe.pseudo_threshold)
+        rows = pool[picked]
+        backup.folder.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(saved, {"rows": rows.tolist(), "labels": labels.tolist()})
+    return Examples(np.concatenate([split.labeled, rows]),
+                    np.concatenate([data.y[split.labeled], labels]).astype(data.y.dtype))
+
+
+def _propagate(plan: Plan) -> np.ndarray:
+    """LabelSpreading's soft labels for labeled + unlabeled training rows, over the base's features.
+
+    The raw inputs stand in for the features with `propagate_on="inputs"` and
+    when the base has no pretrained weights (a backbone with `weights="none"`).
+    """
+    data, split, clf = plan.data, plan.split, plan.clf
+    rows = np.concatenate([split.labeled, plan.unlabeled])
+    if _graph_on(plan) == "inputs":
+        feats = data.x[rows]
+    else:
+        feats = clf.features.predict(data.x[rows], batch_size=plan.batch_size, verbose=0)
+        if feats.ndim == 4:  # feature maps: average over positions, as the head's pooling does
+            feats = feats.mean(axis=(1, 2))
+    labels = np.concatenate([data.y[split.labeled], np.full(len(plan.unlabeled), -1)]).astype(np.int64)
+    return propagate_labels(feats, labels, data.num_classes)
+
+
+def _graph_on(plan: Plan) -> str:
+    """What propagate's kNN graph is built on: the base's features, or the inputs (also for untrained backbones)."""
+    untrained = plan.clf.info["kind"] == "backbone" and plan.recipe.weights == "none"
+    return "inputs" if untrained else plan.recipe.propagate_on
+
+
+def _semi_record(plan: Plan, pseudo_counts: dict[str, int]) -> dict[str, Any]:
+    """What the artifact says of the unlabeled data it learned from."""
+    recipe = plan.recipe
+    if recipe.semi_supervised == "none":
+        return {"mode": "none"}
+    record: dict[str, Any] = {"mode": recipe.semi_supervised, "unlabeled_examples": len(plan.unlabeled),
+                              "unlabeled_rows": plan.unlabeled.tolist()}
+    if recipe.semi_supervised == "pseudo":
+        record.update(rounds=recipe.pseudo_rounds, threshold=recipe.pseudo_threshold, pseudo_labeled=pseudo_counts)
+    else:
+        record.update(kernel="knn", n_neighbors=NEIGHBOURS, alpha=SPREAD, graph_on=_graph_on(plan))
+    return record
 
 
 def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:

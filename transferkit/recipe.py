@@ -23,6 +23,7 @@ from transferkit.runtime import DEVICES, PRECISIONS, STRATEGIES
 
 TASKS = ("autoencoder", "denoising", "stacked", "rotation", "pairs", "gan")
 NOISE_KINDS = ("gaussian", "dropout")
+SEMI_SUPERVISED = ("none", "pseudo", "propagate")
 SCHEDULES = ("onecycle", "constant", "power", "exponential", "piecewise", "plateau")
 ARCHS = ("dense", "conv")
 BATCHNORM = ("none", "before", "after")
@@ -74,6 +75,7 @@ class Recipe:
     backbone: str | None = None
     weights: str = "none"
     head_epochs: int = 5
+    head_patience: int = 20
     unfreeze_top: int = 0
     unfreeze_schedule: str | None = None
     gradual: bool = False
@@ -81,6 +83,10 @@ class Recipe:
     lr_decay: float = 1.0
     train_batchnorm: bool = False
     cache_features: bool = True
+    semi_supervised: str = "none"
+    pseudo_rounds: int = 5
+    pseudo_threshold: float | None = None
+    propagate_on: str = "features"
     # where it runs
     device: str = "auto"
     strategy: str = "auto"
@@ -132,9 +138,16 @@ class Recipe:
         _check(self.lr_decay >= 1, "lr_decay", self.lr_decay, "a number >= 1 (ULMFiT uses 2.6)")
         _check(not (self.gradual and self.unfreeze_schedule), "gradual", self.gradual,
                "either --gradual or --unfreeze-schedule, not both")
+        _check(self.semi_supervised in SEMI_SUPERVISED, "semi_supervised", self.semi_supervised,
+               f"one of {', '.join(SEMI_SUPERVISED)}")
+        _check(self.propagate_on in ("features", "inputs"), "propagate_on", self.propagate_on,
+               "features or inputs")
+        _check(self.pseudo_rounds >= 1, "pseudo_rounds", self.pseudo_rounds, "an integer >= 1")
+        _check(self.pseudo_threshold is None or 0 < self.pseudo_threshold < 1, "pseudo_threshold",
+               self.pseudo_threshold, "a number in (0, 1)")
         _check(self.finetune_lr_factor > 0, "finetune_lr_factor", self.finetune_lr_factor, "a positive number")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        for key in ("epochs", "head_epochs", "unfreeze_top"):
+        for key in ("epochs", "head_epochs", "head_patience", "unfreeze_top"):
             _check(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
         _check(self.image_size is None or self.image_size >= 1, "image_size", self.image_size, "an integer >= 1")
         _check(self.task in TASKS, "task", self.task, f"one of {', '.join(TASKS)}")
