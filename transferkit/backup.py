@@ -1,12 +1,14 @@
-"""Backups that let a killed fine-tuning run continue where it stopped.
+"""Backups that let a killed fine-tuning or pretraining run continue where it stopped.
 
 At every epoch end (and every `backup_every` steps) the run's state goes to a
-hidden sibling of its output folder, `.NAME.backup/`: the whole classifier's
-weights, the optimizer's variables, the stage, the next epoch and the history
-so far. Each file is written to a temporary name and renamed into place, the
-state last, so a kill at any moment leaves the previous backup whole. Running
-the same command again continues from it; a backup made with other settings is
-refused (or discarded with `restart`).
+hidden sibling of its output folder, `.NAME.backup/`: the model's weights
+(`weights.npz`), its training state (`optimizer.npz`: the optimizer's
+variables; pretraining adds a second optimizer's and the random seed states),
+the stage, the next epoch and the history so far. Each file is written to a
+temporary name and renamed into place, the state last, so a kill at any moment
+leaves the previous backup whole. Running the same command again continues
+from it; a backup made with other settings is refused (or discarded with
+`restart`).
 
 Example:
 
@@ -31,6 +33,9 @@ from transferkit.errors import SettingsError
 STATE = "state.json"
 WEIGHTS = "weights.npz"
 OPTIMIZER = "optimizer.npz"
+
+# what a backup keeps: a model (its weights), an optimizer (its variables), a variable, or a list of them
+Kept = Any
 
 
 class Backup:
@@ -63,16 +68,19 @@ class Backup:
             )
         return state
 
-    def save(self, model: keras.Model, optimizer, stage: int, epoch: int, history: dict[str, list[float]]) -> None:
-        """Write weights, optimizer variables, then the state that points at them, each atomically."""
+    def save(self, model: Kept, optimizer: Kept, stage: int, epoch: int, history: dict[str, list[float]]) -> None:
+        """Write weights, optimizer variables, then the state that points at them, each atomically.
+
+        `model` and `optimizer` are what to keep (see `variables_of`): a model and its optimizer, or lists.
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
-        _save_arrays(self.folder / WEIGHTS, model.weights)
-        _save_arrays(self.folder / OPTIMIZER, optimizer.variables)
+        _save_arrays(self.folder / WEIGHTS, variables_of(model))
+        _save_arrays(self.folder / OPTIMIZER, variables_of(optimizer))
         artifacts.write_json(self.folder / STATE, {"settings": self.settings, "stage": stage, "epoch": epoch,
                                                    "history": history})
 
-    def load_weights(self, model: keras.Model) -> None:
-        if not _load_arrays(self.folder / WEIGHTS, model.weights):
+    def load_weights(self, model: Kept) -> None:
+        if not _load_arrays(self.folder / WEIGHTS, variables_of(model)):
             raise SettingsError(f"The backup in {str(self.folder)!r} does not fit this model; pass --restart.")
 
     def restore(self, model: keras.Model, trained: keras.Model) -> None:
@@ -83,8 +91,43 @@ class Backup:
             optimizer.build(trained.trainable_variables)
         _load_arrays(self.folder / OPTIMIZER, optimizer.variables)
 
+    def restore_training(self, training: Kept) -> None:
+        """Load the saved training state into `training`: built optimizers and variables, as saved."""
+        if not _load_arrays(self.folder / OPTIMIZER, variables_of(training)):
+            raise SettingsError(f"The backup in {str(self.folder)!r} does not fit this training; pass --restart.")
+
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def variables_of(kept: Kept) -> list:
+    """The variables a backup keeps of `kept`: a model's (or layer's) weights, an optimizer's variables,
+    a variable itself, or for a list those of each item in turn (each variable once).
+
+    Example:
+
+    >>> dense = keras.layers.Dense(2)
+    >>> dense.build((None, 3))
+    >>> [v.path for v in variables_of([dense, dense.kernel])]
+    ['dense/kernel', 'dense/bias']
+    """
+    if isinstance(kept, keras.optimizers.Optimizer):
+        return list(kept.variables)
+    if isinstance(kept, keras.layers.Layer):
+        return list(kept.weights)
+    if isinstance(kept, keras.Variable):
+        return [kept]
+    seen: dict[int, Any] = {}
+    for item in kept:
+        for variable in variables_of(item):
+            seen.setdefault(id(variable), variable)
+    return list(seen.values())
+
+
+def random_state(model: keras.Model) -> list:
+    """The states of `model`'s random seed generators (noise, dropout, augmentation): what its next draws will be."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
 
 
 def _save_arrays(path: Path, variables) -> None:
@@ -118,13 +161,15 @@ class BackupCallback(keras.callbacks.Callback):
     right after it holds the same weights.
 
     `history` is the run's history before this `fit`; the epochs of this `fit` are added to it.
+    `model` is what the backup keeps as weights (a model or a list, see `variables_of`), `training`
+    what it keeps as training state: by default the fitted model's optimizer.
     """
 
-    def __init__(self, backup: Backup, model: keras.Model, stage: int, history: dict[str, list[float]],
-                 every_steps: int | None = None, final_epoch: int | None = None):
+    def __init__(self, backup: Backup, model: Kept, stage: int, history: dict[str, list[float]],
+                 every_steps: int | None = None, final_epoch: int | None = None, training: Kept = None):
         super().__init__()
         self.backup, self.full_model, self.stage, self.every_steps = backup, model, stage, every_steps
-        self.final_epoch = final_epoch
+        self.final_epoch, self.training = final_epoch, training
         self.history = {k: list(v) for k, v in history.items()}
         self._epoch, self._steps = 0, 0
 
@@ -135,11 +180,14 @@ class BackupCallback(keras.callbacks.Callback):
         self._steps += 1
         if self.every_steps and self._steps % self.every_steps == 0:
             # mid-epoch: a resume redoes this epoch, starting from these weights
-            self.backup.save(self.full_model, self.model.optimizer, self.stage, self._epoch, self.history)
+            self.backup.save(self.full_model, self._training(), self.stage, self._epoch, self.history)
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
         if epoch + 1 == self.final_epoch:  # the artifact, written next, supersedes this backup
             return
-        self.backup.save(self.full_model, self.model.optimizer, self.stage, epoch + 1, self.history)
+        self.backup.save(self.full_model, self._training(), self.stage, epoch + 1, self.history)
+
+    def _training(self) -> Kept:
+        return self.model.optimizer if self.training is None else self.training

@@ -7,6 +7,10 @@ into the data's value range, so fakes are raw inputs like the real ones and
 pass through the same standardization. Both train with Adam (`beta_1=0.5`,
 Radford et al., 2016), the discriminator on one-sided smoothed labels (0.9).
 
+A backup keeps both players' weights, both optimizers' variables and the
+random seed states (the codes drawn, and any dropout or noise), so a resumed
+run goes on exactly as the interrupted one would have.
+
 Example:
 
 >>> from transferkit.recipe import Recipe
@@ -23,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from transferkit import runs
-from transferkit.pretraining import Job, Pretrained, final_metrics, pooled
+from transferkit.pretraining import Job, Pretrained, final_metrics, fit_resumable, pooled
 from transferkit.recipe import Recipe
 
 LATENT_DIM = 32
@@ -94,9 +98,12 @@ class GAN(keras.Model):
 
     def compile(self, d_optimizer: keras.optimizers.Optimizer, g_optimizer: keras.optimizers.Optimizer,
                 **kwargs) -> None:
+        """Set both players' optimizers and build them (so a backup's variables can be loaded before `fit`)."""
         super().compile(**kwargs)
         self.d_optimizer = d_optimizer
         self.g_optimizer = g_optimizer
+        d_optimizer.build(self.discriminator.trainable_variables)
+        g_optimizer.build(self.generator.trainable_variables)
 
     @property
     def metrics(self):
@@ -140,13 +147,11 @@ def train_gan(job: Job) -> Pretrained:
     gan.compile(keras.optimizers.Adam(lr, beta_1=0.5), keras.optimizers.Adam(lr, beta_1=0.5))
     runs.print_line(f"gan: Adam(beta_1=0.5) at learning rate {lr:g} for both players"
                     f"{' (lr=auto: DCGAN default)' if recipe.lr == 'auto' else ''}", job.verbose)
-    history: dict[str, list[float]] = {}
+    history = job.history
     if recipe.epochs:
-        real = (tf.data.Dataset.from_tensor_slices(job.x_train.astype("float32")).cache()
-                .shuffle(len(job.x_train), seed=recipe.seed, reshuffle_each_iteration=True)
-                .batch(recipe.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
-        history = runs.merge_history({}, gan.fit(real, epochs=recipe.epochs, shuffle=False,
-                                                         verbose=2 if job.verbose else 0))
+        job.load_backup(gan, 0)
+        history = fit_resumable(job, gan, (job.x_train.astype("float32"),), history,
+                                optimizers=[gan.d_optimizer, gan.g_optimizer], drop_remainder=True)
     samples = sample_inputs(generator, 16, seed=recipe.seed)
     from transferkit.pictures import image_grid, loss_figure
 

@@ -53,12 +53,11 @@ def rotations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def train_rotation(job: Job) -> Pretrained:
     """`rotation`: a 4-way softmax on the encoder learns each image's rotation."""
-    recipe = job.recipe
     inputs = keras.Input(job.data.input_shape, name="inputs")
     outputs = keras.layers.Dense(4, activation="softmax", name="rotation")(pooled(job.encoder(inputs)))
     model = keras.Model(inputs, outputs, name="rotation_classifier")
     x, y = rotations(job.x_train)
-    history = fit_task(model, x, y, recipe, "sparse_categorical_crossentropy", job.verbose,
+    history = fit_task(job, model, x, y, "sparse_categorical_crossentropy",
                        validation=rotations(job.x_val) if len(job.x_val) else None, metrics=["accuracy"])
     sample, turns = rotations(job.sample(4))
     predicted = np.argmax(model.predict(sample, verbose=0), axis=1).reshape(-1, 4)
@@ -184,10 +183,9 @@ def build_pairs_model(job: Job, projection: int = 64) -> keras.Model:
 
 def train_pairs(job: Job) -> Pretrained:
     """`pairs`: the siamese encoder learns which pairs of augmented views come from the same image."""
-    recipe = job.recipe
     model = build_pairs_model(job)
     ids = np.arange(len(job.data.x), dtype="float32")
-    history = fit_task(model, job.x_train, ids[job.split.train], recipe, same_or_different_loss, job.verbose,
+    history = fit_task(job, model, job.x_train, ids[job.split.train], same_or_different_loss,
                        validation=(job.x_val, ids[job.split.val]) if len(job.x_val) else None,
                        metrics=[pair_accuracy])
     return Pretrained(history, final_metrics(history, ("loss", "val_loss", "pair_accuracy", "val_pair_accuracy")),

@@ -16,6 +16,14 @@ saves it the same way, so `finetune --from` takes any of them:
 
 Each artifact also holds `loss.png`, the training curves.
 
+Every task keeps a backup as it trains (at each epoch end but the run's last,
+and every `backup_every` steps; see `transferkit.backup`) and running the same
+command again continues from it, like `finetune`: the weights, the optimizers'
+variables and the random seed states come back, and each epoch sees its
+inputs in an order that is a function of the seed and the epoch alone
+(`epoch_batches`), so a resumed run ends with the weights an uninterrupted one
+would have. `stacked` numbers its epochs on across its blocks.
+
 Example:
 
 >>> from transferkit.recipe import Recipe
@@ -38,6 +46,7 @@ import keras
 import numpy as np
 
 from transferkit import runs
+from transferkit.backup import Backup, BackupCallback, Kept, random_state
 from transferkit.callbacks import StopOnNaN
 from transferkit.data import Data, Split, pipeline
 from transferkit.health import TrainingHealth
@@ -60,13 +69,44 @@ _BLOCK = re.compile(r"^encoder_(block\d+)_")
 
 @dataclasses.dataclass
 class Job:
-    """What a task trains on: the recipe, the data, its unlabeled splits, and the encoder to train."""
+    """What a task trains on: the recipe, the data, its unlabeled splits, and the encoder to train.
+
+    `backup` is where the run keeps its backups (none: no backups), `state` the
+    backup's state when continuing an interrupted run.
+    """
 
     recipe: Recipe
     data: Data
     split: Split
     encoder: keras.Model
     verbose: bool
+    backup: Backup | None = None
+    state: dict[str, Any] | None = None
+
+    @property
+    def epochs(self) -> int:
+        """The run's epochs: `epochs`, times the blocks for `stacked` (numbered on across them)."""
+        blocks = len(encoder_blocks(self.encoder)) if self.recipe.task == "stacked" else 1
+        return self.recipe.epochs * blocks
+
+    @property
+    def resume_at(self) -> int:
+        """The epoch the interrupted run stopped in (0 when not continuing one)."""
+        return int(self.state["epoch"]) if self.state else 0
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """The interrupted run's history (empty when not continuing one)."""
+        return {k: list(v) for k, v in self.state["history"].items()} if self.state else {}
+
+    def trained_before(self, end: int) -> bool:
+        """Whether the run's epochs up to `end` were trained before the interruption."""
+        return self.state is not None and end <= self.resume_at
+
+    def load_backup(self, kept: Kept, start: int) -> None:
+        """Give `kept` the backed-up weights, when continuing a run that stopped in or after epoch `start`."""
+        if self.state and start <= self.resume_at:
+            self.backup.load_weights(kept)
 
     @property
     def x_train(self) -> np.ndarray:
@@ -123,13 +163,18 @@ def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
     data, split = runs.prepare(recipe)
     check_settings(recipe, data, split)
     out = runs.out_dir(recipe, "encoder")
+    backup = Backup.for_output(out, recipe.run_settings())
+    state = backup.state(restart=recipe.restart)
     keras.utils.set_random_seed(recipe.seed)
     runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
     x_train = data.x[split.train]
     encoder = build_encoder(data.input_shape, recipe, x_train)
-    job = Job(recipe, data, split, encoder, verbose)
+    job = Job(recipe, data, split, encoder, verbose, backup, state)
     runs.print_line(f"pretrain: {recipe.task} ({recipe.arch}, {recipe.activation}) on {len(x_train)} unlabeled "
                     f"inputs of {data.spec}", verbose)
+    if state:
+        runs.print_line(f"resuming from the backup in {backup.folder}: epoch {job.resume_at + 1} of {job.epochs}",
+                        verbose)
     module, _, name = TASKS[recipe.task].partition(":")
     done: Pretrained = getattr(importlib.import_module(module), name)(job)
     done.figures.setdefault("loss.png", _loss_picture(recipe, done.history))
@@ -145,6 +190,7 @@ def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
         metrics=done.metrics,
     )
     runs.save_run(out, encoder, recipe, manifest, split, done.history, figures=done.figures)
+    backup.discard()
     shown = ", ".join(f"{k} {v:.4f}" for k, v in done.metrics.items()) or "untrained (epochs=0)"
     runs.print_line(f"pretrain: {recipe.task} {shown}; encoder and {', '.join(sorted(done.figures))} saved to {out}",
                     verbose)
@@ -288,33 +334,107 @@ def build_autoencoder(encoder: keras.Model, decoder: keras.Model, noise: float =
     return keras.Model(inputs, decoder(encoder(x)), name="autoencoder")
 
 
-def fit_task(model: keras.Model, x: Any, y: Any, recipe: Recipe, loss: Any, verbose: bool,
-             validation: tuple[Any, Any] | None = None, metrics: list | None = None,
-             train: Any = None) -> dict[str, list[float]]:
-    """Compile `model` with the recipe's optimizer and schedule and fit it for `recipe.epochs`; the history.
+def fit_task(job: Job, model: keras.Model, x: Any, y: Any, loss: Any, validation: tuple[Any, Any] | None = None,
+             metrics: list | None = None, start: int = 0, stage: int = 0, kept: Kept = None,
+             history: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Compile `model` with the recipe's optimizer and schedule and fit it for `recipe.epochs`; the run's history.
 
-    `lr="auto"` runs the LR finder on `(x, y)` first. `train` replaces the
-    default shuffled pipeline of `(x, y)` (one epoch of it has as many batches).
+    `lr="auto"` runs the LR finder on `(x, y)` first. The epochs are the run's
+    `start + 1`..`start + epochs`; `history` is the run's history before them
+    (by default the interrupted run's, see `Job.history`); `stage`, `kept`: see `fit_resumable`.
     """
+    recipe = job.recipe
+    history = job.history if history is None else history
     if recipe.epochs == 0:
-        return {}
+        return history
     if recipe.lr == "auto":
         model.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=metrics)
-        lr = runs.find_learning_rate(model, x, y, recipe, verbose)
+        lr = runs.find_learning_rate(model, x, y, recipe, job.verbose)
     else:
         lr = recipe.lr
-    steps = recipe.epochs * runs.steps_per_epoch(len(y), recipe.batch_size)
-    callbacks = runs.compile_stage(model, recipe, lr, steps, loss, metrics)
-    if train is None:
-        train = pipeline(x, y, recipe.batch_size, shuffle=True, seed=recipe.seed)
+    steps = runs.steps_per_epoch(len(y), recipe.batch_size)
+    callbacks = runs.compile_stage(model, recipe, lr, recipe.epochs * steps, loss, metrics)
+    job.load_backup(model if kept is None else kept, start)
     val = pipeline(*validation, recipe.batch_size) if validation is not None and len(validation[1]) else None
     callbacks.append(StopOnNaN(f"pretrain {recipe.task}"))
     if recipe.health_steps:
         callbacks.append(TrainingHealth(pipeline(x, y, recipe.batch_size), every=recipe.health_steps,
-                                        log_dir=recipe.tensorboard, loss=loss))
-    history = model.fit(train, validation_data=val, epochs=recipe.epochs, callbacks=callbacks, shuffle=False,
-                        verbose=2 if verbose else 0)
-    return runs.merge_history({}, history)
+                                        log_dir=recipe.tensorboard, loss=loss,
+                                        initial_step=max(start, job.resume_at) * steps))
+    return fit_resumable(job, model, (x, y), history, start=start, stage=stage, kept=kept, validation=val,
+                         callbacks=callbacks)
+
+
+def fit_resumable(job: Job, model: keras.Model, data: tuple[Any, ...], history: dict[str, list[float]], *,
+                  start: int = 0, stage: int = 0, kept: Kept = None, optimizers: list | None = None,
+                  validation: Any = None, callbacks: list | None = None,
+                  drop_remainder: bool = False) -> dict[str, list[float]]:
+    """Fit the compiled `model` on the run's epochs `start + 1`..`start + recipe.epochs`, backing up as it goes.
+
+    `data` are the arrays an epoch goes through once, in batches (see
+    `epoch_batches`); `history` is the run's history before these epochs and
+    the run's history after them is returned. The backup keeps the weights of
+    `kept` (by default `model`), and as training state the `optimizers` (by
+    default `model.optimizer`; built) and `model`'s random seed states.
+    Continuing an interrupted run whose backup was made in this `stage`, the
+    training state comes back first (the weights: `Job.load_backup`, called
+    before), and training goes on from the epoch it stopped in.
+    """
+    recipe = job.recipe
+    first, end = max(start, job.resume_at), start + recipe.epochs
+    if optimizers is None:
+        optimizers = [model.optimizer]
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+    training = [*optimizers, *random_state(model)]
+    if job.state and job.state["stage"] == stage:
+        job.backup.restore_training(training)
+    callbacks = list(callbacks or [])
+    if job.backup is not None:
+        callbacks.append(BackupCallback(job.backup, model if kept is None else kept, stage, history,
+                                        recipe.backup_every, final_epoch=job.epochs, training=training))
+    batches = epoch_batches(data, recipe.batch_size, recipe.seed, range(first, end), drop_remainder=drop_remainder)
+    fit = model.fit(batches, validation_data=validation, initial_epoch=first, epochs=end, shuffle=False,
+                    steps_per_epoch=_batches_per_epoch(len(data[0]), recipe.batch_size, drop_remainder),
+                    callbacks=callbacks, verbose=2 if job.verbose else 0)
+    return runs.merge_history({k: list(v) for k, v in history.items()}, fit)
+
+
+def epoch_batches(data: tuple[Any, ...], batch_size: int, seed: int, epochs: range, drop_remainder: bool = False):
+    """The batches of `epochs` one after the other, each epoch a shuffle of `data` seeded by `seed` and its number.
+
+    Each epoch's order is a function of the seed and the epoch alone (not of
+    how many epochs ran before in this process), so a fit resumed at epoch `k`
+    gets the batches an uninterrupted one would. One dataset for every epoch:
+    `fit` takes it with `steps_per_epoch`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = np.arange(6.0)
+    >>> later = [b.numpy().tolist() for b in epoch_batches((x,), 3, 0, range(1, 3))]
+    >>> later == [b.numpy().tolist() for b in epoch_batches((x,), 3, 0, range(3))][2:]
+    True
+    """
+    import tensorflow as tf
+
+    arrays = tuple(tf.convert_to_tensor(a) for a in data)
+    count, seed = len(data[0]), tf.constant(seed, "int64")
+
+    def one_epoch(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(count), seed=tf.stack([seed, epoch]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder)
+
+    def examples(indices):
+        batch = tuple(tf.gather(a, indices) for a in arrays)
+        return batch if len(batch) > 1 else batch[0]
+
+    return (tf.data.Dataset.from_tensor_slices(np.asarray(epochs, "int64")).flat_map(one_epoch)
+            .map(examples, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE))
+
+
+def _batches_per_epoch(examples: int, batch_size: int, drop_remainder: bool) -> int:
+    return max(1, examples // batch_size) if drop_remainder else runs.steps_per_epoch(examples, batch_size)
 
 
 def final_metrics(history: dict[str, list[float]], keys: tuple[str, ...] = ()) -> dict[str, float]:
@@ -339,7 +459,7 @@ def train_autoencoder(job: Job) -> Pretrained:
     autoencoder = build_autoencoder(job.encoder, decoder, noise=noise, data_std=job.data_std,
                                     noise_kind=recipe.noise_kind)
     targets = job.standardize(job.x_train)
-    history = fit_task(autoencoder, job.x_train, targets, recipe, "mse", job.verbose,
+    history = fit_task(job, autoencoder, job.x_train, targets, "mse",
                        validation=(job.x_val, job.standardize(job.x_val)))
     sample = job.sample()
     rows = [("inputs", sample)]
@@ -358,28 +478,34 @@ def train_stacked(job: Job, on_layer_trained: Callable[[int], None] | None = Non
     block 1 (computed once, block 1 frozen by construction), and so on; each is
     a denoising autoencoder when `noise > 0` (Vincent et al., 2010), with a
     `DenseTranspose` decoder when `tied_weights`. Each block trains for
-    `epochs` epochs; `on_layer_trained(i)` runs after block `i` (from 0).
+    `epochs` epochs, numbered on across blocks (block `i` from 0 is stage `i`
+    of the backups); `on_layer_trained(i)` runs after block `i` is trained.
     The history holds every block's epochs in turn and `block` (which one).
     """
     recipe = job.recipe
     head = [job.encoder.get_layer("normalize")]
     if recipe.arch == "dense" and len(job.data.input_shape) > 1:
         head.append(job.encoder.get_layer("flatten"))
-    codes = {"train": _apply(head, job.x_train), "val": _apply(head, job.x_val)}
-    history: dict[str, list[float]] = {}
-    decoders: list[list[keras.layers.Layer]] = []
     blocks = encoder_blocks(job.encoder)
+    shapes = _code_shapes(job.data.input_shape, head, blocks)
+    # every decoder first, so that the weights a backup keeps are the same all run long
+    decoders = [_block_decoder(layers, shapes[i], shapes[i + 1], recipe, i + 1) for i, (_, layers) in enumerate(blocks)]
+    kept = [job.encoder, *(layer for decoder in decoders for layer in decoder)]
+    history = job.history
+    codes: dict[str, np.ndarray] | None = None
     for i, (name, layers) in enumerate(blocks):
-        shallow, decoder = _shallow_autoencoder(layers, codes["train"].shape[1:], recipe, i + 1,
-                                                float(codes["train"].std()))
-        runs.print_line(f"stacked: {name} ({i + 1} of {len(blocks)}) on codes of shape "
-                        f"{codes['train'].shape[1:]}", job.verbose)
-        block_history = fit_task(shallow, codes["train"], codes["train"], recipe, "mse", job.verbose,
-                                 validation=(codes["val"], codes["val"]))
-        for key, values in block_history.items():
-            history.setdefault(key, []).extend(values)
-        history.setdefault("block", []).extend([float(i + 1)] * len(block_history.get("loss", [])))
-        decoders.append(decoder)
+        start = i * recipe.epochs
+        if job.trained_before(start + recipe.epochs):
+            continue
+        if codes is None:  # the first block this run trains: the ones below come from the backup
+            job.load_backup(kept, start)
+            below = head + [layer for _, lower in blocks[:i] for layer in lower]
+            codes = {"train": _apply(below, job.x_train), "val": _apply(below, job.x_val)}
+        shallow = _shallow_autoencoder(layers, decoders[i], shapes[i], recipe, i + 1, float(codes["train"].std()))
+        runs.print_line(f"stacked: {name} ({i + 1} of {len(blocks)}) on codes of shape {shapes[i]}", job.verbose)
+        history = fit_task(job, shallow, codes["train"], codes["train"], "mse", validation=(codes["val"], codes["val"]),
+                           start=start, stage=i, kept=kept, history=history)
+        history["block"] = [float(epoch // recipe.epochs + 1) for epoch in range(len(history.get("loss", [])))]
         codes = {k: _apply(layers, v) for k, v in codes.items()}
         if on_layer_trained is not None:
             on_layer_trained(i)
@@ -399,14 +525,19 @@ def train_stacked(job: Job, on_layer_trained: Callable[[int], None] | None = Non
     return Pretrained(history, metrics, {"reconstructions.png": _reconstructions(job, rows)})
 
 
-def _shallow_autoencoder(layers: list[keras.layers.Layer], shape: tuple[int, ...], recipe: Recipe, index: int,
-                         data_std: float) -> tuple[keras.Model, list[keras.layers.Layer]]:
-    """codes → (noise) → one encoder block → its decoder back to the codes' shape; and the decoder's layers."""
-    inputs = keras.Input(shape)
-    x = inputs
-    for layer in corruption(recipe.noise, recipe.noise_kind, data_std, name=f"noise{index}"):
-        x = layer(x)
-    x = _apply(layers, x)
+def _code_shapes(input_shape: tuple[int, ...], head: list, blocks) -> list[tuple[int, ...]]:
+    """The shape of the codes into each block, then out of the last."""
+    x = _apply(head, keras.Input(input_shape))
+    shapes = [tuple(x.shape[1:])]
+    for _, layers in blocks:
+        x = _apply(layers, x)
+        shapes.append(tuple(x.shape[1:]))
+    return shapes
+
+
+def _block_decoder(layers: list[keras.layers.Layer], shape: tuple[int, ...], codes: tuple[int, ...],
+                   recipe: Recipe, index: int) -> list[keras.layers.Layer]:
+    """The (built) layers taking a block's codes, of shape `codes`, back to its inputs' `shape`."""
     if len(shape) == 1 and recipe.tied_weights:
         from transferkit.tied import DenseTranspose
 
@@ -419,7 +550,22 @@ def _shallow_autoencoder(layers: list[keras.layers.Layer], shape: tuple[int, ...
         decoder = [keras.layers.Conv2DTranspose(shape[-1], 3, strides=2 if pooled_ else 1, padding="same",
                                                 name=f"decoder_block{index}_up"),
                    keras.layers.CenterCrop(shape[0], shape[1], name=f"decoder_block{index}_crop")]
-    return keras.Model(inputs, _apply(decoder, x), name=f"shallow_autoencoder{index}"), decoder
+    _apply(decoder, keras.Input(codes))
+    return decoder
+
+
+def _shallow_autoencoder(layers: list[keras.layers.Layer], decoder: list[keras.layers.Layer], shape: tuple[int, ...],
+                         recipe: Recipe, index: int, data_std: float) -> keras.Model:
+    """codes → (noise) → one encoder block → its decoder back to the codes' shape.
+
+    The noise is seeded from the recipe's seed and the block, so that it is
+    the same whether or not the blocks below were trained in this process.
+    """
+    inputs = keras.Input(shape)
+    x = inputs
+    for layer in corruption(recipe.noise, recipe.noise_kind, data_std, name=f"noise{index}", seed=recipe.seed + index):
+        x = layer(x)
+    return keras.Model(inputs, _apply(decoder, _apply(layers, x)), name=f"shallow_autoencoder{index}")
 
 
 def _apply(layers: list, x):
