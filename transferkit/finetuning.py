@@ -326,8 +326,6 @@ def _propagate(plan: Plan) -> np.ndarray:
         feats = data.x[rows]
     else:
         feats = clf.features.predict(data.x[rows], batch_size=plan.batch_size, verbose=0)
-        if feats.ndim == 4:  # feature maps: average over positions, as the head's pooling does
-            feats = feats.mean(axis=(1, 2))
     labels = np.concatenate([data.y[split.labeled], np.full(len(plan.unlabeled), -1)]).astype(np.int64)
     return propagate_labels(feats, labels, data.num_classes)
 
@@ -388,7 +386,7 @@ def _lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:
 
 
 def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any] | None) -> Classifier:
-    """inputs → (adapter) → base → pooling → (dropout) → softmax head."""
+    """inputs → (adapter) → base → pooling: the features; then (dropout) → softmax: the head."""
     inputs = keras.Input(data.input_shape, name="inputs")
     if encoder_manifest is not None:
         if tuple(encoder_manifest["input_shape"]) != data.input_shape:
@@ -413,11 +411,12 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any
         info = {"backbone": recipe.backbone, "weights": recipe.weights, "input_side": side,
                 "preprocess": entry.preprocess, "kind": "backbone",
                 "description": f"{recipe.backbone} (weights {recipe.weights}) at {side}x{side}"}
-    head_layers = []
+    # pooling has no weights: it belongs to the features, so a cached head stage stores the pooled outputs
     if len(x.shape) == 4:
-        head_layers.append(keras.layers.GlobalAveragePooling2D(name="pool"))
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     elif len(x.shape) > 2:
-        head_layers.append(keras.layers.Flatten(name="flatten"))
+        x = keras.layers.Flatten(name="flatten")(x)
+    head_layers = []
     if recipe.dropout:
         kind = setup_for(encoder_manifest["activation"]).dropout if encoder_manifest else "plain"
         head_layers.append(dropout_layer(recipe.dropout, kind, recipe.mc_dropout, name="head_dropout"))
