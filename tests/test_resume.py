@@ -100,3 +100,31 @@ def test_five_kills_at_random_moments_still_finish_like_an_uninterrupted_run(enc
     if not out.exists():
         finish(encoder_dir, out)
     assert abs(accuracy_of(out) - accuracy_of(clean)) < 0.1
+
+
+def test_a_head_only_backup_restores_the_base_from_the_stage_start_and_the_head_from_its_last_save(tmp_path):
+    from transferkit.backup import HEAD, Backup, BackupCallback
+
+    def classifier(seed):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((4,))
+        base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="base")])
+        head_layer = keras.layers.Dense(2, name="head")
+        features_in = keras.Input((3,))
+        return keras.Model(inputs, head_layer(base(inputs))), keras.Model(features_in, head_layer(features_in))
+
+    model, head = classifier(0)
+    head.compile("sgd", "mse")
+    backup = Backup(tmp_path / "backup", {"run": 1})
+    keep = BackupCallback(backup, model, stage=0, history={}, head=head)  # writes the whole model, then the head
+    head.fit(np.ones((8, 3)), np.zeros((8, 2)), epochs=2, verbose=0, callbacks=[keep])
+    assert (backup.folder / HEAD).is_file() and backup.state()["head_only"]
+    expected = [np.array(w) for w in model.get_weights()]
+
+    fresh, fresh_head = classifier(1)
+    assert any(not np.array_equal(a, b) for a, b in zip(expected, fresh.get_weights()))
+    backup.load_weights(fresh, fresh_head)
+    for a, b in zip(expected, fresh.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(SettingsError, match="does not fit"):
+        backup.load_weights(classifier(2)[0])  # a head-only backup needs the head to load into

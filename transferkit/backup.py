@@ -32,6 +32,7 @@ from transferkit.errors import SettingsError
 
 STATE = "state.json"
 WEIGHTS = "weights.npz"
+HEAD = "head.npz"  # a stage on cached base outputs: the head's weights, over WEIGHTS written at its start
 OPTIMIZER = "optimizer.npz"
 
 # what a backup keeps: a model (its weights), an optimizer (its variables), a variable, or a list of them
@@ -68,24 +69,35 @@ class Backup:
             )
         return state
 
-    def save(self, model: Kept, optimizer: Kept, stage: int, epoch: int, history: dict[str, list[float]]) -> None:
+    def save(self, model: Kept, optimizer: Kept, stage: int, epoch: int, history: dict[str, list[float]],
+             head_only: bool = False) -> None:
         """Write weights, optimizer variables, then the state that points at them, each atomically.
 
         `model` and `optimizer` are what to keep (see `variables_of`): a model and its optimizer, or lists.
+        `head_only`: `model` is the head of a stage whose base cannot change; the whole model's weights
+        were written by `save_weights` when the stage began.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
-        _save_arrays(self.folder / WEIGHTS, variables_of(model))
+        _save_arrays(self.folder / (HEAD if head_only else WEIGHTS), variables_of(model))
         _save_arrays(self.folder / OPTIMIZER, variables_of(optimizer))
         artifacts.write_json(self.folder / STATE, {"settings": self.settings, "stage": stage, "epoch": epoch,
-                                                   "history": history})
+                                                   "history": history, "head_only": head_only})
 
-    def load_weights(self, model: Kept) -> None:
-        if not _load_arrays(self.folder / WEIGHTS, variables_of(model)):
+    def save_weights(self, model: Kept) -> None:
+        """The whole model's weights alone: at the start of a stage whose backups keep only its head."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _save_arrays(self.folder / WEIGHTS, variables_of(model))
+
+    def load_weights(self, model: Kept, head: Kept = None) -> None:
+        """The saved weights into `model`; into `head` too when the backup kept only the head's last ones."""
+        head_only = artifacts.read_json(self.folder, STATE).get("head_only", False)
+        if not _load_arrays(self.folder / WEIGHTS, variables_of(model)) or (
+                head_only and (head is None or not _load_arrays(self.folder / HEAD, variables_of(head)))):
             raise SettingsError(f"The backup in {str(self.folder)!r} does not fit this model; pass --restart.")
 
-    def restore(self, model: keras.Model, trained: keras.Model) -> None:
-        """Load the weights into `model` and the optimizer variables into `trained`'s (compiled) optimizer."""
-        self.load_weights(model)
+    def restore(self, model: keras.Model, trained: keras.Model, head: keras.Model | None = None) -> None:
+        """Load the weights into `model` (and `head`) and the optimizer variables into `trained`'s optimizer."""
+        self.load_weights(model, head)
         optimizer = trained.optimizer
         if not optimizer.built:
             optimizer.build(trained.trainable_variables)
@@ -162,16 +174,23 @@ class BackupCallback(keras.callbacks.Callback):
 
     `history` is the run's history before this `fit`; the epochs of this `fit` are added to it.
     `model` is what the backup keeps as weights (a model or a list, see `variables_of`), `training`
-    what it keeps as training state: by default the fitted model's optimizer.
+    what it keeps as training state: by default the fitted model's optimizer. With `head` (a stage
+    on cached base outputs, where only the head can change) `model`'s weights are written once, when
+    training begins, and each backup then writes the head's alone.
     """
 
     def __init__(self, backup: Backup, model: Kept, stage: int, history: dict[str, list[float]],
-                 every_steps: int | None = None, final_epoch: int | None = None, training: Kept = None):
+                 every_steps: int | None = None, final_epoch: int | None = None, training: Kept = None,
+                 head: Kept = None):
         super().__init__()
         self.backup, self.full_model, self.stage, self.every_steps = backup, model, stage, every_steps
-        self.final_epoch, self.training = final_epoch, training
+        self.final_epoch, self.training, self.head = final_epoch, training, head
         self.history = {k: list(v) for k, v in history.items()}
         self._epoch, self._steps = 0, 0
+
+    def on_train_begin(self, logs=None):
+        if self.head is not None:
+            self.backup.save_weights(self.full_model)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -180,14 +199,18 @@ class BackupCallback(keras.callbacks.Callback):
         self._steps += 1
         if self.every_steps and self._steps % self.every_steps == 0:
             # mid-epoch: a resume redoes this epoch, starting from these weights
-            self.backup.save(self.full_model, self._training(), self.stage, self._epoch, self.history)
+            self._save(self._epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
         if epoch + 1 == self.final_epoch:  # the artifact, written next, supersedes this backup
             return
-        self.backup.save(self.full_model, self._training(), self.stage, epoch + 1, self.history)
+        self._save(epoch + 1)
 
-    def _training(self) -> Kept:
-        return self.model.optimizer if self.training is None else self.training
+    def _save(self, epoch: int) -> None:
+        training = self.model.optimizer if self.training is None else self.training
+        if self.head is None:
+            self.backup.save(self.full_model, training, self.stage, epoch, self.history)
+        else:
+            self.backup.save(self.head, training, self.stage, epoch, self.history, head_only=True)

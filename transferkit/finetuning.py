@@ -206,7 +206,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
             trained = clf.head if cached else clf.model
             started = time.perf_counter()
             if state and start <= resume_at:  # the weights the interrupted run had at resume_at
-                backup.load_weights(clf.model)
+                backup.load_weights(clf.model, clf.head)
             if examples is None:
                 examples = _examples(plan, phase, propagated, backup)
                 if phase.name.startswith("pseudo"):
@@ -227,14 +227,15 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
             steps = stage.epochs * runs.steps_per_epoch(len(y), plan.batch_size)
             callbacks = runs.compile_stage(trained, recipe, lr, steps, loss, accuracy, lr_factors=factors)
             if state and start < resume_at:  # mid-stage: the optimizer's state too (its step drives the schedule)
-                backup.restore(clf.model, trained)
+                backup.restore(clf.model, trained, clf.head)
             first = max(start, resume_at)
             runs.print_line(f"stage {stage.name}{'' if phase.name == 'labeled' else f' ({phase.name})'}: epochs "
                             f"{first + 1}-{epoch} on {len(y)} examples, {recipe.schedule} learning rate {lr:.3g}"
                             f"{', on cached base outputs' if cached else ''}; trainable: "
                             f"{', '.join(unfrozen) or 'no block'} + head", verbose)
             runs.print_line(format_audit(audit(clf.model, factors)), verbose)
-            keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every, final_epoch=total_epochs)
+            keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every, final_epoch=total_epochs,
+                                  head=clf.head if cached else None)
             converge = [_head_stopping(recipe, validated=len(x_val) >= data.num_classes)
                         ] if stage.top == 0 and recipe.head_patience else []
             health = [TrainingHealth(pipeline(inputs["train"], y, plan.batch_size), every=recipe.health_steps,
