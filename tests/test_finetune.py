@@ -128,4 +128,5 @@ def test_head_stage_stops_when_val_loss_stalls_and_keeps_its_best_weights(encode
     model = tk.load_model(result.artifact)
     model.compile(loss="sparse_categorical_crossentropy")
     val = np.asarray(split["val"])
-    assert model.evaluate(data.x[val], data.y[val], verbose=0, return_dict=True)["loss"] == pytest.approx(val_losses[best], rel=1e-4)
+    reloaded_loss = model.evaluate(data.x[val], data.y[val], verbose=0, return_dict=True)["loss"]
+    assert reloaded_loss == pytest.approx(val_losses[best], rel=1e-4)

@@ -18,7 +18,7 @@ import click
 from transferkit.diagnose_cli import diagnose
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.optimizers import OPTIMIZERS
-from transferkit.recipe import NOISE_KINDS, SCHEDULES, TASKS
+from transferkit.recipe import GRAPHS, NOISE_KINDS, SCHEDULES, SEMI_SUPERVISED, TASKS
 from transferkit.runtime import DEVICES, PRECISIONS, STRATEGIES
 
 
@@ -145,10 +145,10 @@ def _finetune_options(f: Callable) -> Callable:
 @cli.command()
 @_common_options
 @_finetune_options
-@click.option("--semi-supervised", type=click.Choice(["none", "pseudo", "propagate"]),
+@click.option("--semi-supervised", type=click.Choice(SEMI_SUPERVISED),
               help="Learn from the unlabeled training examples too: self-training (pseudo) or label "
                    "propagation over the base's features (propagate). Default: none.")
-@click.option("--propagate-on", type=click.Choice(["features", "inputs"]),
+@click.option("--propagate-on", type=click.Choice(GRAPHS),
               help="The kNN graph of propagate: on the base's features (default) or the raw inputs.")
 @click.option("--pseudo-rounds", type=int, help="Rounds of pseudo-labeling (5).")
 @click.option("--pseudo-threshold", type=float,

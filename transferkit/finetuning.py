@@ -24,6 +24,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -90,7 +92,7 @@ class Plan:
     def labeled(self) -> tuple[np.ndarray, np.ndarray]:
         return self.data.x[self.split.labeled], self.data.y[self.split.labeled]
 
-    @property
+    @functools.cached_property
     def unlabeled(self) -> np.ndarray:
         """Indices of the training examples whose labels are not used (never validation or test ones)."""
         return unlabeled_pool(self.split.train, self.split.labeled, self.split.test)
@@ -224,7 +226,8 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 lr = runs.find_learning_rate(trained, inputs["train"], y, recipe, verbose)
             else:
                 lr = plan.stage_lr(stage)
-            steps = stage.epochs * runs.steps_per_epoch(len(y), plan.batch_size)
+            per_epoch = runs.steps_per_epoch(len(y), plan.batch_size)
+            steps = stage.epochs * per_epoch
             callbacks = runs.compile_stage(trained, recipe, lr, steps, loss, accuracy, lr_factors=factors)
             if state and start < resume_at:  # mid-stage: the optimizer's state too (its step drives the schedule)
                 backup.restore(clf.model, trained, clf.head)
@@ -239,12 +242,13 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
             converge = [_head_stopping(recipe, validated=len(x_val) >= data.num_classes)
                         ] if stage.top == 0 and recipe.head_patience else []
             health = [TrainingHealth(pipeline(inputs["train"], y, plan.batch_size), every=recipe.health_steps,
-                                     log_dir=recipe.tensorboard, initial_step=first * steps // stage.epochs)
+                                     log_dir=recipe.tensorboard, initial_step=first * per_epoch)
                       ] if recipe.health_steps else []
             fit = trained.fit(
                 pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed),
                 validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_check, plan.batch_size),
-                initial_epoch=first, epochs=epoch, callbacks=[*callbacks, StopOnNaN(stage.name), *converge, keep, *health],
+                initial_epoch=first, epochs=epoch,
+                callbacks=[*callbacks, StopOnNaN(stage.name), *converge, keep, *health],
                 shuffle=False, verbose=2 if verbose else 0)
             runs.merge_history(history, fit)
             record.update(lr=lr, seconds=round(time.perf_counter() - started, 3))
@@ -254,7 +258,8 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                                 f"{converge[0].best_epoch + 1}'s weights", verbose)
 
     loss, accuracy = _loss_and_metric(soft=False)
-    if trained is not clf.model or getattr(clf.model, "loss", None) != loss:  # not compiled for the true labels by the last stage
+    # the last stage trained the head alone, or on soft labels: compile the classifier for the true labels
+    if trained is not clf.model or getattr(clf.model, "loss", None) != loss:
         clf.model.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
     test_loss, test_accuracy = clf.model.evaluate(
         pipeline(data.x[split.test], data.y[split.test], plan.batch_size), verbose=0)
@@ -326,7 +331,7 @@ def _propagate(plan: Plan) -> np.ndarray:
     if _graph_on(plan) == "inputs":
         feats = data.x[rows]
     else:
-        feats = clf.features.predict(data.x[rows], batch_size=plan.batch_size, verbose=0)
+        feats = compute_features(clf.features, data.x[rows], plan.batch_size, limit_bytes=math.inf)
     labels = np.concatenate([data.y[split.labeled], np.full(len(plan.unlabeled), -1)]).astype(np.int64)
     return propagate_labels(feats, labels, data.num_classes)
 

@@ -24,6 +24,7 @@ from transferkit.runtime import DEVICES, PRECISIONS, STRATEGIES
 TASKS = ("autoencoder", "denoising", "stacked", "rotation", "pairs", "gan")
 NOISE_KINDS = ("gaussian", "dropout")
 SEMI_SUPERVISED = ("none", "pseudo", "propagate")
+GRAPHS = ("features", "inputs")  # what propagate's kNN graph is built on
 SCHEDULES = ("onecycle", "constant", "power", "exponential", "piecewise", "plateau")
 ARCHS = ("dense", "conv")
 BATCHNORM = ("none", "before", "after")
@@ -140,8 +141,7 @@ class Recipe:
                "either --gradual or --unfreeze-schedule, not both")
         _check(self.semi_supervised in SEMI_SUPERVISED, "semi_supervised", self.semi_supervised,
                f"one of {', '.join(SEMI_SUPERVISED)}")
-        _check(self.propagate_on in ("features", "inputs"), "propagate_on", self.propagate_on,
-               "features or inputs")
+        _check(self.propagate_on in GRAPHS, "propagate_on", self.propagate_on, f"one of {', '.join(GRAPHS)}")
         _check(self.pseudo_rounds >= 1, "pseudo_rounds", self.pseudo_rounds, "an integer >= 1")
         _check(self.pseudo_threshold is None or 0 < self.pseudo_threshold < 1, "pseudo_threshold",
                self.pseudo_threshold, "a number in (0, 1)")
