@@ -188,6 +188,11 @@ class BackupCallback(keras.callbacks.Callback):
         self.history = {k: list(v) for k, v in history.items()}
         self._epoch, self._steps = 0, 0
 
+    @property
+    def async_safe(self) -> bool:
+        """Without step backups the batch hook only counts, so Keras need not wait for each batch."""
+        return not self.every_steps
+
     def on_train_begin(self, logs=None):
         if self.head is not None:
             self.backup.save_weights(self.full_model)

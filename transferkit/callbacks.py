@@ -6,18 +6,20 @@ floats and read them inside `update_step`, which `fit` traces once into a
 `optimizer.momentum` between batches changes nothing (checked on Keras 3.15:
 the weights come out identical). This callback swaps the float for a scalar
 variable before the train step is traced (it rebuilds `model.train_function`)
-and assigns the value each batch; the traced step reads the variable, so the
-update is exactly what an eager step with that float would do (the tests
-compare against `run_eagerly=True`). At the end of training the float comes
+and, inside the step, assigns it from `optimizer.iterations` just before the
+update (it wraps the optimizer's `apply`); the traced step reads the variable,
+so the update is exactly what an eager step with that float would do (the
+tests compare against `run_eagerly=True`). Being in the step, it costs no
+per-batch callback (Keras would wait for every batch) and follows each step
+under `steps_per_execution > 1` too. At the end of training the float comes
 back and the train function is rebuilt again.
 
 The value is a pure function of `optimizer.iterations`, so a resumed run
 continues the curve where it stopped. While training, `optimizer.get_config()`
 still reports the original float, so checkpoints save and reload normally.
 
-Limits: on the JAX backend a compiled step reads variables it does not own
-only once, so there `run_eagerly=True` is required (checked at train begin).
-With `steps_per_execution > 1` the value changes once per execution.
+On the JAX backend the compiled step is stateless: the update uses the
+scheduled value, but the variable seen from outside keeps its first value.
 
 Example:
 
@@ -69,7 +71,7 @@ def _config_with(optimizer, name: str, value: float) -> dict:
 
 
 class OneCycleMomentum(keras.callbacks.Callback):
-    """Set the optimizer's momentum each batch from the 1cycle momentum curve.
+    """Set the optimizer's momentum each step from the 1cycle momentum curve.
 
     SGD (with `momentum > 0`) gets its `momentum` set; Adam, AdamW, Nadam,
     Adamax, Lamb and Lion get their `beta_1`. The value at a batch is
@@ -126,9 +128,6 @@ class OneCycleMomentum(keras.callbacks.Callback):
         if name is None:
             raise SettingsError("OneCycleMomentum needs SGD with momentum > 0 or an optimizer with beta_1 "
                                 f"(Adam, AdamW, Nadam). Received: optimizer={type(self.model.optimizer).__name__}")
-        if keras.backend.backend() == "jax" and not self.model.run_eagerly:
-            raise SettingsError("OneCycleMomentum needs model.run_eagerly=True on the JAX backend. "
-                                "Received: run_eagerly=False")
         optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
         self._optimizer, self._name = optimizer, name
         self._original = getattr(optimizer, name)
@@ -136,17 +135,21 @@ class OneCycleMomentum(keras.callbacks.Callback):
         # object.__setattr__: untracked, so the optimizer's saved variables do not change
         object.__setattr__(optimizer, name, self._variable)
         object.__setattr__(optimizer, "get_config", functools.partial(_config_with, optimizer, name, self._original))
+        # set inside the train step, from the step counter, just before the update: no per-batch callback,
+        # so Keras need not wait for every batch (it cost half of a cached head stage's time)
+        object.__setattr__(optimizer, "apply", functools.partial(self._apply, optimizer.apply, self.model.optimizer))
         self.model.make_train_function(force=True)
 
-    def on_train_batch_begin(self, batch, logs=None):
-        step = self.model.optimizer.iterations
-        self._variable.assign(self.schedule.momentum(step, self.max_momentum, self.min_momentum))
+    def _apply(self, apply, counter, grads, trainable_variables=None):
+        self._variable.assign(self.schedule.momentum(counter.iterations, self.max_momentum, self.min_momentum))
+        return apply(grads, trainable_variables)
 
     def on_train_end(self, logs=None):
         if self._optimizer is None:
             return
         object.__setattr__(self._optimizer, self._name, self._original)
         vars(self._optimizer).pop("get_config", None)
+        vars(self._optimizer).pop("apply", None)
         self._optimizer = self._name = self._variable = None
         self.model.make_train_function(force=True)
 
@@ -165,6 +168,10 @@ class StopOnNaN(keras.callbacks.Callback):
     Args:
         stage: String. The stage's name, for the message. Defaults to `"training"`.
     """
+
+    # Keras may check each batch on a worker thread instead of waiting for it; the error then comes
+    # at the next batch or at the epoch's end, before any epoch-end callback (such as a backup) runs
+    async_safe = True
 
     def __init__(self, stage: str = "training"):
         super().__init__()

