@@ -30,6 +30,29 @@ def test_schedule_plot_draws_each_stage_from_its_own_start(encoder_dir, tmp_path
     assert curve.momenta[start1] == pytest.approx(0.95) and curve.momenta[:start2].min() == pytest.approx(0.85)
 
 
+
+@pytest.mark.parametrize("mode", ["propagate", "pseudo"])
+def test_schedule_draws_the_semi_supervised_phases(mode, encoder_dir):
+    from transferkit.finetuning import plan_finetune
+
+    recipe = Recipe(from_=str(encoder_dir), lr=0.01, unfreeze_top=1, head_epochs=2, epochs=3, label_fraction=0.1,
+                    semi_supervised=mode, pseudo_rounds=2)
+    curve = schedule_curve(recipe)
+    split = plan_finetune(recipe).split
+    labeled, pool, batches = len(split.labeled), len(split.train) - len(split.labeled), 64
+    steps = lambda n: -(-n // batches)  # noqa: E731
+    on_pool = lambda epochs: max(1, round(epochs * steps(labeled) / steps(labeled + pool)))  # noqa: E731
+    if mode == "propagate":  # every stage on the whole training split, about as many steps; then top1 on the labels
+        expected = [("head (propagated)", on_pool(2) * steps(labeled + pool)),
+                    ("top1 (propagated)", on_pool(3) * steps(labeled + pool)), ("top1", 3 * steps(labeled))]
+    else:  # the stages on the labels, then top1 per round on the labels + at most 10 classes x ceil(r pool / 20)
+        expected = [("head", 2 * steps(labeled)), ("top1", 3 * steps(labeled))] + [
+            (f"top1 (pseudo{r})", on_pool(3) * steps(labeled + min(pool, 10 * -(-r * pool // 20)))) for r in (1, 2)]
+    starts = [start for start, _ in curve.stage_starts] + [len(curve.lrs)]
+    assert [name for _, name in curve.stage_starts] == [name for name, _ in expected]
+    assert list(np.diff(starts)) == [n for _, n in expected]
+
+
 def test_lr_find_prints_suggestions_and_writes_the_plot(encoder_dir, tmp_path):
     out = tmp_path / "lr.png"
     result = run("lr-find", "--from", encoder_dir, *FAST, "--num-steps", "30", "--plot", out)

@@ -47,7 +47,7 @@ from transferkit.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.health import TrainingHealth
 from transferkit.recipe import Recipe
 from transferkit.semi_supervised import (
-    NEIGHBOURS, SPREAD, check_pool, pool_epochs, propagate_labels, pseudo_labels, unlabeled_pool,
+    NEIGHBOURS, SPREAD, check_pool, per_class, pool_epochs, propagate_labels, pseudo_labels, unlabeled_pool,
 )
 from transferkit.setups import dropout_layer, setup_for
 from transferkit.stages import Stage, describe, gradual_stages, parse_stages, two_stages
@@ -106,8 +106,20 @@ class Plan:
     def steps_per_epoch(self) -> int:
         return runs.steps_per_epoch(len(self.split.labeled), self.batch_size)
 
-    def steps(self, stage: Stage) -> int:
-        return stage.epochs * self.steps_per_epoch
+    def steps(self, stage: Stage, phase: Phase | None = None) -> int:
+        """The optimizer steps of `stage` (in `phase`; for a pseudo-labeling round, at most)."""
+        return stage.epochs * runs.steps_per_epoch(self.examples(phase), self.batch_size)
+
+    def examples(self, phase: Phase | None = None) -> int:
+        """How many examples `phase` trains on: the labeled ones, the whole pool, or (at most) labeled + a round's picks."""
+        labeled, pool = len(self.split.labeled), len(self.unlabeled)
+        if phase is None or phase.name == "labeled":
+            return labeled
+        if phase.name == "propagated":
+            return labeled + pool
+        round_ = int(phase.name.removeprefix("pseudo"))
+        return labeled + min(pool, self.data.num_classes * per_class(pool, round_, self.recipe.pseudo_rounds,
+                                                                     self.data.num_classes))
 
     def stage_lr(self, stage: Stage) -> float:
         return self.recipe.lr if stage.top == 0 else self.recipe.lr * self.recipe.finetune_lr_factor
@@ -143,7 +155,7 @@ def plan_phases(plan: Plan) -> list[Phase]:
     if recipe.semi_supervised == "none" or not stages:
         return [Phase("labeled", stages)]
     labeled_steps = plan.steps_per_epoch
-    pool_steps = runs.steps_per_epoch(len(plan.split.labeled) + len(plan.unlabeled), plan.batch_size)
+    pool_steps = runs.steps_per_epoch(plan.examples(Phase("propagated", [])), plan.batch_size)
     on_pool = [dataclasses.replace(s, epochs=pool_epochs(s.epochs, labeled_steps, pool_steps)) for s in stages]
     if recipe.semi_supervised == "pseudo":
         return [Phase("labeled", stages)] + [Phase(f"pseudo{r}", on_pool[-1:])

@@ -76,7 +76,9 @@ def schedule_curve(recipe: Recipe, command: str = "finetune") -> ScheduleCurve:
         from transferkit.finetuning import plan_finetune
 
         plan = plan_finetune(recipe)
-        stages = [(s.name, plan.steps(s), plan.stage_lr(s)) for s in plan.stages]
+        # semi-supervised phases too; a pseudo-labeling round is drawn at its largest
+        stages = [(s.name if phase.name == "labeled" else f"{s.name} ({phase.name})", plan.steps(s, phase),
+                   plan.stage_lr(s)) for phase in plan.phases for s in phase.stages]
     else:
         _, split = runs.prepare(recipe)
         stages = [("pretrain", recipe.epochs * runs.steps_per_epoch(len(split.train), recipe.batch_size), recipe.lr)]

@@ -54,6 +54,11 @@ def check_pool(mode: str, pool: np.ndarray) -> None:
                             "example is labeled; use a --label-fraction below 1.")
 
 
+def per_class(pool: int, round_: int, rounds: int, classes: int) -> int:
+    """How many pool rows round `round_` of `rounds` pseudo-labels per class, at most: `ceil(round_ * pool / (rounds * classes))`."""
+    return math.ceil(round_ * pool / (rounds * classes))
+
+
 def pseudo_labels(probs: np.ndarray, round_: int, rounds: int,
                   threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Rows of `probs` to pseudo-label in round `round_` (1-based) of `rounds`, and their labels.
@@ -63,7 +68,7 @@ def pseudo_labels(probs: np.ndarray, round_: int, rounds: int,
     `threshold`, only those at least that probable). Ties go to the lower row.
     """
     n, classes = probs.shape
-    k = math.ceil(round_ * n / (rounds * classes))
+    k = per_class(n, round_, rounds, classes)
     predicted, confidence = probs.argmax(axis=1), probs.max(axis=1)
     chosen = []
     for c in range(classes):
