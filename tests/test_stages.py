@@ -96,13 +96,17 @@ def test_lr_decay_gives_lower_blocks_lower_rates_in_the_audit(bn_encoder_dir, tm
     assert rows["block3"] == "1" and rows["block2"] == "0.5" and rows["block1"] == "0.25"
 
 
-def test_cached_head_training_gives_the_same_head(encoder_dir, tmp_path):
-    heads = []
+@pytest.mark.parametrize("schedule, semi", [(None, "none"), ("head:2,top1:1,head:2", "none"), (None, "propagate")],
+                         ids=["head", "head-after-unfreezing", "propagate-reuses-the-graph-features"])
+def test_cached_head_training_gives_the_same_model(schedule, semi, encoder_dir, tmp_path):
+    # a head stage after a stage that trained the base must not reuse the outputs of the base before it
+    weights = []
     for cache in (True, False):
         result = tk.finetune(from_=str(encoder_dir), head_epochs=3, epochs=0, label_fraction=0.2, lr=0.01,
-                             cache_features=cache, out=str(tmp_path / f"clf{cache}"), verbose=False)
-        heads.append([w.numpy() for w in result.model.get_layer("head").weights])
-    for cached, plain in zip(*heads):
+                             unfreeze_schedule=schedule, semi_supervised=semi, cache_features=cache,
+                             out=str(tmp_path / f"clf{cache}"), verbose=False)
+        weights.append([w.numpy() for w in result.model.weights])
+    for cached, plain in zip(*weights):
         np.testing.assert_allclose(cached, plain, atol=1e-5)
 
 

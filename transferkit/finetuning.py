@@ -198,8 +198,13 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
     if state:
         runs.print_line(f"resuming from the backup in {backup.folder}: epoch {resume_at + 1} of {total_epochs}",
                         verbose)
-    propagated = _propagate(plan) if semi == "propagate" else None  # on the base as given, before any backup
-    features: dict[str, Any] = {}
+    # the base's outputs, per phase (None: validation), while the base's weights stay as they are
+    outputs: dict[str | None, Any] = {}
+    propagated = None
+    if semi == "propagate":  # on the base as given, before any backup
+        propagated, graph = _propagate(plan)
+        if graph is not None and not state:  # the first phase's examples, in its order: reuse them
+            outputs["propagated"] = graph
     done: list[dict[str, Any]] = []
     pseudo_counts: dict[str, int] = {}
     epoch, index = 0, -1
@@ -227,11 +232,12 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                     pseudo_counts[phase.name] = len(examples.rows) - len(split.labeled)
             x, y = data.x[examples.rows], examples.y
             y_check = np.eye(data.num_classes, dtype="float32")[y_val] if examples.soft else y_val
-            if cached and phase.name not in features:
-                features[phase.name] = dict(
-                    train=compute_features(clf.features, x, plan.batch_size),
-                    val=compute_features(clf.features, x_val, plan.batch_size) if len(x_val) else None)
-            inputs = features[phase.name] if cached else {"train": x, "val": x_val if len(x_val) else None}
+            inputs = {"train": x, "val": x_val if len(x_val) else None}
+            if cached:
+                for key, rows in ((phase.name, x), (None, x_val)):
+                    if key not in outputs:
+                        outputs[key] = compute_features(clf.features, rows, plan.batch_size) if len(rows) else None
+                inputs = {"train": outputs[phase.name], "val": outputs[None]}
             loss, accuracy = _loss_and_metric(examples.soft)
             if recipe.lr == "auto":
                 trained.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
@@ -263,6 +269,8 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 callbacks=[*callbacks, StopOnNaN(stage.name), *converge, keep, *health],
                 shuffle=False, verbose=2 if verbose else 0)
             runs.merge_history(history, fit)
+            if stage.top:  # the base has trained: a later head stage needs its new outputs
+                outputs.clear()
             record.update(lr=lr, seconds=round(time.perf_counter() - started, 3))
             if converge and converge[0].stopped_epoch:
                 record.update(stopped_after=converge[0].stopped_epoch + 1, best_epoch=converge[0].best_epoch + 1)
@@ -332,20 +340,20 @@ def _examples(plan: Plan, phase: Phase, propagated: np.ndarray | None, backup: B
                     np.concatenate([data.y[split.labeled], labels]).astype(data.y.dtype))
 
 
-def _propagate(plan: Plan) -> np.ndarray:
-    """LabelSpreading's soft labels for labeled + unlabeled training rows, over the base's features.
+def _propagate(plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
+    """LabelSpreading's soft labels for labeled + unlabeled training rows, and the base's outputs it used.
 
-    The raw inputs stand in for the features with `propagate_on="inputs"` and
-    when the base has no pretrained weights (a backbone with `weights="none"`).
+    The raw inputs stand in for the base's outputs (then None) with
+    `propagate_on="inputs"` and when the base has no pretrained weights (a
+    backbone with `weights="none"`).
     """
     data, split, clf = plan.data, plan.split, plan.clf
     rows = np.concatenate([split.labeled, plan.unlabeled])
-    if _graph_on(plan) == "inputs":
-        feats = data.x[rows]
-    else:
-        feats = compute_features(clf.features, data.x[rows], plan.batch_size, limit_bytes=math.inf)
+    graph = None
+    if _graph_on(plan) == "features":
+        graph = compute_features(clf.features, data.x[rows], plan.batch_size, limit_bytes=math.inf)
     labels = np.concatenate([data.y[split.labeled], np.full(len(plan.unlabeled), -1)]).astype(np.int64)
-    return propagate_labels(feats, labels, data.num_classes)
+    return propagate_labels(data.x[rows] if graph is None else graph, labels, data.num_classes), graph
 
 
 def _graph_on(plan: Plan) -> str:
