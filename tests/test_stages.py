@@ -106,6 +106,9 @@ def test_cached_head_training_gives_the_same_model(schedule, semi, encoder_dir, 
                              unfreeze_schedule=schedule, semi_supervised=semi, cache_features=cache,
                              out=str(tmp_path / f"clf{cache}"), verbose=False)
         weights.append([w.numpy() for w in result.model.weights])
+        # the manifest says which head stages ran on cached outputs, and what computing them took
+        assert [("caching_seconds" in stage) for stage in result.manifest["stages"]] == [
+            cache and stage["unfreeze_top"] == 0 for stage in result.manifest["stages"]]
     for cached, plain in zip(*weights):
         np.testing.assert_allclose(cached, plain, atol=1e-5)
 
