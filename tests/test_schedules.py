@@ -161,18 +161,24 @@ class EagerMomentumReference(keras.callbacks.Callback):
         self.schedule, self.name = schedule, name
 
     def on_train_batch_begin(self, batch, logs=None):
-        self.original = getattr(self, "original", getattr(self.model.optimizer, self.name))
+        self.original = getattr(self, "original", getattr(inner(self.model.optimizer), self.name))
         value = float(self.schedule.momentum(self.model.optimizer.iterations))
-        setattr(self.model.optimizer, self.name, value)
+        setattr(inner(self.model.optimizer), self.name, value)
 
     def on_train_end(self, logs=None):
-        setattr(self.model.optimizer, self.name, self.original)
+        setattr(inner(self.model.optimizer), self.name, self.original)
+
+
+def inner(optimizer):
+    """The optimizer that holds the momentum: the one inside a LossScaleOptimizer (mixed precision)."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
 
 
 @pytest.mark.parametrize("make_optimizer, name", [
     (lambda lr: keras.optimizers.SGD(lr, momentum=0.9), "momentum"),
     (lambda lr: keras.optimizers.Adam(lr, beta_1=0.9), "beta_1"),
-], ids=["SGD", "Adam"])
+    (lambda lr: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(lr, beta_1=0.9)), "beta_1"),
+], ids=["SGD", "Adam", "Adam-loss-scaled"])
 @pytest.mark.parametrize("steps_per_execution", [1, 4])
 def test_one_cycle_momentum_changes_the_update_exactly_as_an_eager_step(make_optimizer, name, steps_per_execution):
     x, y = regression_data()
@@ -181,7 +187,7 @@ def test_one_cycle_momentum_changes_the_update_exactly_as_an_eager_step(make_opt
     cycled = tiny_model(make_optimizer(schedule), steps_per_execution=steps_per_execution)
     seen = []
     observe = keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda batch, logs: seen.append(float(getattr(cycled.optimizer, name))))
+        on_train_batch_end=lambda batch, logs: seen.append(float(getattr(inner(cycled.optimizer), name))))
     cycled.fit(x, y, callbacks=[OneCycleMomentum(schedule), observe], **fit)
     reference = tiny_model(make_optimizer(schedule), run_eagerly=True)
     reference.fit(x, y, callbacks=[EagerMomentumReference(schedule, name)], **fit)
@@ -194,8 +200,8 @@ def test_one_cycle_momentum_changes_the_update_exactly_as_an_eager_step(make_opt
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert not all(np.allclose(a, b, atol=1e-6) for a, b in zip(cycled.get_weights(), plain.get_weights()))
     # restored at the end: the float is back, and the next fit (no callback) uses it again
-    assert getattr(cycled.optimizer, name) == 0.9 and type(getattr(cycled.optimizer, name)) is float
-    assert cycled.optimizer.get_config()[name] == 0.9
+    assert getattr(inner(cycled.optimizer), name) == 0.9 and type(getattr(inner(cycled.optimizer), name)) is float
+    assert inner(cycled.optimizer).get_config()[name] == 0.9
     cycled.fit(x, y, **fit)
     reference.fit(x, y, **fit)
     for a, b in zip(cycled.get_weights(), reference.get_weights()):
