@@ -208,6 +208,26 @@ def test_one_cycle_momentum_changes_the_update_exactly_as_an_eager_step(make_opt
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+
+def test_one_cycle_momentum_after_a_fit_that_raised_starts_from_the_original_float():
+    # Keras calls no on_train_end when fit raises: the next OneCycleMomentum must not take the stand-in
+    x, y = regression_data()
+    schedule = OneCycle(total_steps=16, max_lr=0.05)
+    fit = dict(batch_size=8, epochs=2, shuffle=False, verbose=0)
+
+    def stop(batch, logs):
+        if batch == 3:
+            raise KeyboardInterrupt
+
+    interrupted = tiny_model(keras.optimizers.Adam(schedule, beta_1=0.9))
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(x, y, callbacks=[OneCycleMomentum(schedule), keras.callbacks.LambdaCallback(
+            on_train_batch_end=stop)], **fit)
+    interrupted.fit(x, y, callbacks=[OneCycleMomentum(schedule)], **fit)
+    assert interrupted.optimizer.beta_1 == 0.9 and type(interrupted.optimizer.beta_1) is float
+    assert interrupted.optimizer.get_config()["beta_1"] == 0.9 and "apply" not in vars(interrupted.optimizer)
+
+
 def test_one_cycle_momentum_needs_a_momentum_to_cycle():
     x, y = regression_data()
     model = tiny_model(keras.optimizers.SGD(0.01))

@@ -190,7 +190,7 @@ class BackupCallback(keras.callbacks.Callback):
 
     @property
     def async_safe(self) -> bool:
-        """Without step backups the batch hook only counts, so Keras need not wait for each batch."""
+        """Without step backups the batch hook only counts: Keras may run it on a worker thread (on JAX)."""
         return not self.every_steps
 
     def on_train_begin(self, logs=None):

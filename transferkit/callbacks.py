@@ -129,14 +129,15 @@ class OneCycleMomentum(keras.callbacks.Callback):
             raise SettingsError("OneCycleMomentum needs SGD with momentum > 0 or an optimizer with beta_1 "
                                 f"(Adam, AdamW, Nadam). Received: optimizer={type(self.model.optimizer).__name__}")
         optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        _release(optimizer, name)  # what a fit that raised left (Keras calls no on_train_end then)
         self._optimizer, self._name = optimizer, name
-        self._original = getattr(optimizer, name)
-        self._variable = _ScheduledHyperparameter(self._original)
+        original = getattr(optimizer, name)
+        self._variable = _ScheduledHyperparameter(original)
         # object.__setattr__: untracked, so the optimizer's saved variables do not change
         object.__setattr__(optimizer, name, self._variable)
-        object.__setattr__(optimizer, "get_config", functools.partial(_config_with, optimizer, name, self._original))
-        # set inside the train step, from the step counter, just before the update: no per-batch callback,
-        # so Keras need not wait for every batch (it cost half of a cached head stage's time)
+        object.__setattr__(optimizer, "get_config", functools.partial(_config_with, optimizer, name, original))
+        # set inside the train step, from the step counter, just before the update: with a per-batch
+        # callback Keras would wait for every batch (it cost half of a cached head stage's time)
         object.__setattr__(optimizer, "apply", functools.partial(self._apply, optimizer.apply, self.model.optimizer))
         self.model.make_train_function(force=True)
 
@@ -147,11 +148,18 @@ class OneCycleMomentum(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._optimizer is None:
             return
-        object.__setattr__(self._optimizer, self._name, self._original)
-        vars(self._optimizer).pop("get_config", None)
-        vars(self._optimizer).pop("apply", None)
+        _release(self._optimizer, self._name)
         self._optimizer = self._name = self._variable = None
         self.model.make_train_function(force=True)
+
+
+def _release(optimizer: keras.optimizers.Optimizer, name: str) -> None:
+    """Put the float back in place of the scheduled `name`, and drop the instance's `get_config` and `apply`."""
+    value = getattr(optimizer, name)
+    if isinstance(value, _ScheduledHyperparameter):
+        object.__setattr__(optimizer, name, value.replaced)
+    vars(optimizer).pop("get_config", None)
+    vars(optimizer).pop("apply", None)
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -169,8 +177,9 @@ class StopOnNaN(keras.callbacks.Callback):
         stage: String. The stage's name, for the message. Defaults to `"training"`.
     """
 
-    # Keras may check each batch on a worker thread instead of waiting for it; the error then comes
-    # at the next batch or at the epoch's end, before any epoch-end callback (such as a backup) runs
+    # where Keras dispatches batch hooks to a worker thread (JAX; not TensorFlow, whose backend Keras
+    # marks not thread-safe) the error comes at a later batch or at the epoch's end, before any
+    # epoch-end callback (such as a backup) runs
     async_safe = True
 
     def __init__(self, stage: str = "training"):
