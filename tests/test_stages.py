@@ -98,10 +98,17 @@ def test_lr_decay_gives_lower_blocks_lower_rates_in_the_audit(bn_encoder_dir, tm
 
 @pytest.mark.parametrize("schedule, semi", [(None, "none"), ("head:1,top1:1,head:1", "none"), (None, "propagate")],
                          ids=["head", "head-after-unfreezing", "propagate-reuses-the-graph-features"])
-def test_cached_head_training_gives_the_same_model(schedule, semi, encoder_dir, tmp_path):
+def test_cached_head_training_gives_the_same_model(schedule, semi, encoder_dir, tmp_path, monkeypatch):
     # a head stage after a stage that trained the base must not reuse the outputs of the base before it
+    import transferkit.finetuning as finetuning
+
+    passes = []  # the number of rows of each pass of the base
+    compute = finetuning.compute_features
+    monkeypatch.setattr(finetuning, "compute_features", lambda model, x, *a, **k: passes.append(len(x)) or
+                        compute(model, x, *a, **k))
     weights = []
     for cache in (True, False):
+        passes.clear()
         result = tk.finetune(from_=str(encoder_dir), head_epochs=3, epochs=0, label_fraction=0.2, lr=0.01,
                              unfreeze_schedule=schedule, semi_supervised=semi, cache_features=cache,
                              out=str(tmp_path / f"clf{cache}"), verbose=False)
@@ -109,6 +116,8 @@ def test_cached_head_training_gives_the_same_model(schedule, semi, encoder_dir, 
         # the manifest says which head stages ran on cached outputs, and what computing them took
         assert [("caching_seconds" in stage) for stage in result.manifest["stages"]] == [
             cache and stage["unfreeze_top"] == 0 for stage in result.manifest["stages"]]
+        if semi == "propagate":  # the graph's pass over the training split serves the first head stage too
+            assert passes.count(result.manifest["split"]["sizes"]["train"]) == 1
     for cached, plain in zip(*weights):
         np.testing.assert_allclose(cached, plain, atol=1e-5)
 

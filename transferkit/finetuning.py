@@ -42,7 +42,7 @@ from transferkit.callbacks import StopOnNaN
 from transferkit.data import Data, Split, load_data, pipeline, split_data
 from transferkit.errors import SettingsError
 from transferkit.discriminative import block_factors
-from transferkit.feature_cache import can_cache, compute_features
+from transferkit.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
 from transferkit.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.health import TrainingHealth
 from transferkit.recipe import Recipe
@@ -200,11 +200,12 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                         verbose)
     # the base's outputs, per phase (None: validation), while the base's weights stay as they are
     outputs: dict[str | None, Any] = {}
-    propagated = None
+    propagated = graph = None
     if semi == "propagate":  # on the base as given, before any backup
         propagated, graph = _propagate(plan)
-        if graph is not None and not state:  # the first phase's examples, in its order: reuse them
-            outputs["propagated"] = graph
+    # the graph's features are the first phase's examples, in its order: its first stage may reuse them
+    reuse = graph if graph is not None and not state and graph.nbytes <= MEMORY_LIMIT_BYTES else None
+    del graph
     done: list[dict[str, Any]] = []
     pseudo_counts: dict[str, int] = {}
     epoch, index = 0, -1
@@ -235,11 +236,14 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
             inputs = {"train": x, "val": x_val if len(x_val) else None}
             if cached:
                 caching = time.perf_counter()
+                if reuse is not None:
+                    outputs.setdefault(phase.name, reuse)
                 for key, rows in ((phase.name, x), (None, x_val)):
                     if key not in outputs:
                         outputs[key] = compute_features(clf.features, rows, plan.batch_size) if len(rows) else None
                 inputs = {"train": outputs[phase.name], "val": outputs[None]}
-                record["caching_seconds"] = round(time.perf_counter() - caching, 3)  # 0 when reused
+                record["caching_seconds"] = round(time.perf_counter() - caching, 3)
+            reuse = None  # used by the first stage, or not at all: free it
             loss, accuracy = _loss_and_metric(examples.soft)
             if recipe.lr == "auto":
                 trained.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
