@@ -33,13 +33,17 @@ def test_mc_mean_agrees_with_a_plain_loop_with_dropout_on_and_batchnorm_in_infer
     model = small_model()
     x = np.random.default_rng(0).normal(size=(5, 6)).astype("float32")
     d1, bn, drop, d2 = (model.get_layer(n) for n in ("d1", "bn", "drop", "d2"))
-    loop = np.mean([keras.ops.convert_to_numpy(d2(drop(bn(d1(x), training=False), training=True)))
-                    for _ in range(2000)], axis=0)
+    # 2000 draws, layer by layer: 20 calls on x repeated 100 times (each row its own dropout mask)
+    tiled = np.tile(x, (100, 1))
+    loop = np.mean([keras.ops.convert_to_numpy(d2(drop(bn(d1(tiled), training=False), training=True)))
+                    .reshape(100, *x.shape[:1], -1) for _ in range(20)], axis=(0, 1))
     ours = mc_predict(model, x, samples=2000)
     np.testing.assert_allclose(ours.mean, loop, atol=0.02)
     # and it is not the deterministic answer, nor the answer with BatchNorm on batch statistics
     assert np.abs(ours.mean - keras.ops.convert_to_numpy(model(x, training=False))).max() > 0.02
-    batch_stats = np.mean([keras.ops.convert_to_numpy(model(x, training=True)) for _ in range(500)], axis=0)
+    # x repeated has x's batch statistics (the same mean and population variance)
+    batch_stats = np.mean(keras.ops.convert_to_numpy(model(np.tile(x, (500, 1)), training=True))
+                          .reshape(500, *x.shape[:1], -1), axis=0)
     assert np.abs(ours.mean - batch_stats).max() > 0.05
 
 
