@@ -74,6 +74,11 @@ class Phase:
     name: str
     stages: list[Stage]
 
+    @property
+    def round(self) -> int | None:
+        """The round (1-based) of a pseudo-labeling phase `pseudoN`; None for the others."""
+        return int(self.name.removeprefix("pseudo")) if self.name.startswith("pseudo") else None
+
 
 @dataclasses.dataclass
 class Plan:
@@ -117,8 +122,7 @@ class Plan:
             return labeled
         if phase.name == "propagated":
             return labeled + pool
-        round_ = int(phase.name.removeprefix("pseudo"))
-        return labeled + min(pool, self.data.num_classes * per_class(pool, round_, self.recipe.pseudo_rounds,
+        return labeled + min(pool, self.data.num_classes * per_class(pool, phase.round, self.recipe.pseudo_rounds,
                                                                      self.data.num_classes))
 
     def stage_lr(self, stage: Stage) -> float:
@@ -155,7 +159,7 @@ def plan_phases(plan: Plan) -> list[Phase]:
     if recipe.semi_supervised == "none" or not stages:
         return [Phase("labeled", stages)]
     labeled_steps = plan.steps_per_epoch
-    pool_steps = runs.steps_per_epoch(plan.examples(Phase("propagated", [])), plan.batch_size)
+    pool_steps = runs.steps_per_epoch(len(plan.split.labeled) + len(plan.unlabeled), plan.batch_size)
     on_pool = [dataclasses.replace(s, epochs=pool_epochs(s.epochs, labeled_steps, pool_steps)) for s in stages]
     if recipe.semi_supervised == "pseudo":
         return [Phase("labeled", stages)] + [Phase(f"pseudo{r}", on_pool[-1:])
@@ -229,7 +233,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 backup.load_weights(clf.model, clf.head)
             if examples is None:
                 examples = _examples(plan, phase, propagated, backup)
-                if phase.name.startswith("pseudo"):
+                if phase.round:
                     pseudo_counts[phase.name] = len(examples.rows) - len(split.labeled)
             x, y = data.x[examples.rows], examples.y
             y_check = np.eye(data.num_classes, dtype="float32")[y_val] if examples.soft else y_val
@@ -337,8 +341,7 @@ def _examples(plan: Plan, phase: Phase, propagated: np.ndarray | None, backup: B
         rows, labels = np.asarray(chosen["rows"], dtype=np.int64), np.asarray(chosen["labels"], dtype=np.int64)
     else:
         probs = plan.clf.model.predict(data.x[pool], batch_size=plan.batch_size, verbose=0)
-        picked, labels = pseudo_labels(probs, int(phase.name.removeprefix("pseudo")), recipe.pseudo_rounds,
-                                       recipe.pseudo_threshold)
+        picked, labels = pseudo_labels(probs, phase.round, recipe.pseudo_rounds, recipe.pseudo_threshold)
         rows = pool[picked]
         backup.folder.mkdir(parents=True, exist_ok=True)
         artifacts.write_json(saved, {"rows": rows.tolist(), "labels": labels.tolist()})
