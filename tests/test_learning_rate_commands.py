@@ -30,7 +30,6 @@ def test_schedule_plot_draws_each_stage_from_its_own_start(encoder_dir, tmp_path
     assert curve.momenta[start1] == pytest.approx(0.95) and curve.momenta[:start2].min() == pytest.approx(0.85)
 
 
-
 @pytest.mark.parametrize("mode", ["propagate", "pseudo"])
 def test_schedule_draws_the_semi_supervised_phases(mode, encoder_dir):
     from transferkit.finetuning import plan_finetune

@@ -208,7 +208,6 @@ def test_one_cycle_momentum_changes_the_update_exactly_as_an_eager_step(make_opt
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-
 def test_one_cycle_momentum_after_a_fit_that_raised_starts_from_the_original_float():
     # Keras calls no on_train_end when fit raises: the next OneCycleMomentum must not take the stand-in
     x, y = regression_data()
