@@ -38,7 +38,7 @@ def test_schedule_draws_the_semi_supervised_phases(mode, encoder_dir):
                     semi_supervised=mode, pseudo_rounds=2)
     curve = schedule_curve(recipe)
     split = plan_finetune(recipe).split
-    labeled, pool, batches = len(split.labeled), len(split.train) - len(split.labeled), 64
+    labeled, pool, batches = len(split.labeled), len(split.train) - len(split.labeled), recipe.batch_size
     steps = lambda n: -(-n // batches)  # noqa: E731
     on_pool = lambda epochs: max(1, round(epochs * steps(labeled) / steps(labeled + pool)))  # noqa: E731
     if mode == "propagate":  # every stage on the whole training split, about as many steps; then top1 on the labels

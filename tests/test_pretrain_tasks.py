@@ -104,7 +104,7 @@ def test_greedy_stacking_trains_one_block_at_a_time(slice_spec):
     from transferkit import runs
     from transferkit.pretraining import Job, build_encoder, encoder_blocks, train_stacked
 
-    recipe = Recipe(data=slice_spec, task="stacked", units=(16, 8, 4), epochs=2, batch_size=32)
+    recipe = Recipe(data=slice_spec, task="stacked", units=(16, 8, 4), epochs=2, batch_size=32, lr=1e-3)
     data, split = runs.prepare(recipe)
     encoder = build_encoder(data.input_shape, recipe, data.x[split.train])
     blocks = encoder_blocks(encoder)

@@ -34,6 +34,7 @@ STATE = "state.json"
 WEIGHTS = "weights.npz"
 HEAD = "head.npz"  # a stage on cached base outputs: the head's weights, over WEIGHTS written at its start
 OPTIMIZER = "optimizer.npz"
+STOPPING = "stopping.npz"  # early stopping's best weights so far
 
 # what a backup keeps: a model (its weights), an optimizer (its variables), a variable, or a list of them
 Kept = Any
@@ -70,18 +71,33 @@ class Backup:
         return state
 
     def save(self, model: Kept, optimizer: Kept, stage: int, epoch: int, history: dict[str, list[float]],
-             head_only: bool = False) -> None:
+             head_only: bool = False, stopping: tuple[dict, list | None] | None = None) -> None:
         """Write weights, optimizer variables, then the state that points at them, each atomically.
 
         `model` and `optimizer` are what to keep (see `variables_of`): a model and its optimizer, or lists.
         `head_only`: `model` is the head of a stage whose base cannot change; the whole model's weights
-        were written by `save_weights` when the stage began.
+        were written by `save_weights` when the stage began. `stopping`: early stopping's progress
+        (`ResumableEarlyStopping.state()`).
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         _save_arrays(self.folder / (HEAD if head_only else WEIGHTS), variables_of(model))
         _save_arrays(self.folder / OPTIMIZER, variables_of(optimizer))
+        values = None
+        if stopping is not None:
+            values, best_weights = stopping
+            _save_values(self.folder / STOPPING, best_weights or [])
         artifacts.write_json(self.folder / STATE, {"settings": self.settings, "stage": stage, "epoch": epoch,
-                                                   "history": history, "head_only": head_only})
+                                                   "history": history, "head_only": head_only,
+                                                   "stopping": values})
+
+    def stopping(self) -> tuple[dict, list | None] | None:
+        """Early stopping's progress as saved (see `ResumableEarlyStopping.load_state`), None if none was."""
+        values = artifacts.read_json(self.folder, STATE).get("stopping")
+        if values is None:
+            return None
+        with np.load(self.folder / STOPPING) as saved:
+            weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        return values, weights or None
 
     def save_weights(self, model: Kept) -> None:
         """The whole model's weights alone: at the start of a stage whose backups keep only its head."""
@@ -147,9 +163,14 @@ def _save_arrays(path: Path, variables) -> None:
 
     One file of arrays writes far faster than Keras's .weights.h5 (a dataset per variable).
     """
+    _save_values(path, [keras.ops.convert_to_numpy(v) for v in variables])
+
+
+def _save_values(path: Path, values: list) -> None:
+    """Arrays, in order, to one .npz through a flushed temporary file and a rename."""
     tmp = path.with_name(f".tmp.{path.name}")
     with open(tmp, "wb") as f:
-        np.savez(f, *[keras.ops.convert_to_numpy(v) for v in variables])
+        np.savez(f, *values)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -173,6 +194,9 @@ class BackupCallback(keras.callbacks.Callback):
     right after it holds the same weights.
 
     `history` is the run's history before this `fit`; the epochs of this `fit` are added to it.
+    `epoch_values` are entries the history gets at every epoch besides the logs (such as the block).
+    `stopping` (a `ResumableEarlyStopping`, placed before this callback): its progress is kept with each
+    backup, and a stage it stopped early is backed up as finished when training ends.
     `model` is what the backup keeps as weights (a model or a list, see `variables_of`), `training`
     what it keeps as training state: by default the fitted model's optimizer. With `head` (a stage
     on cached base outputs, where only the head can change) `model`'s weights are written once, when
@@ -181,10 +205,11 @@ class BackupCallback(keras.callbacks.Callback):
 
     def __init__(self, backup: Backup, model: Kept, stage: int, history: dict[str, list[float]],
                  every_steps: int | None = None, final_epoch: int | None = None, training: Kept = None,
-                 head: Kept = None):
+                 head: Kept = None, stopping: Any = None, epoch_values: dict[str, float] | None = None):
         super().__init__()
+        self.epoch_values = dict(epoch_values or {})
         self.backup, self.full_model, self.stage, self.every_steps = backup, model, stage, every_steps
-        self.final_epoch, self.training, self.head = final_epoch, training, head
+        self.final_epoch, self.training, self.head, self.stopping = final_epoch, training, head, stopping
         self.history = {k: list(v) for k, v in history.items()}
         self._epoch, self._steps = 0, 0
 
@@ -199,6 +224,8 @@ class BackupCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        if not (self.backup.folder / STATE).is_file():  # a run that diverges at once still leaves a state to resume
+            self._save(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
@@ -207,15 +234,23 @@ class BackupCallback(keras.callbacks.Callback):
             self._save(self._epoch)
 
     def on_epoch_end(self, epoch, logs=None):
-        for key, value in (logs or {}).items():
+        for key, value in {**(logs or {}), **self.epoch_values}.items():
             self.history.setdefault(key, []).append(float(value))
         if epoch + 1 == self.final_epoch:  # the artifact, written next, supersedes this backup
             return
         self._save(epoch + 1)
 
-    def _save(self, epoch: int) -> None:
+    def on_train_end(self, logs=None):
+        # stopped early (the best weights are back): the stage is done, a resume goes on after its last epoch
+        end = self.params.get("epochs")
+        if self.stopping is not None and self.stopping.stopped_epoch and end != self.final_epoch:
+            self._save(end, stopping=False)
+
+    def _save(self, epoch: int, stopping: bool = True) -> None:
         training = self.model.optimizer if self.training is None else self.training
+        progress = self.stopping.state() if stopping and self.stopping is not None else None
         if self.head is None:
-            self.backup.save(self.full_model, training, self.stage, epoch, self.history)
+            self.backup.save(self.full_model, training, self.stage, epoch, self.history, stopping=progress)
         else:
-            self.backup.save(self.head, training, self.stage, epoch, self.history, head_only=True)
+            self.backup.save(self.head, training, self.stage, epoch, self.history, head_only=True,
+                             stopping=progress)

@@ -27,28 +27,31 @@ def _common_options(f: Callable) -> Callable:
         click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe TOML file; flags override it."),
         click.option("--data", help="Data spec: digits, npz:PATH, dir:PATH or tfds:NAME[:SPLIT]."),
         click.option("--seed", type=int, help="Seed of initialization, shuffling and the label subset."),
-        click.option("--split-seed", type=int, help="Seed of the train/validation/test split (defaults to --seed, "
-                                                    "or the encoder's with --from)."),
+        click.option("--split-seed", type=int, help="Seed of the train/validation/test split."),
         click.option("--label-fraction", type=float, help="Fraction of training examples whose labels are kept."),
         click.option("--image-size", type=int, help="Resize dir: and tfds: images to this square size."),
-        click.option("--epochs", type=int, help="Training epochs (finetune: of the unfreezing stage)."),
+        click.option("--epochs", type=int, help="Most epochs of training (finetune: of each unfreezing stage); "
+                                                "early stopping may end it sooner."),
+        click.option("--patience", type=int, help="Stop a stage once its loss (val_loss when the validation part "
+                                                  "has an example of every class) has not improved for N epochs, "
+                                                  "keeping its best epoch's weights (0: off)."),
         click.option("--batch-size", type=int),
         click.option("--lr", help="Learning rate (the peak, for onecycle), or auto: the LR finder's valley."),
-        click.option("--schedule", type=click.Choice(SCHEDULES), help="Learning-rate schedule (onecycle)."),
-        click.option("--plateau-factor", type=float, help="--schedule plateau: multiply the rate by this (0.1)."),
-        click.option("--plateau-patience", type=int, help="--schedule plateau: epochs without progress (10)."),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Defaults to nadam."),
-        click.option("--activation", help="selu (default), relu, elu, gelu, swish, mish, tanh, ..."),
+        click.option("--schedule", type=click.Choice(SCHEDULES), help="Learning-rate schedule."),
+        click.option("--plateau-factor", type=float, help="--schedule plateau: multiply the rate by this."),
+        click.option("--plateau-patience", type=int, help="--schedule plateau: epochs without progress."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="The optimizer (Keras's, by its name)."),
+        click.option("--activation", help="selu, relu, elu, gelu, swish, mish, tanh, ..."),
         click.option("--batchnorm", type=click.Choice(["none", "before", "after"])),
         click.option("--dropout", type=float, help="Dropout rate (alpha dropout for SELU)."),
         click.option("--mc-dropout/--no-mc-dropout", default=None, help="Dropout that stays on at inference."),
         click.option("--max-norm", type=float, help="Max-norm constraint on each kernel."),
         click.option("--clipnorm", type=float, help="Clip each gradient to this norm."),
         click.option("--clipvalue", type=float, help="Clip each gradient component to [-v, v]."),
-        click.option("--device", type=click.Choice(DEVICES), help="Where to train (auto)."),
+        click.option("--device", type=click.Choice(DEVICES), help="Where to train."),
         click.option("--strategy", type=click.Choice(STRATEGIES),
                      help="tf.distribute strategy (auto: TPU if found, mirrored with 2+ GPUs, else default)."),
-        click.option("--precision", type=click.Choice(PRECISIONS), help="float32 (default) or mixed precision."),
+        click.option("--precision", type=click.Choice(PRECISIONS), help="float32 or mixed precision."),
         click.option("--jit-compile/--no-jit-compile", default=None, help="XLA-compile the training step."),
         click.option("--health-every", type=int,
                      help="Check gradients and activations every N steps; warn once per problem (0: off)."),
@@ -56,8 +59,8 @@ def _common_options(f: Callable) -> Callable:
                      help="Write the training-health figures for TensorBoard here (checks every 50 steps)."),
         click.option("--backup-every", type=int, help="Also back up every N steps (always at each epoch end)."),
         click.option("--restart/--resume", default=None,
-                     help="Discard a backup of an interrupted run instead of continuing it (default: resume)."),
-        click.option("--out", type=click.Path(file_okay=False), help="Artifact folder (default saved_models/NAME)."),
+                     help="Discard a backup of an interrupted run instead of continuing it."),
+        click.option("--out", type=click.Path(file_okay=False), help="Artifact folder."),
         click.option("--name", help="Artifact name under saved_models/."),
     ]
     for option in reversed(options):
@@ -121,21 +124,19 @@ def _finetune_options(f: Callable) -> Callable:
         click.option("--backbone", help="A Keras Applications backbone: mobilenetv2, efficientnetb0, resnet50, densenet121, vgg16, "
                                                "convnexttiny, ... (transferkit.BACKBONES)."),
         click.option("--weights", help="Backbone weights: imagenet, none or a weights file."),
-        click.option("--head-epochs", type=int, help="Epochs of stage 1 (head only, base frozen)."),
-        click.option("--head-patience", type=int,
-                     help="Stop a head-only stage once its loss (val_loss with a validation example per class) has "
-                          "not improved for N epochs, keeping its best weights (20; 0: off)."),
+        click.option("--head-epochs", type=int, help="Most epochs of stage 1 (head only, base frozen)."),
+        click.option("--head-patience", type=int, help="The older name of --patience, for head-only stages."),
         click.option("--unfreeze-top", type=int, help="Blocks of the base to unfreeze in stage 2 (0: head only)."),
         click.option("--unfreeze-schedule", help="Stages KEYWORD:EPOCHS, e.g. head:2,top2:3,top4:3,all:5."),
         click.option("--gradual/--no-gradual", default=None,
                      help="ULMFiT's gradual unfreezing: one more block per stage (of --epochs each), top first."),
-        click.option("--finetune-lr-factor", type=float, help="Learning rate of unfreezing stages = lr x this (0.1)."),
+        click.option("--finetune-lr-factor", type=float, help="Learning rate of unfreezing stages = lr x this."),
         click.option("--lr-decay", type=float, help="Each block below the top one learns at 1/D of the one above "
                                                     "(discriminative fine-tuning; ULMFiT uses 2.6)."),
         click.option("--train-batchnorm/--freeze-batchnorm", default=None,
-                     help="Let BatchNorm in unfrozen blocks train (default: frozen, in inference mode)."),
+                     help="Let BatchNorm in unfrozen blocks train (frozen: in inference mode)."),
         click.option("--cache-features/--no-cache-features", default=None,
-                     help="Train head-only stages on base outputs computed once (default on)."),
+                     help="Train head-only stages on base outputs computed once."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -147,10 +148,10 @@ def _finetune_options(f: Callable) -> Callable:
 @_finetune_options
 @click.option("--semi-supervised", type=click.Choice(SEMI_SUPERVISED),
               help="Learn from the unlabeled training examples too: self-training (pseudo) or label "
-                   "propagation over the base's features (propagate). Default: none.")
+                   "propagation over the base's features (propagate).")
 @click.option("--propagate-on", type=click.Choice(GRAPHS),
-              help="The kNN graph of propagate: on the base's features (default) or the raw inputs.")
-@click.option("--pseudo-rounds", type=int, help="Rounds of pseudo-labeling (5).")
+              help="The kNN graph of propagate: on the base's features or the raw inputs.")
+@click.option("--pseudo-rounds", type=int, help="Rounds of pseudo-labeling.")
 @click.option("--pseudo-threshold", type=float,
               help="Keep only pseudo-labels at least this probable, in (0, 1) (default: top-k alone).")
 @_handle_errors
@@ -248,7 +249,45 @@ def inspect(model_dir: str) -> None:
     run(model_dir)
 
 
+
+
+# what an unset setting becomes (transferkit.defaults), for --help
+_AUTO = {
+    "epochs": "auto: about 1500 optimizer steps to pretrain, 300 per unfreezing stage, at least 5 epochs",
+    "head_epochs": "auto: about 600 optimizer steps, at least 5 epochs",
+    "lr": "0.01 to fine-tune, 0.001 to pretrain, 0.0002 for --task gan",
+    "unfreeze_top": "every block",
+    "split_seed": "--seed, or the encoder's with --from",
+    "head_patience": "--patience",
+    "out": "saved_models/NAME",
+    "name": "from the data spec",
+}
+
+
+def _show_recipe_defaults(group: click.Group) -> None:
+    """Show each setting's default in --help: the Recipe's value, or what an unset one becomes."""
+    import dataclasses
+
+    from transferkit.recipe import Recipe
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
+    for command in group.commands.values():
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.name not in defaults or param.show_default:
+                continue
+            value = defaults[param.name]
+            if param.name in _AUTO:
+                param.show_default = _AUTO[param.name]
+            elif isinstance(value, bool):
+                param.show_default = param.opts[0].lstrip("-") if value else param.secondary_opts[0].lstrip("-")
+            elif isinstance(value, tuple):
+                param.show_default = ",".join(str(v) for v in value)
+            elif value is not None:
+                param.show_default = str(value)
+
+
 cli.add_command(diagnose)
+_show_recipe_defaults(cli)
 
 
 def main() -> None:

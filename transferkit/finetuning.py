@@ -38,7 +38,7 @@ from transferkit.backbones import (
     backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter,
 )
 from transferkit.backup import Backup, BackupCallback
-from transferkit.callbacks import StopOnNaN
+from transferkit.defaults import describe_chosen, resolve_finetune
 from transferkit.data import Data, Split, load_data, pipeline, split_data
 from transferkit.errors import SettingsError
 from transferkit.discriminative import block_factors
@@ -92,6 +92,8 @@ class Plan:
     out: Path
     replicas: int = 1
     phases: list[Phase] = dataclasses.field(default_factory=list)
+    chosen: dict[str, Any] = dataclasses.field(default_factory=dict)  # settings resolved by transferkit.defaults
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # the run's settings as given (backups)
 
     @property
     def labeled(self) -> tuple[np.ndarray, np.ndarray]:
@@ -140,8 +142,10 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     keras.utils.set_random_seed(recipe.seed)
     runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
     clf = build_classifier(recipe, data, encoder_manifest)
+    settings = recipe.run_settings()  # as given: what is chosen from them follows
+    recipe, chosen = resolve_finetune(recipe, len(split.labeled), len(clf.blocks))
     plan = Plan(recipe, data, split, clf, plan_stages(recipe, clf.blocks), runs.out_dir(recipe, "classifier"),
-                replicas)
+                replicas, chosen=chosen, settings=settings)
     check_pool(recipe.semi_supervised, plan.unlabeled)
     plan.phases = plan_phases(plan)
     return plan
@@ -189,13 +193,14 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
     total_epochs = sum(s.epochs for phase in plan.phases for s in phase.stages)
     x_val, y_val = data.x[split.val], data.y[split.val]
     semi = recipe.semi_supervised
+    runs.print_line(describe_chosen("finetune", plan.chosen), verbose)
     runs.print_line(f"finetune: {clf.info['description']} on {len(split.labeled)} labeled examples "
                     f"({recipe.label_fraction:g} of {len(split.train)}), {data.num_classes} classes; "
                     f"stages {describe(plan.stages)}"
                     + (f"; semi-supervised {semi} on {len(plan.unlabeled)} unlabeled examples"
                        if semi != "none" else ""), verbose)
 
-    backup = Backup.for_output(out, recipe.run_settings())
+    backup = Backup.for_output(out, plan.settings)
     state = backup.state(restart=recipe.restart)
     resume_at = state["epoch"] if state else 0
     history: dict[str, list[float]] = dict(state["history"]) if state else {}
@@ -265,10 +270,15 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                             f"{', on cached base outputs' if cached else ''}; trainable: "
                             f"{', '.join(unfrozen) or 'no block'} + head", verbose)
             runs.print_line(format_audit(audit(clf.model, factors)), verbose)
+            guards, stopping = runs.stage_guards(
+                stage.name if phase.name == "labeled" else f"{stage.name} ({phase.name})",
+                recipe.head_stage_patience if stage.top == 0 else recipe.patience,
+                # val_loss where validation has an example of every class; else the training loss
+                validated=len(x_val) >= data.num_classes, learning_rate=lr)
+            if stopping is not None and state and start < resume_at and backup.stopping() is not None:
+                stopping.load_state(backup.stopping())
             keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every, final_epoch=total_epochs,
-                                  head=clf.head if cached else None)
-            converge = [_head_stopping(recipe, validated=len(x_val) >= data.num_classes)
-                        ] if stage.top == 0 and recipe.head_patience else []
+                                  head=clf.head if cached else None, stopping=stopping)
             health = [TrainingHealth(pipeline(inputs["train"], y, plan.batch_size), every=recipe.health_steps,
                                      log_dir=recipe.tensorboard, initial_step=first * per_epoch)
                       ] if recipe.health_steps else []
@@ -276,16 +286,16 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed),
                 validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_check, plan.batch_size),
                 initial_epoch=first, epochs=epoch,
-                callbacks=[*callbacks, StopOnNaN(stage.name), *converge, keep, *health],
+                callbacks=[*callbacks, *guards, keep, *health],
                 shuffle=False, verbose=2 if verbose else 0)
             runs.merge_history(history, fit)
             if stage.top:  # the base has trained: a later head stage needs its new outputs
                 outputs.clear()
             record.update(lr=lr, seconds=round(time.perf_counter() - started, 3))
-            if converge and converge[0].stopped_epoch:
-                record.update(stopped_after=converge[0].stopped_epoch + 1, best_epoch=converge[0].best_epoch + 1)
-                runs.print_line(f"stage {stage.name}: {converge[0].monitor} stopped improving; kept epoch "
-                                f"{converge[0].best_epoch + 1}'s weights", verbose)
+            if stopping is not None and stopping.stopped_epoch:
+                record.update(stopped_after=stopping.stopped_epoch + 1, best_epoch=stopping.best_epoch + 1)
+                runs.print_line(f"stage {stage.name}: {stopping.monitor} stopped improving; kept epoch "
+                                f"{stopping.best_epoch + 1}'s weights", verbose)
 
     loss, accuracy = _loss_and_metric(soft=False)
     # the last stage trained the head alone, or on soft labels: compile the classifier for the true labels
@@ -308,16 +318,6 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
     runs.print_line(f"test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(split.test)} "
                     f"held-out examples; classifier saved to {out}", verbose)
     return runs.Result(model=clf.model, history=history, metrics=metrics, artifact=out, manifest=manifest)
-
-
-def _head_stopping(recipe: Recipe, validated: bool) -> keras.callbacks.EarlyStopping:
-    """Train a head to convergence, not for a fixed count: stop when its loss stalls, keep its best weights.
-
-    The validation loss is watched when validation has an example per class;
-    with fewer labels, the training loss (then it stops only on a plateau).
-    """
-    return keras.callbacks.EarlyStopping(monitor="val_loss" if validated else "loss", patience=recipe.head_patience,
-                                         restore_best_weights=True)
 
 
 def _loss_and_metric(soft: bool) -> tuple[str, list]:

@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from transferkit import runs
+from transferkit.callbacks import StopOnNaN
 from transferkit.pretraining import Job, Pretrained, final_metrics, fit_resumable, pooled
 from transferkit.recipe import Recipe
 
@@ -151,7 +152,9 @@ def train_gan(job: Job) -> Pretrained:
     if recipe.epochs:
         job.load_backup(gan, 0)
         history = fit_resumable(job, gan, (job.x_train.astype("float32"),), history,
-                                optimizers=[gan.d_optimizer, gan.g_optimizer], drop_remainder=True)
+                                optimizers=[gan.d_optimizer, gan.g_optimizer], drop_remainder=True,
+                                # two players' losses rise and fall by design: no growth bound, no early stop
+                                callbacks=[StopOnNaN("pretrain gan")])
     samples = sample_inputs(generator, 16, seed=recipe.seed)
     from transferkit.pictures import image_grid, loss_figure
 

@@ -80,7 +80,10 @@ def schedule_curve(recipe: Recipe, command: str = "finetune") -> ScheduleCurve:
         stages = [(s.name if phase.name == "labeled" else f"{s.name} ({phase.name})", plan.steps(s, phase),
                    plan.stage_lr(s)) for phase in plan.phases for s in phase.stages]
     else:
+        from transferkit.defaults import resolve_pretrain
+
         _, split = runs.prepare(recipe)
+        recipe, _ = resolve_pretrain(recipe, len(split.train))
         stages = [("pretrain", recipe.epochs * runs.steps_per_epoch(len(split.train), recipe.batch_size), recipe.lr)]
     cycles_momentum = OneCycleMomentum.supports(runs.make_optimizer(recipe, 1e-3))
     lrs, momenta, starts = [], [], []

@@ -67,7 +67,7 @@ def train_rotation(job: Job) -> Pretrained:
     figure = image_grid([(f"input {i + 1}", sample[4 * i:4 * i + 4]) for i in range(len(predicted))],
                         value_range=job.data.value_range, titles=titles,
                         title="rotation: the predicted angle of each turned input")
-    return Pretrained(history, final_metrics(history, ("loss", "val_loss", "accuracy", "val_accuracy")),
+    return Pretrained(history, final_metrics(history, ("loss", "val_loss", "accuracy", "val_accuracy"), at=job.kept),
                       {"predictions.png": figure})
 
 
@@ -188,7 +188,8 @@ def train_pairs(job: Job) -> Pretrained:
     history = fit_task(job, model, job.x_train, ids[job.split.train], same_or_different_loss,
                        validation=(job.x_val, ids[job.split.val]) if len(job.x_val) else None,
                        metrics=[pair_accuracy])
-    return Pretrained(history, final_metrics(history, ("loss", "val_loss", "pair_accuracy", "val_pair_accuracy")),
+    return Pretrained(history, final_metrics(history, ("loss", "val_loss", "pair_accuracy", "val_pair_accuracy"),
+                                              at=job.kept),
                       {"pairs.png": _pairs_picture(job, model)})
 
 

@@ -47,8 +47,8 @@ import numpy as np
 
 from transferkit import runs
 from transferkit.backup import Backup, BackupCallback, Kept, random_state
-from transferkit.callbacks import StopOnNaN
 from transferkit.data import Data, Split, pipeline
+from transferkit.defaults import describe_chosen, resolve_pretrain
 from transferkit.health import TrainingHealth
 from transferkit.errors import SettingsError
 from transferkit.recipe import Recipe
@@ -82,6 +82,7 @@ class Job:
     verbose: bool
     backup: Backup | None = None
     state: dict[str, Any] | None = None
+    kept: int | None = None  # the history entry whose weights early stopping kept (None: the last)
 
     @property
     def epochs(self) -> int:
@@ -161,9 +162,12 @@ def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
 
 def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
     data, split = runs.prepare(recipe)
+    settings = recipe.run_settings()  # as given: what is chosen from them follows
+    recipe, chosen = resolve_pretrain(recipe, len(split.train))
+    runs.print_line(describe_chosen("pretrain", chosen), verbose)
     check_settings(recipe, data, split)
     out = runs.out_dir(recipe, "encoder")
-    backup = Backup.for_output(out, recipe.run_settings())
+    backup = Backup.for_output(out, settings)
     state = backup.state(restart=recipe.restart)
     keras.utils.set_random_seed(recipe.seed)
     runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
@@ -336,12 +340,14 @@ def build_autoencoder(encoder: keras.Model, decoder: keras.Model, noise: float =
 
 def fit_task(job: Job, model: keras.Model, x: Any, y: Any, loss: Any, validation: tuple[Any, Any] | None = None,
              metrics: list | None = None, start: int = 0, stage: int = 0, kept: Kept = None,
-             history: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+             history: dict[str, list[float]] | None = None, epoch_values: dict[str, float] | None = None
+             ) -> dict[str, list[float]]:
     """Compile `model` with the recipe's optimizer and schedule and fit it for `recipe.epochs`; the run's history.
 
     `lr="auto"` runs the LR finder on `(x, y)` first. The epochs are the run's
     `start + 1`..`start + epochs`; `history` is the run's history before them
-    (by default the interrupted run's, see `Job.history`); `stage`, `kept`: see `fit_resumable`.
+    (by default the interrupted run's, see `Job.history`); `stage`, `kept`, `epoch_values`: see
+    `fit_resumable`.
     """
     recipe = job.recipe
     history = job.history if history is None else history
@@ -356,19 +362,22 @@ def fit_task(job: Job, model: keras.Model, x: Any, y: Any, loss: Any, validation
     callbacks = runs.compile_stage(model, recipe, lr, recipe.epochs * steps, loss, metrics)
     job.load_backup(model if kept is None else kept, start)
     val = pipeline(*validation, recipe.batch_size) if validation is not None and len(validation[1]) else None
-    callbacks.append(StopOnNaN(f"pretrain {recipe.task}"))
+    name = f"pretrain {recipe.task}" + (f" block {stage + 1}" if recipe.task == "stacked" else "")
+    guards, stopping = runs.stage_guards(name, recipe.patience, validated=val is not None, learning_rate=lr)
+    callbacks.extend(guards)
     if recipe.health_steps:
         callbacks.append(TrainingHealth(pipeline(x, y, recipe.batch_size), every=recipe.health_steps,
                                         log_dir=recipe.tensorboard, loss=loss,
                                         initial_step=max(start, job.resume_at) * steps))
     return fit_resumable(job, model, (x, y), history, start=start, stage=stage, kept=kept, validation=val,
-                         callbacks=callbacks)
+                         callbacks=callbacks, stopping=stopping, epoch_values=epoch_values)
 
 
 def fit_resumable(job: Job, model: keras.Model, data: tuple[Any, ...], history: dict[str, list[float]], *,
                   start: int = 0, stage: int = 0, kept: Kept = None, optimizers: list | None = None,
-                  validation: Any = None, callbacks: list | None = None,
-                  drop_remainder: bool = False) -> dict[str, list[float]]:
+                  validation: Any = None, callbacks: list | None = None, stopping: Any = None,
+                  drop_remainder: bool = False, epoch_values: dict[str, float] | None = None
+                  ) -> dict[str, list[float]]:
     """Fit the compiled `model` on the run's epochs `start + 1`..`start + recipe.epochs`, backing up as it goes.
 
     `data` are the arrays an epoch goes through once, in batches (see
@@ -378,7 +387,9 @@ def fit_resumable(job: Job, model: keras.Model, data: tuple[Any, ...], history: 
     default `model.optimizer`; built) and `model`'s random seed states.
     Continuing an interrupted run whose backup was made in this `stage`, the
     training state comes back first (the weights: `Job.load_backup`, called
-    before), and training goes on from the epoch it stopped in.
+    before), and training goes on from the epoch it stopped in. `stopping`: the early stopping
+    among `callbacks`, whose progress the backup keeps; `epoch_values`: entries the history gets at
+    every epoch (such as the block), in the backup too.
     """
     recipe = job.recipe
     first, end = max(start, job.resume_at), start + recipe.epochs
@@ -389,15 +400,23 @@ def fit_resumable(job: Job, model: keras.Model, data: tuple[Any, ...], history: 
     training = [*optimizers, *random_state(model)]
     if job.state and job.state["stage"] == stage:
         job.backup.restore_training(training)
+        if stopping is not None and job.backup.stopping() is not None:
+            stopping.load_state(job.backup.stopping())
     callbacks = list(callbacks or [])
     if job.backup is not None:
         callbacks.append(BackupCallback(job.backup, model if kept is None else kept, stage, history,
-                                        recipe.backup_every, final_epoch=job.epochs, training=training))
+                                        recipe.backup_every, final_epoch=job.epochs, training=training,
+                                        stopping=stopping, epoch_values=epoch_values))
     batches = epoch_batches(data, recipe.batch_size, recipe.seed, range(first, end), drop_remainder=drop_remainder)
     fit = model.fit(batches, validation_data=validation, initial_epoch=first, epochs=end, shuffle=False,
                     steps_per_epoch=_batches_per_epoch(len(data[0]), recipe.batch_size, drop_remainder),
                     callbacks=callbacks, verbose=2 if job.verbose else 0)
-    return runs.merge_history({k: list(v) for k, v in history.items()}, fit)
+    merged = runs.merge_history({k: list(v) for k, v in history.items()}, fit)
+    for key, value in (epoch_values or {}).items():
+        merged[key] = merged.get(key, []) + [float(value)] * (len(merged["loss"]) - len(merged.get(key, [])))
+    if stopping is not None and stopping.best_weights is not None:  # the best epoch's weights came back
+        job.kept = len(history.get("loss", [])) + stopping.best_epoch - first
+    return merged
 
 
 def epoch_batches(data: tuple[Any, ...], batch_size: int, seed: int, epochs: range, drop_remainder: bool = False):
@@ -437,9 +456,13 @@ def _batches_per_epoch(examples: int, batch_size: int, drop_remainder: bool) -> 
     return max(1, examples // batch_size) if drop_remainder else runs.steps_per_epoch(examples, batch_size)
 
 
-def final_metrics(history: dict[str, list[float]], keys: tuple[str, ...] = ()) -> dict[str, float]:
-    """The last value of each history entry (of `keys`, if given): the run's metrics."""
-    return {k: float(v[-1]) for k, v in history.items() if v and (not keys or k in keys)}
+def final_metrics(history: dict[str, list[float]], keys: tuple[str, ...] = (), at: int | None = None
+                  ) -> dict[str, float]:
+    """Each history entry's value (of `keys`, if given) at epoch entry `at`, by default the last: the run's metrics.
+
+    `at` is `Job.kept` when early stopping kept an earlier epoch's weights.
+    """
+    return {k: float(v[-1 if at is None else at]) for k, v in history.items() if v and (not keys or k in keys)}
 
 
 def pooled(x):
@@ -467,7 +490,7 @@ def train_autoencoder(job: Job) -> Pretrained:
         corrupt = keras.Sequential(corruption(noise, recipe.noise_kind, job.data_std, seed=recipe.seed))
         rows.append((f"{recipe.noise_kind} noise", keras.ops.convert_to_numpy(corrupt(sample, training=True))))
     rows.append(("reconstructed", job.destandardize(keras.ops.convert_to_numpy(autoencoder(sample)))))
-    return Pretrained(history, final_metrics(history, ("loss", "val_loss")),
+    return Pretrained(history, final_metrics(history, ("loss", "val_loss"), at=job.kept),
                       {"reconstructions.png": _reconstructions(job, rows)})
 
 
@@ -504,8 +527,7 @@ def train_stacked(job: Job, on_layer_trained: Callable[[int], None] | None = Non
         shallow = _shallow_autoencoder(layers, decoders[i], shapes[i], recipe, i + 1, float(codes["train"].std()))
         runs.print_line(f"stacked: {name} ({i + 1} of {len(blocks)}) on codes of shape {shapes[i]}", job.verbose)
         history = fit_task(job, shallow, codes["train"], codes["train"], "mse", validation=(codes["val"], codes["val"]),
-                           start=start, stage=i, kept=kept, history=history)
-        history["block"] = [float(epoch // recipe.epochs + 1) for epoch in range(len(history.get("loss", [])))]
+                           start=start, stage=i, kept=kept, history=history, epoch_values={"block": i + 1})
         codes = {k: _apply(layers, v) for k, v in codes.items()}
         if on_layer_trained is not None:
             on_layer_trained(i)

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,10 @@ class Recipe:
     label_fraction: float = 1.0
     image_size: int | None = None
     # training
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float | str = 1e-3
+    epochs: int | None = None  # None: from a step budget (transferkit.defaults)
+    batch_size: int = 32
+    lr: float | str | None = None  # None: 1e-2 to fine-tune, 1e-3 to pretrain (2e-4 for gan)
+    patience: int = 20
     optimizer: str = "nadam"
     schedule: str = "onecycle"
     plateau_factor: float = 0.1
@@ -64,7 +66,7 @@ class Recipe:
     clipnorm: float | None = None
     clipvalue: float | None = None
     # pretrain
-    task: str = "autoencoder"
+    task: str = "denoising"
     arch: str = "dense"
     units: tuple[int, ...] = (128, 64, 32)
     filters: tuple[int, ...] = (16, 32, 32)
@@ -75,9 +77,9 @@ class Recipe:
     from_: str | None = None
     backbone: str | None = None
     weights: str = "none"
-    head_epochs: int = 5
-    head_patience: int = 20
-    unfreeze_top: int = 0
+    head_epochs: int | None = None  # None: from a step budget
+    head_patience: int | None = None  # the older name of `patience`, for head-only stages
+    unfreeze_top: int | None = None  # None: every block of the base
     unfreeze_schedule: str | None = None
     gradual: bool = False
     finetune_lr_factor: float = 0.1
@@ -122,8 +124,8 @@ class Recipe:
                f"val_fraction + test_fraction < 1 (test_fraction={self.test_fraction})")
         _check(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
         _check(0 <= self.noise <= 1, "noise", self.noise, "a number in [0, 1] (a fraction of the data's std)")
-        _check(self.lr == "auto" or (not isinstance(self.lr, str) and self.lr > 0), "lr", self.lr,
-               "a positive number or auto")
+        _check(self.lr is None or self.lr == "auto" or (not isinstance(self.lr, str) and 0 < self.lr < math.inf),
+               "lr", self.lr, "a positive number or auto")
         _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
         _check(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "a number in (0, 1)")
         _check(self.plateau_patience >= 0, "plateau_patience", self.plateau_patience, "an integer >= 0")
@@ -147,8 +149,9 @@ class Recipe:
                self.pseudo_threshold, "a number in (0, 1)")
         _check(self.finetune_lr_factor > 0, "finetune_lr_factor", self.finetune_lr_factor, "a positive number")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        for key in ("epochs", "head_epochs", "head_patience", "unfreeze_top"):
-            _check(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
+        for key in ("epochs", "head_epochs", "patience", "head_patience", "unfreeze_top"):
+            value = getattr(self, key)
+            _check(value is None or value >= 0, key, value, "an integer >= 0")
         _check(self.image_size is None or self.image_size >= 1, "image_size", self.image_size, "an integer >= 1")
         _check(self.task in TASKS, "task", self.task, f"one of {', '.join(TASKS)}")
         _check(self.arch in ARCHS, "arch", self.arch, f"one of {', '.join(ARCHS)}")
@@ -163,6 +166,11 @@ class Recipe:
     def health_steps(self) -> int:
         """Steps between training-health checks: `health_every`, else 50 with `tensorboard`, else 0 (off)."""
         return self.health_every or (50 if self.tensorboard else 0)
+
+    @property
+    def head_stage_patience(self) -> int:
+        """Patience of head-only stages: `head_patience` where given (its older name), else `patience`."""
+        return self.patience if self.head_patience is None else self.head_patience
 
     @property
     def resolved_split_seed(self) -> int:

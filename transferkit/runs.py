@@ -178,6 +178,25 @@ def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int,
     return schedule_callbacks(recipe.schedule, rate, optimizer=opt, **options)
 
 
+def stage_guards(stage: str, patience: int, validated: bool, learning_rate: float | None = None,
+                 monitor: str | None = None) -> tuple[list, Any]:
+    """The callbacks every stage trains under: the divergence stop, then early stopping with the best weights.
+
+    Early stopping watches `val_loss` when `validated` (a validation set the
+    stage can judge on), else the training `loss`; `patience` 0 turns it off
+    (then the second value is None). Place them before any callback that saves.
+    """
+    from transferkit.callbacks import ResumableEarlyStopping, StopOnDivergence
+
+    guards: list = [StopOnDivergence(stage, learning_rate=learning_rate)]
+    stopping = None
+    if patience:
+        stopping = ResumableEarlyStopping(monitor=monitor or ("val_loss" if validated else "loss"),
+                                          patience=patience)
+        guards.append(stopping)
+    return guards, stopping
+
+
 def find_learning_rate(model, x, y, recipe: Recipe, verbose: bool) -> float:
     """Run the LR finder on the compiled `model` as it stands; its `valley` suggestion."""
     from transferkit.lr_finder import lr_find

@@ -1,0 +1,148 @@
+"""Defaults that train well, stages that keep their best epoch, and runs that stop when training diverges."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import transferkit as tk
+from transferkit.cli import cli
+from transferkit.data import load_data
+from transferkit.defaults import FINETUNE_STEPS, HEAD_STEPS, MIN_EPOCHS, PRETRAIN_STEPS
+from transferkit.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def validation_loss(artifact: Path, loss) -> float:
+    """The saved model's loss on its artifact's validation rows, computed here with Keras's loss function."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    split = json.loads((artifact / "split.json").read_text())
+    data = load_data(manifest["data"]["spec"])
+    model = keras.saving.load_model(artifact / "model.keras")
+    x = data.x[np.asarray(split["val"])]
+    target = data.y[np.asarray(split["val"])] if loss is None else loss(model, x)
+    predicted = model.predict(x, batch_size=len(x), verbose=0)
+    if loss is None:
+        return float(np.mean(keras.losses.sparse_categorical_crossentropy(target, predicted)))
+    return float(np.mean((predicted - target) ** 2))
+
+
+def test_an_unfreezing_stage_that_overfits_keeps_its_best_epoch(encoder_dir, tmp_path):
+    # 1 label per class and a high constant rate: the validation loss falls, then rises
+    out = tmp_path / "clf"
+    result = tk.finetune(from_=str(encoder_dir), label_fraction=0.01, head_epochs=0, epochs=40, unfreeze_top=3,
+                         lr=0.3, finetune_lr_factor=1.0, schedule="constant", patience=8, out=str(out), verbose=False)
+    val = np.asarray(result.history["val_loss"])
+    best = int(np.argmin(val))
+    assert best < len(val) - 1, "the stage did not overfit: the test proves nothing"
+    assert len(val) == best + 1 + 8  # stopped after 8 epochs without improvement
+    assert validation_loss(out, None) == pytest.approx(val[best], rel=1e-4)
+    assert validation_loss(out, None) < val[-1]
+    stage = json.loads((out / "manifest.json").read_text())["stages"][0]
+    assert stage["best_epoch"] == best + 1 and stage["stopped_after"] == len(val)
+
+
+def test_pretraining_that_overfits_keeps_its_best_epoch(tmp_path):
+    # a few inputs of noise: the autoencoder learns them by heart and its validation loss rises
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "noise.npz", x=rng.normal(size=(60, 32)).astype("float32"))
+    common = dict(data=f"npz:{tmp_path / 'noise.npz'}", task="autoencoder", units=(16,), lr=0.02,
+                  schedule="constant", batch_size=8, verbose=False)
+    stopped = tk.pretrain(epochs=200, patience=5, out=str(tmp_path / "stopped"), **common)
+    val = np.asarray(stopped.history["val_loss"])
+    best = int(np.argmin(val))
+    assert best < len(val) - 1, "pretraining did not overfit: the test proves nothing"
+    assert len(val) == best + 1 + 5
+    assert stopped.metrics["val_loss"] == pytest.approx(val[best])
+    # the same run stopped by hand at the best epoch (a constant rate: its first epochs are the same)
+    by_hand = tk.pretrain(epochs=best + 1, patience=0, out=str(tmp_path / "by-hand"), **common)
+    assert by_hand.history["val_loss"][-1] == pytest.approx(val[best], rel=1e-5)
+    for kept, expected in zip(stopped.model.weights, by_hand.model.weights):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(kept), keras.ops.convert_to_numpy(expected),
+                                   rtol=1e-5, atol=1e-6, err_msg=kept.path)
+
+
+def test_default_stages_count_steps_not_epochs(encoder_dir):
+    from transferkit.finetuning import plan_finetune
+
+    # 0.02 of the training split: one batch of 32 per epoch
+    plan = plan_finetune(Recipe(from_=str(encoder_dir), label_fraction=0.02))
+    assert len(plan.split.labeled) <= 32
+    head, unfreeze = plan.stages
+    assert plan.steps(head) >= HEAD_STEPS and plan.steps(unfreeze) >= FINETUNE_STEPS
+    assert unfreeze.top == len(plan.clf.blocks)  # every block, as fastai's fine_tune
+    assert plan.chosen == {"head_epochs": HEAD_STEPS, "epochs": FINETUNE_STEPS, "lr": 0.01,
+                           "unfreeze_top": len(plan.clf.blocks)}
+    # all the labels: far more batches per epoch, as many steps, never fewer than MIN_EPOCHS epochs
+    plan = plan_finetune(Recipe(from_=str(encoder_dir)))
+    per_epoch = math.ceil(len(plan.split.labeled) / 32)
+    assert plan.stages[0].epochs == max(MIN_EPOCHS, math.ceil(HEAD_STEPS / per_epoch))
+
+
+def test_default_pretraining_is_denoising_on_a_step_budget():
+    from transferkit.defaults import resolve_pretrain
+
+    recipe, chosen = resolve_pretrain(Recipe(), examples=1258)
+    assert recipe.task == "denoising"
+    assert chosen == {"epochs": math.ceil(PRETRAIN_STEPS / math.ceil(1258 / 32)), "lr": 1e-3}
+
+
+def test_explicit_settings_are_obeyed_exactly(encoder_dir, tmp_path):
+    out = tmp_path / "clf"
+    result = tk.finetune(from_=str(encoder_dir), label_fraction=0.2, head_epochs=3, epochs=2, unfreeze_top=1,
+                         lr=0.004, patience=0, out=str(out), verbose=False)
+    assert len(result.history["loss"]) == 3 + 2
+    stages = result.manifest["stages"]
+    assert [(s["name"], s["epochs"], s["lr"]) for s in stages] == [("head", 3, 0.004), ("top1", 2, 0.004 * 0.1)]
+    assert "stopped_after" not in stages[0] and "stopped_after" not in stages[1]
+    recipe = (out / "recipe.toml").read_text()
+    assert "head_epochs = 3" in recipe and "lr = 0.004" in recipe
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "transferkit.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("flags", [["--lr", "1e30", "--optimizer", "sgd", "--schedule", "constant"],
+                                   ["--lr", "1e4"]], ids=["infinite", "finite-blow-up"])
+def test_a_diverging_run_stops_with_exit_1_and_writes_nothing(encoder_dir, tmp_path, flags):
+    out = tmp_path / "clf"
+    base = ["finetune", "--from", str(encoder_dir), "--label-fraction", "0.2", "--head-epochs", "4", "--epochs", "2",
+            "--out", str(out)]
+    done = run_cli(*base, *flags)
+    assert done.returncode == 1, done.stdout[-1500:] + done.stderr[-1500:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("Error: Training diverged in stage head, epoch ")
+    assert f"at learning rate {float(flags[1]):.3g}" in message and "--lr auto" in message
+    assert not out.exists()
+    backup = out.with_name(f".{out.name}.backup")
+    assert (backup / "state.json").is_file()
+    again = run_cli(*base, "--lr", "0.01", "--restart")
+    assert again.returncode == 0, again.stderr[-1500:]
+    assert (out / "model.keras").is_file() and not backup.exists()
+
+
+def test_finetune_help_shows_every_default():
+    result = CliRunner().invoke(cli, ["finetune", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for option, default in [("--patience", "20"), ("--batch-size", "32"), ("--schedule", "onecycle"),
+                            ("--optimizer", "nadam"), ("--unfreeze-top", "every block"),
+                            ("--head-epochs", "auto: about 600 optimizer steps"), ("--lr", "0.01 to fine-tune")]:
+        start = text.index(option + " ")
+        assert f"[default: ({default}" in text[start:text.index("[default:", start) + 60], option
+
+
+def test_the_first_line_says_what_was_chosen(encoder_dir, tmp_path):
+    done = run_cli("finetune", "--from", str(encoder_dir), "--label-fraction", "0.2", "--head-epochs", "2",
+                   "--epochs", "1", "--out", str(tmp_path / "clf"))
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert done.stdout.splitlines()[0] == ("finetune: chosen automatically (set them to change): "
+                                           "--lr 0.01 --unfreeze-top 3")

@@ -1,0 +1,84 @@
+"""The settings a run chooses for itself when the user leaves them unset, resolved in one place.
+
+A stage's length is counted in optimizer steps, not epochs, so 14 labeled
+examples and 60,000 both get a stage that can converge: an unset epoch count
+becomes `ceil(steps / batches per epoch)`, at least `MIN_EPOCHS`. That count
+is a maximum: every stage stops once its monitored loss has not improved for
+`patience` epochs and keeps its best epoch's weights. This module does not
+import TensorFlow.
+
+The values were chosen by `bench/defaults.py` (digits at 1%, 5% and 10% of the
+labels, 5 seeds, and a VGG16 on a folder of digit PNGs); README "Defaults".
+
+Example:
+
+>>> from transferkit.recipe import Recipe
+>>> recipe, chosen = resolve_finetune(Recipe(), labeled=14, num_blocks=3)
+>>> chosen
+{'head_epochs': 600, 'epochs': 300, 'lr': 0.01, 'unfreeze_top': 3}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transferkit.recipe import Recipe
+
+HEAD_STEPS = 600  # the most optimizer steps of a head-only stage
+FINETUNE_STEPS = 300  # of a stage that unfreezes blocks of the base
+PRETRAIN_STEPS = 1500  # of pretraining (per block for `stacked`)
+MIN_EPOCHS = 5
+FINETUNE_LR = 1e-2  # the head stage's peak rate; unfreezing stages take `finetune_lr_factor` of it
+PRETRAIN_LR = {"gan": 2e-4}  # DCGAN's rate (Radford et al., 2016); other tasks: 1e-3 (Adam's default)
+PRETRAIN_DEFAULT_LR = 1e-3
+
+
+def epochs_for(steps: int, examples: int, batch_size: int) -> int:
+    """The epochs that make about `steps` optimizer steps over `examples` in batches of `batch_size`.
+
+    Example:
+
+    >>> epochs_for(600, examples=72, batch_size=32), epochs_for(600, examples=60000, batch_size=32)
+    (200, 5)
+    """
+    per_epoch = max(1, math.ceil(examples / batch_size))
+    return max(MIN_EPOCHS, math.ceil(steps / per_epoch))
+
+
+def resolve_pretrain(recipe: Recipe, examples: int) -> tuple[Recipe, dict[str, Any]]:
+    """`recipe` with its unset pretraining settings chosen for `examples` training inputs, and what was chosen."""
+    chosen: dict[str, Any] = {}
+    if recipe.epochs is None:
+        chosen["epochs"] = epochs_for(PRETRAIN_STEPS, examples, recipe.batch_size)
+    if recipe.lr is None:
+        chosen["lr"] = PRETRAIN_LR.get(recipe.task, PRETRAIN_DEFAULT_LR)
+    return recipe.replace(**chosen), chosen
+
+
+def resolve_finetune(recipe: Recipe, labeled: int, num_blocks: int) -> tuple[Recipe, dict[str, Any]]:
+    """`recipe` with its unset fine-tuning settings chosen for `labeled` examples and a base of `num_blocks`.
+
+    Unset: `head_epochs` (from `HEAD_STEPS`), `epochs` (from `FINETUNE_STEPS`),
+    `lr` (`FINETUNE_LR`) and `unfreeze_top` (every block, as fastai's
+    `fine_tune`: the head first, then the whole base at a tenth of the rate).
+    """
+    chosen: dict[str, Any] = {}
+    if recipe.head_epochs is None:
+        chosen["head_epochs"] = epochs_for(HEAD_STEPS, labeled, recipe.batch_size)
+    if recipe.epochs is None:
+        chosen["epochs"] = epochs_for(FINETUNE_STEPS, labeled, recipe.batch_size)
+    if recipe.lr is None:
+        chosen["lr"] = FINETUNE_LR
+    if recipe.unfreeze_top is None and not recipe.unfreeze_schedule:
+        chosen["unfreeze_top"] = num_blocks
+    return recipe.replace(**chosen), chosen
+
+
+def describe_chosen(command: str, chosen: dict[str, Any]) -> str:
+    """The line a command prints first: the settings it chose, written as flags a user can copy."""
+    if not chosen:
+        return f"{command}: every setting given"
+    flags = " ".join(f"--{key.replace('_', '-')} {value:g}" if isinstance(value, float)
+                     else f"--{key.replace('_', '-')} {value}" for key, value in chosen.items())
+    return f"{command}: chosen automatically (set them to change): {flags}"
