@@ -73,7 +73,9 @@ def test_a_fresh_process_loads_a_classifier_trained_with_every_registered_piece(
     out = tmp_path / "clf"
     tk.finetune(from_=str(encoder_dir), unfreeze_top=2, lr_decay=2.0, dropout=0.2, mc_dropout=True, head_epochs=1,
                 epochs=1, label_fraction=0.1, out=str(out), verbose=False)
-    code = f"import transferkit; m = transferkit.load_model({str(out)!r}); print(type(m.optimizer).__name__)"
+    code = (f"import transferkit, keras; m = transferkit.load_model({str(out)!r}); "
+            f"k = keras.models.load_model({str(out / 'model.keras')!r}); "
+            "print(type(m.optimizer).__name__, type(k.optimizer).__name__)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "DiscriminativeNadam"
+    assert done.stdout.strip().splitlines()[-1] == "DiscriminativeNadam DiscriminativeNadam"
