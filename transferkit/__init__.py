@@ -12,13 +12,18 @@ Example:
 >>> tk.export(clf.artifact)                                # doctest: +SKIP
 
 Names are imported lazily, so `import transferkit` (and `transferkit --help`)
-does not import TensorFlow until a name that needs it is used.
+does not import TensorFlow until a name that needs it is used. The Keras
+classes (layers, schedules, optimizers) are registered as soon as Keras is
+imported, before or after `import transferkit`, so `keras.models.load_model`
+loads a model that uses them.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from transferkit.registration import register_with_keras as _register_with_keras
 
 __version__ = "0.1.0"
 
@@ -72,3 +77,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+_register_with_keras()

@@ -67,22 +67,6 @@ def _flush(folder: Path) -> None:
         os.close(fd)
 
 
-# modules whose classes (layers, schedules, optimizers) saved models may name
-KERAS_OBJECT_MODULES = ("layers", "schedules", "discriminative", "backbones", "tied")
-
-
-def register_keras_objects() -> None:
-    """Import every transferkit module that registers Keras objects, so saved models that use them load."""
-    import importlib
-
-    for name in KERAS_OBJECT_MODULES:
-        try:
-            importlib.import_module(f"transferkit.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"transferkit.{name}":
-                raise
-
-
 def load_model(path: str | Path):
     """A transferkit model: an artifact folder's `model.keras`, or a `.keras` file, in Keras's safe mode.
 
@@ -94,6 +78,8 @@ def load_model(path: str | Path):
         TransferkitError: the file is damaged (the message names it).
     """
     import keras
+
+    from transferkit.registration import register_keras_objects
 
     register_keras_objects()
     file = Path(path) if str(path).endswith(".keras") else Path(path) / MODEL

@@ -21,12 +21,11 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import keras
 import numpy as np
 from keras import ops
 
+from transferkit.pretext_layers import PairScores
 from transferkit.pretraining import Job, Pretrained, corruption, final_metrics, fit_task, pooled
 
 ANGLES = (0, 90, 180, 270)
@@ -105,44 +104,6 @@ def pair_accuracy(ids, logits):
     labels = same_pairs(ids)
     best = ops.argmax(logits, axis=1)
     return ops.mean(ops.take_along_axis(labels, ops.expand_dims(best, 1), axis=1))
-
-
-@keras.saving.register_keras_serializable(package="transferkit")
-class PairScores(keras.layers.Layer):
-    """`(B, B)` logits `scale * cos(a_i, b_j) + bias` of every pair of rows of `a` and `b`.
-
-    `scale` starts at `initial_scale` and is learned (as a logarithm), with the bias.
-
-    Example:
-
-    >>> import numpy as np
-    >>> tuple(PairScores()([np.eye(3, dtype="float32"), np.eye(3, dtype="float32")]).shape)
-    (3, 3)
-
-    Args:
-        initial_scale: Float. Starting inverse temperature. Defaults to `10.0`.
-    """
-
-    def __init__(self, initial_scale: float = 10.0, **kwargs):
-        super().__init__(**kwargs)
-        if not initial_scale > 0:
-            raise ValueError(f"initial_scale must be positive. Received: initial_scale={initial_scale}")
-        self.initial_scale = float(initial_scale)
-
-    def build(self, input_shape):
-        self.log_scale = self.add_weight(name="log_scale", shape=(),
-                                         initializer=keras.initializers.Constant(math.log(self.initial_scale)))
-        self.bias = self.add_weight(name="bias", shape=(), initializer="zeros")
-
-    def call(self, inputs):
-        a, b = (ops.normalize(v, axis=-1) for v in inputs)
-        return ops.exp(self.log_scale) * ops.matmul(a, ops.transpose(b)) + self.bias
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0][0], input_shape[1][0])
-
-    def get_config(self):
-        return {**super().get_config(), "initial_scale": self.initial_scale}
 
 
 # how far `pairs` views of an image differ: shift (fraction of the side), turn (degrees), zoom, noise (x std)

@@ -51,6 +51,7 @@ from transferkit.data import Data, Split, pipeline
 from transferkit.defaults import describe_chosen, resolve_pretrain
 from transferkit.health import TrainingHealth
 from transferkit.errors import SettingsError
+from transferkit.pretext_layers import _TrainingOnlyScale
 from transferkit.recipe import Recipe
 from transferkit.setups import activation_layer, conv_stack, dense_stack, setup_for
 
@@ -616,21 +617,6 @@ def _loss_picture(recipe: Recipe, history: dict[str, list[float]]):
     bands = [i for i in range(1, len(blocks)) if blocks[i] != blocks[i - 1]]
     return loss_figure({k: v for k, v in history.items() if k != "block"}, bands=bands,
                        title=f"pretrain --task {recipe.task}")
-
-
-@keras.saving.register_keras_serializable(package="transferkit")
-class _TrainingOnlyScale(keras.layers.Layer):
-    """Multiply by `scale` while training only: undoes Dropout's rescaling, which makes it masking noise."""
-
-    def __init__(self, scale: float, **kwargs):
-        super().__init__(**kwargs)
-        self.scale = float(scale)
-
-    def call(self, inputs, training=None):
-        return inputs * self.scale if training else inputs
-
-    def get_config(self):
-        return {**super().get_config(), "scale": self.scale}
 
 
 def _stack_options(recipe: Recipe) -> dict:

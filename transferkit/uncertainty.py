@@ -26,6 +26,8 @@ from transferkit.layers import MCAlphaDropout, MCDropout
 
 EPSILON = 1e-12
 _DROPOUT = (keras.layers.Dropout, keras.layers.AlphaDropout)
+_TO_MC = {keras.layers.Dropout: MCDropout, keras.layers.AlphaDropout: MCAlphaDropout}
+_FROM_MC = {mc: plain for plain, mc in _TO_MC.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,17 +55,38 @@ def has_dropout(model: keras.Model) -> bool:
 
 def monte_carlo_model(model: keras.Model) -> keras.Model:
     """A model sharing `model`'s layers and weights in which every dropout stays on at inference."""
-
-    def clone(layer):
-        if type(layer) is keras.layers.Dropout:
-            return MCDropout(layer.rate, noise_shape=layer.noise_shape, seed=layer.seed, name=layer.name)
-        if type(layer) is keras.layers.AlphaDropout:
-            return MCAlphaDropout(layer.rate, noise_shape=layer.noise_shape, seed=layer.seed, name=layer.name)
-        return layer
-
     if not has_dropout(model):
         raise ValueError(f"Model {model.name!r} has no dropout layer, so MC dropout would give one answer; "
                          "train it with --dropout (and --mc-dropout) first.")
+    return _with_dropout_kinds(model, _TO_MC)
+
+
+def deterministic_model(model: keras.Model) -> keras.Model:
+    """`model`, or a model sharing its layers and weights in which MC dropout is plain dropout (off at inference).
+
+    Called with `training=False`, the result is deterministic: no dropout, BatchNorm on its moving statistics.
+
+    Args:
+        model: A Keras model, with or without `MCDropout`/`MCAlphaDropout` layers.
+
+    Returns:
+        `model` itself when it has no MC dropout layer, else the clone.
+    """
+    if not any(type(layer) in _FROM_MC for layer in all_layers(model)):
+        return model
+    return _with_dropout_kinds(model, _FROM_MC)
+
+
+def _with_dropout_kinds(model: keras.Model, kinds: dict[type, type]) -> keras.Model:
+    """A clone sharing `model`'s layers and weights, with each dropout layer of a type in `kinds` swapped."""
+
+    def clone(layer):
+        kind = kinds.get(type(layer))
+        if kind is None:
+            return layer
+        return kind(layer.rate, noise_shape=layer.noise_shape, seed=layer.seed, name=layer.name,
+                    dtype=layer.dtype_policy)
+
     return keras.models.clone_model(model, clone_function=clone, recursive=True)
 
 
@@ -83,7 +106,7 @@ def mc_samples(mc_model: keras.Model, x, samples: int):
     n = ops.shape(x)[0]
     tiled = ops.tile(x, [samples] + [1] * (len(x.shape) - 1))
     probabilities = mc_model(tiled, training=False)
-    return ops.reshape(probabilities, (samples, n, -1))
+    return ops.reshape(probabilities, (samples, n, probabilities.shape[-1] or -1))
 
 
 def mc_predict(model: keras.Model, x, samples: int = 30, batch_size: int = 128,
