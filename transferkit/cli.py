@@ -18,7 +18,7 @@ import click
 from transferkit.diagnose_cli import diagnose
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.optimizers import OPTIMIZERS
-from transferkit.recipe import GRAPHS, NOISE_KINDS, SCHEDULES, SEMI_SUPERVISED, TASKS
+from transferkit.recipe import GRAPHS, NOISE_KINDS, RESIZE_MODES, SCHEDULES, SEMI_SUPERVISED, TASKS
 from transferkit.runtime import DEVICES, PRECISIONS, STRATEGIES
 
 
@@ -30,7 +30,13 @@ def _common_options(f: Callable) -> Callable:
         click.option("--split-seed", type=int, help="Seed of the train/validation/test split (defaults to --seed, "
                                                     "or the encoder's with --from)."),
         click.option("--label-fraction", type=float, help="Fraction of training examples whose labels are kept."),
-        click.option("--image-size", type=int, help="Resize dir: and tfds: images to this square size."),
+        click.option("--image-size", type=int, help="Resize dir: and tfds: images to this square size "
+                                                    "(default for dir: images of mixed sizes: the median size)."),
+        click.option("--resize", type=click.Choice(RESIZE_MODES),
+                     help="How images of another aspect ratio reach the size: stretch (default), crop (the center) "
+                          "or pad (with black)."),
+        click.option("--skip-bad-files/--no-skip-bad-files", default=None,
+                     help="Skip dir: files that cannot be decoded, counted and listed, instead of stopping."),
         click.option("--epochs", type=int, help="Training epochs (finetune: of the unfreezing stage)."),
         click.option("--batch-size", type=int),
         click.option("--lr", help="Learning rate (the peak, for onecycle), or auto: the LR finder's valley."),

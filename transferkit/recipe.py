@@ -29,6 +29,7 @@ SCHEDULES = ("onecycle", "constant", "power", "exponential", "piecewise", "plate
 ARCHS = ("dense", "conv")
 BATCHNORM = ("none", "before", "after")
 COMMANDS = ("pretrain", "finetune")
+RESIZE_MODES = ("stretch", "crop", "pad")  # keras.layers.Resizing: stretch, crop_ or pad_to_aspect_ratio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,8 @@ class Recipe:
     val_fraction: float = 0.1
     label_fraction: float = 1.0
     image_size: int | None = None
+    resize: str = "stretch"
+    skip_bad_files: bool = False
     # training
     epochs: int = 10
     batch_size: int = 64
@@ -150,6 +153,7 @@ class Recipe:
         for key in ("epochs", "head_epochs", "head_patience", "unfreeze_top"):
             _check(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
         _check(self.image_size is None or self.image_size >= 1, "image_size", self.image_size, "an integer >= 1")
+        _check(self.resize in RESIZE_MODES, "resize", self.resize, f"one of {', '.join(RESIZE_MODES)}")
         _check(self.task in TASKS, "task", self.task, f"one of {', '.join(TASKS)}")
         _check(self.arch in ARCHS, "arch", self.arch, f"one of {', '.join(ARCHS)}")
         _check(self.batchnorm in BATCHNORM, "batchnorm", self.batchnorm, f"one of {', '.join(BATCHNORM)}")
