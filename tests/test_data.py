@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferkit.data import load_data, parse_spec, pipeline, split_data
+from transferkit.data import Data, load_data, parse_spec, pipeline, require_classes, split_data
 from transferkit.errors import SettingsError
 
 
@@ -124,3 +124,113 @@ def test_pipeline_batches_and_keeps_pairs():
     assert [len(b[0]) for b in batches] == [4, 4, 2]
     for bx, by in batches:
         np.testing.assert_array_equal(bx[:, 0], by)
+
+
+# ---- what must not change: the digits' split and fingerprint
+
+
+def reference_split(y, seed, test_fraction=0.2, val_fraction=0.1, label_fraction=1.0):
+    """A copy of the split as it was first written (stratified order, largest-remainder label subset)."""
+    n, rng = len(y), np.random.default_rng(seed)
+    n_test, n_val = max(1, int(round(test_fraction * n))), int(round(val_fraction * n))
+    keys = np.empty(n)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        keys[rng.permutation(idx)] = (np.arange(len(idx)) + rng.random()) / len(idx)
+    order = np.lexsort((rng.random(n), keys))
+    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    label_rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y[train], return_counts=True)
+    wanted = label_fraction * counts
+    take = np.maximum(1, np.floor(wanted)).astype(int)
+    short = int(round(label_fraction * len(train))) - take.sum()
+    if short > 0:
+        take[np.argsort(-(wanted - np.floor(wanted)), kind="stable")[:short]] += 1
+    take = np.minimum(take, counts)
+    labeled = np.sort(np.concatenate([label_rng.permutation(train[y[train] == c])[:k] for c, k in zip(classes, take)]))
+    return np.sort(train), np.sort(val), np.sort(test), labeled
+
+
+@pytest.mark.parametrize("seed, label_fraction", [(0, 1.0), (3, 0.05), (42, 0.1)])
+def test_digits_split_is_the_one_it_always_was(seed, label_fraction):
+    data = load_data("digits")
+    split = split_data(data, seed=seed, label_fraction=label_fraction)
+    for ours, reference in zip((split.train, split.val, split.test, split.labeled),
+                               reference_split(data.y, seed, label_fraction=label_fraction)):
+        np.testing.assert_array_equal(ours, reference)
+
+
+def test_fingerprint_is_the_hash_of_all_bytes_as_before(tmp_path):
+    import hashlib
+
+    assert load_data("digits").fingerprint == "faf2d98f61250c1c"  # recorded before image folders changed
+    x = np.random.default_rng(1).normal(size=(300, 7, 5)).astype("float32")
+    np.savez(tmp_path / "a.npz", x=x, y=np.arange(300) % 4)
+    whole = hashlib.sha256(x[..., None].tobytes())
+    whole.update((np.arange(300) % 4).astype("int64").tobytes())
+    assert load_data(f"npz:{tmp_path}/a.npz").fingerprint == whole.hexdigest()[:16]
+
+
+# ---- npz: labels, memory mapping
+
+
+def test_npz_string_labels_become_sorted_class_names(tmp_path):
+    labels = np.array(["dog", "cat", "emu", "cat", "dog", "emu"] * 3)
+    np.savez(tmp_path / "s.npz", x=np.zeros((18, 2), "float32"), y=labels)
+    data = load_data(f"npz:{tmp_path}/s.npz")
+    assert data.class_names == ("cat", "dog", "emu") and data.num_classes == 3
+    np.testing.assert_array_equal(np.array(data.class_names)[data.y], labels)
+
+
+def test_npz_labels_that_are_not_whole_numbers_are_refused(tmp_path):
+    np.savez(tmp_path / "f.npz", x=np.zeros((4, 2)), y=np.array([0.0, 1.0, 1.5, 2.0]))
+    with pytest.raises(SettingsError) as err:
+        load_data(f"npz:{tmp_path}/f.npz")
+    assert str(err.value) == (f"Array 'y' in '{tmp_path}/f.npz' has label 1.5 at index 2; expected whole numbers "
+                              "(class numbers 0, 1, 2, ...) or strings (class names).")
+    np.savez(tmp_path / "w.npz", x=np.zeros((4, 2)), y=np.array([0.0, 1.0, 1.0, 2.0]))
+    assert load_data(f"npz:{tmp_path}/w.npz").y.tolist() == [0, 1, 1, 2]
+
+
+def test_npz_object_labels_are_refused_without_unpickling(tmp_path):
+    np.savez(tmp_path / "o.npz", x=np.zeros((2, 2)), y=np.array(["a", 1], dtype=object))
+    with pytest.raises(SettingsError, match=r"Array 'y' in '.*o.npz' cannot be read: Object arrays"):
+        load_data(f"npz:{tmp_path}/o.npz")
+
+
+def test_uncompressed_npz_inputs_are_memory_mapped(tmp_path):
+    x = np.arange(2 * 3 * 4, dtype="float32").reshape(2, 3, 4)
+    path = tmp_path / "m.npz"
+    np.savez(path, x=x, y=np.array([0, 1]))
+    data = load_data(f"npz:{path}")
+    np.testing.assert_array_equal(data.x[..., 0], x)
+    # change the file behind the loaded data: a mapped array sees the change, a copy would not
+    raw = bytearray(path.read_bytes())
+    at = raw.find(x.tobytes())
+    raw[at:at + 4] = np.float32(-7).tobytes()
+    with open(path, "r+b") as f:
+        f.write(raw)
+    assert data.x[0, 0, 0, 0] == -7
+    np.savez_compressed(tmp_path / "c.npz", x=x)
+    np.testing.assert_array_equal(load_data(f"npz:{tmp_path}/c.npz").x[..., 0], x)
+
+
+# ---- classes the split and fine-tuning need
+
+
+def test_a_class_the_split_leaves_out_of_training_is_refused():
+    y = np.r_[np.zeros(20, int), np.ones(20, int), [2]]
+    data = Data(np.zeros((41, 3), "float32"), y, "npz:rare.npz", ("a", "b", "rare"), (0.0, 1.0))
+    assert 40 in split_data(data, seed=0).train
+    with pytest.raises(SettingsError, match=r"Class 'rare' of 'npz:rare.npz' has 1 example\(s\), all in the test "
+                                            r"or validation part .* expected at least one in training: give each class 2 or more"):
+        split_data(data, seed=2)  # seed 2 puts the single example in the test part
+
+
+def test_require_classes_refuses_a_single_class():
+    y = np.zeros(10, int)
+    with pytest.raises(SettingsError, match=r"has 1 class \('cat'\); expected at least 2 classes"):
+        require_classes(Data(np.zeros((10, 2)), y, "dir:pets", ("cat",), (0.0, 1.0)))
+    with pytest.raises(SettingsError, match="has no labels"):
+        require_classes(Data(np.zeros((10, 2)), None, "npz:u.npz", None, (0.0, 1.0)))
+    require_classes(load_data("digits"), 10)

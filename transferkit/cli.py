@@ -18,7 +18,7 @@ import click
 from transferkit.diagnose_cli import diagnose
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.optimizers import OPTIMIZERS
-from transferkit.recipe import GRAPHS, NOISE_KINDS, SCHEDULES, SEMI_SUPERVISED, TASKS
+from transferkit.recipe import GRAPHS, NOISE_KINDS, RESIZE_MODES, SCHEDULES, SEMI_SUPERVISED, TASKS
 from transferkit.runtime import DEVICES, PRECISIONS, STRATEGIES
 
 
@@ -29,7 +29,13 @@ def _common_options(f: Callable) -> Callable:
         click.option("--seed", type=int, help="Seed of initialization, shuffling and the label subset."),
         click.option("--split-seed", type=int, help="Seed of the train/validation/test split."),
         click.option("--label-fraction", type=float, help="Fraction of training examples whose labels are kept."),
-        click.option("--image-size", type=int, help="Resize dir: and tfds: images to this square size."),
+        click.option("--image-size", type=int, help="Resize dir: and tfds: images to this square size "
+                                                    "(for dir: images of mixed sizes, the median size by default)."),
+        click.option("--resize", type=click.Choice(RESIZE_MODES),
+                     help="How images of another aspect ratio reach the size: stretch, crop (the center) "
+                          "or pad (with black)."),
+        click.option("--skip-bad-files/--no-skip-bad-files", default=None,
+                     help="Skip dir: files that cannot be decoded, counted and listed, instead of stopping."),
         click.option("--epochs", type=int, help="Most epochs of training (finetune: of each unfreezing stage); "
                                                 "early stopping may end it sooner."),
         click.option("--patience", type=int, help="Stop a stage once its loss (val_loss when the validation part "

@@ -3,7 +3,8 @@
 A data spec is a string: `digits` (scikit-learn's bundled 8x8 digits, the
 default), `npz:PATH` (arrays `x` and optional `y`), `dir:PATH` (an image folder:
 one sub-folder per class, or images alone for unlabeled data) or
-`tfds:NAME[:SPLIT]` (tensorflow-datasets).
+`tfds:NAME[:SPLIT]` (tensorflow-datasets). How image files are decoded, given
+one channel count and one size: `transferkit.images`.
 
 Example:
 
@@ -21,26 +22,36 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import struct
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from transferkit.errors import SettingsError, TransferkitError
+from transferkit.images import IMAGE_SUFFIXES, Decoded, Listing, decode_images, list_images
+from transferkit.images import read_images  # noqa: F401 - part of this module's interface (prediction uses it)
+from transferkit.recipe import RESIZE_MODES
 
 SCHEMES = ("digits", "npz", "dir", "tfds")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+_CHUNK_BYTES = 1 << 26  # rows read at a time when hashing or checking large (memory-mapped) inputs
 
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-    """Inputs, optional integer labels, and what is known about them."""
+    """Inputs, optional integer labels, and what is known about them.
+
+    `skipped` names the files left out because they could not be decoded (`dir:` with `skip_bad_files`).
+    """
 
     x: np.ndarray
     y: np.ndarray | None
     spec: str
     class_names: tuple[str, ...] | None
     value_range: tuple[float, float]
+    skipped: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -55,7 +66,9 @@ class Data:
     @functools.cached_property
     def fingerprint(self) -> str:
         """A short hash of the inputs and labels: the same data gives the same fingerprint."""
-        h = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())
+        h = hashlib.sha256()
+        for rows in _row_chunks(self.x):  # the bytes of the whole array, without a copy of it
+            h.update(np.ascontiguousarray(rows).tobytes())
         if self.y is not None:
             h.update(np.ascontiguousarray(self.y).tobytes())
         return h.hexdigest()[:16]
@@ -93,22 +106,40 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return scheme, arg
 
 
-def load_data(spec: str = "digits", image_size: int | None = None) -> Data:
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    image_size: int | None = None
+    resize: str = "stretch"
+    skip_bad_files: bool = False
+    verbose: bool = True
+
+
+def load_data(spec: str = "digits", image_size: int | None = None, resize: str = "stretch",
+              skip_bad_files: bool = False, verbose: bool = True) -> Data:
     """Load a data spec into arrays. Images are `(N, H, W, C)` float32; vectors `(N, D)`.
 
     Args:
         spec: String. A data spec (see the module docstring). Defaults to `"digits"`.
         image_size: Optional integer. Resize `dir:` and `tfds:` images to this square size.
+            `dir:` images of mixed sizes default to the median size.
+        resize: String. How an image of another aspect ratio reaches the size: `"stretch"`,
+            `"crop"` (the center) or `"pad"` (with zeros). Defaults to `"stretch"`.
+        skip_bad_files: Boolean. Leave out `dir:` files that cannot be decoded (listed in
+            `Data.skipped`) instead of refusing the folder. Defaults to `False`.
+        verbose: Boolean. Print the `dir:` summary line and a progress bar on stderr. Defaults to `True`.
 
     Raises:
-        SettingsError: an unknown scheme, a missing path, an empty folder, arrays without `x`.
+        SettingsError: an unknown scheme, a missing path, an empty folder, a file that cannot be
+            decoded, arrays without `x`, labels that are not class numbers or names.
     """
+    if resize not in RESIZE_MODES:
+        raise SettingsError(f"resize must be one of {', '.join(RESIZE_MODES)}. Received: resize={resize!r}")
     scheme, arg = parse_spec(spec)
     loader = {"digits": _load_digits, "npz": _load_npz, "dir": _load_dir, "tfds": _load_tfds}[scheme]
-    data = loader(spec, arg, image_size)
+    data = loader(spec, arg, _Options(image_size, resize, skip_bad_files, verbose))
     if len(data.x) == 0:
         raise SettingsError(f"Data spec {spec!r} holds no examples; expected at least one.")
-    bad = int(np.size(data.x) - np.count_nonzero(np.isfinite(data.x)))
+    bad = sum(int(np.size(rows) - np.count_nonzero(np.isfinite(rows))) for rows in _row_chunks(data.x))
     if bad:
         raise SettingsError(f"Data {spec!r} has {bad} NaN or infinite input values; expected finite numbers.")
     if data.y is not None and data.y.min() < 0:
@@ -138,9 +169,52 @@ def split_data(
         raise SettingsError(f"Data spec {data.spec!r} has {n} examples, too few to split; expected at least 3.")
     order = _stratified_order(data.y, rng) if data.y is not None else rng.permutation(n)
     test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    if data.y is not None:
+        _require_each_class_in(train, data, test_fraction, val_fraction)
     labeled = np.sort(train) if data.y is None else _label_subset(
         train, data.y, label_fraction, np.random.default_rng(seed if label_seed is None else label_seed))
     return Split(train=np.sort(train), val=np.sort(val), test=np.sort(test), labeled=labeled, seed=seed)
+
+
+def require_classes(data: Data, minimum: int = 2) -> None:
+    """Refuse data whose labels hold fewer than `minimum` classes (a classifier needs two to tell apart).
+
+    Raises:
+        SettingsError: data without labels, or with fewer classes than `minimum`.
+    """
+    if data.y is None:
+        raise SettingsError(f"Data {data.spec!r} has no labels; expected labels of at least {minimum} classes.")
+    present = np.unique(data.y)
+    if len(present) < minimum:
+        names = ", ".join(repr(_class_name(data, c)) for c in present)
+        raise SettingsError(f"Data {data.spec!r} has {len(present)} class{'' if len(present) == 1 else 'es'} "
+                            f"({names}); expected at least {minimum} classes to train a classifier.")
+
+
+def _require_each_class_in(train: np.ndarray, data: Data, test_fraction: float, val_fraction: float) -> None:
+    """Refuse a split that leaves a class without training examples: nothing could learn it."""
+    total = np.bincount(data.y, minlength=data.num_classes)
+    in_train = np.bincount(data.y[train], minlength=len(total))
+    missing = np.flatnonzero((total > 0) & (in_train == 0))
+    if len(missing):
+        c = int(missing[0])
+        enough = int(1 / (1 - test_fraction - val_fraction)) + 1
+        raise SettingsError(
+            f"Class {_class_name(data, c)!r} of {data.spec!r} has {total[c]} example(s), all in the test or "
+            f"validation part (test_fraction={test_fraction}, val_fraction={val_fraction}); expected at least one "
+            f"in training: give each class {enough} or more examples, or choose another split seed."
+        )
+
+
+def _class_name(data: Data, label: int) -> str:
+    return data.class_names[label] if data.class_names else str(int(label))
+
+
+def _row_chunks(x: np.ndarray):
+    """Consecutive blocks of rows of about 64 MB: a memory-mapped array is read once, never copied whole."""
+    rows = max(1, _CHUNK_BYTES // max(1, x[:1].nbytes))
+    for start in range(0, len(x), rows):
+        yield x[start:start + rows]
 
 
 def pipeline(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 64,
@@ -183,7 +257,7 @@ def _label_subset(train: np.ndarray, y: np.ndarray, fraction: float, rng: np.ran
     return np.sort(np.concatenate(picked))
 
 
-def _load_digits(spec: str, arg: str, image_size: int | None) -> Data:
+def _load_digits(spec: str, arg: str, options: _Options) -> Data:
     digits = _digits()
     x = digits.images.astype("float32")[..., None]
     return Data(x=x, y=digits.target.astype("int64"), spec=spec,
@@ -201,79 +275,120 @@ def _digits():
     return digits
 
 
-def _load_npz(spec: str, arg: str, image_size: int | None) -> Data:
+def _load_npz(spec: str, arg: str, options: _Options) -> Data:
     try:
         arrays = np.load(arg)
     except (OSError, ValueError) as err:
         raise SettingsError(f"Data file {arg!r} is not a readable .npz file: {err}.") from None
-    if "x" not in arrays:
-        raise SettingsError(f"Data file {arg!r} has arrays {sorted(arrays.files)}; expected one named 'x'.")
-    x = np.asarray(arrays["x"], dtype="float32")
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise SettingsError(f"Data file {arg!r} holds one array; expected an .npz file with 'x' and optional 'y'.")
+    with arrays:
+        if "x" not in arrays:
+            raise SettingsError(f"Data file {arg!r} has arrays {sorted(arrays.files)}; expected one named 'x'.")
+        x = np.asarray(_npz_member(arg, arrays, "x"), dtype="float32")
+        raw_y = _npz_member(arg, arrays, "y") if "y" in arrays else None
     if x.ndim not in (2, 3, 4):
         raise SettingsError(f"Array 'x' in {arg!r} has shape {x.shape}; expected (N, D), (N, H, W) or (N, H, W, C).")
     if x.ndim == 3:
         x = x[..., None]
-    y = None
-    if "y" in arrays:
-        y = np.asarray(arrays["y"]).astype("int64").reshape(-1)
+    y, class_names = None, None
+    if raw_y is not None:
+        y, class_names = _npz_labels(arg, np.asarray(raw_y).reshape(-1))
         if len(y) != len(x):
             raise SettingsError(f"Arrays in {arg!r} disagree: {len(x)} inputs but {len(y)} labels.")
     lo, hi = (float(x.min()), float(x.max())) if len(x) else (0.0, 1.0)
-    return Data(x=x, y=y, spec=spec, class_names=None, value_range=(lo, hi))
+    return Data(x=x, y=y, spec=spec, class_names=class_names, value_range=(lo, hi))
 
 
-def _load_dir(spec: str, arg: str, image_size: int | None) -> Data:
+def _npz_member(path: str, arrays, name: str) -> np.ndarray:
+    """Array `name` of an .npz: memory-mapped from the file when stored uncompressed (`np.savez`), else read.
+
+    `np.load(mmap_mode="r")` maps `.npy` files only; an .npz member is read into
+    memory. A member stored without compression is a plain `.npy` inside the zip,
+    so it can be mapped at its offset.
+    """
+    try:
+        mapped = _map_stored_member(path, name + ".npy")
+        return arrays[name] if mapped is None else mapped
+    except ValueError as err:  # object arrays need pickle, which we do not load
+        raise SettingsError(f"Array {name!r} in {path!r} cannot be read: {err}; expected numbers "
+                            "(or strings for 'y').") from None
+
+
+def _map_stored_member(path: str, member: str) -> np.ndarray | None:
+    with zipfile.ZipFile(path) as zf:
+        if member not in zf.namelist():
+            return None
+        info = zf.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the local file header: its name and extra field come before the data
+        if local[:4] != b"PK\x03\x04":
+            return None
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject or 0 in shape:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
+
+
+def _npz_labels(path: str, raw: np.ndarray) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    """Class numbers from labels: strings become the sorted class names; numbers must be whole."""
+    if raw.dtype.kind in "US":
+        names, y = np.unique(raw, return_inverse=True)
+        return y.astype("int64").reshape(-1), tuple(str(n) for n in names)
+    if raw.dtype.kind not in "biuf":
+        raise SettingsError(f"Array 'y' in {path!r} has dtype {raw.dtype}; expected whole numbers (class numbers "
+                            "0, 1, 2, ...) or strings (class names).")
+    whole = np.isfinite(raw) & (raw == np.round(raw)) if raw.dtype.kind == "f" else np.ones(len(raw), bool)
+    if not whole.all():
+        i = int(np.argmin(whole))
+        raise SettingsError(f"Array 'y' in {path!r} has label {raw[i].item()!r} at index {i}; expected whole "
+                            "numbers (class numbers 0, 1, 2, ...) or strings (class names).")
+    return raw.astype("int64"), None
+
+
+def _load_dir(spec: str, arg: str, options: _Options) -> Data:
     root = Path(arg)
     if not root.is_dir():
         raise SettingsError(f"Data path {arg!r} is not a folder; expected a folder of images.")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if classes:
-        files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if _is_image(f)]
-    else:
-        files = [(f, -1) for f in sorted(root.iterdir()) if _is_image(f)]
-    if not files:
+    listing = list_images(root)
+    if not listing.files:
         raise SettingsError(f"Folder {arg!r} holds no images; expected {', '.join(IMAGE_SUFFIXES)} files.")
-    x = read_images([f for f, _ in files], image_size)
-    y = np.array([i for _, i in files], dtype="int64") if classes else None
-    return Data(x=x, y=y, spec=spec, class_names=tuple(classes) if classes else None, value_range=(0.0, 255.0))
+    decoded = decode_images(listing.files, options.image_size, resize=options.resize,
+                            skip_bad_files=options.skip_bad_files, progress=options.verbose)
+    y = None if listing.labels is None else np.asarray(listing.labels, dtype="int64")[decoded.kept]
+    if y is not None:
+        empty = np.flatnonzero(np.bincount(y, minlength=len(listing.class_names)) == 0)
+        if len(empty):
+            raise SettingsError(f"Class folder {str(root / listing.class_names[empty[0]])!r} holds no image that "
+                                "can be read; expected at least one per class (or remove the folder).")
+    if options.verbose:
+        print(_summary(spec, listing, decoded), file=sys.stderr, flush=True)
+    return Data(x=decoded.x, y=y, spec=spec, class_names=listing.class_names, value_range=(0.0, 255.0),
+                skipped=tuple(path for path, _ in decoded.bad))
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+def _summary(spec: str, listing: Listing, decoded: Decoded) -> str:
+    """`dir:PATH: N images, K classes, S skipped (H hidden, O non-image, B bad)`, and the size chosen."""
+    classes = f"{len(listing.class_names)} classes" if listing.class_names else "unlabeled"
+    parts = [f"{listing.hidden} hidden", f"{listing.non_image} non-image", f"{len(decoded.bad)} bad"]
+    if listing.outside:
+        parts.append(f"{listing.outside} beside the class folders")
+    skipped = listing.hidden + listing.non_image + listing.outside + len(decoded.bad)
+    line = f"{spec}: {len(decoded.x)} images, {classes}, {skipped} skipped ({', '.join(parts)})"
+    if decoded.resized_to_median:
+        line += f"; sizes differ, all resized to {decoded.x.shape[1]}x{decoded.x.shape[2]} (the median size)"
+    return line
 
 
-def read_images(paths: list[Path], image_size: int | tuple[int, int] | None = None,
-                channels: int | None = None) -> np.ndarray:
-    """Images as `(N, H, W, C)` float32 in 0..255, resized to `image_size` (side or (H, W)), else the first's.
-
-    `channels` 1 or 3 converts to gray or RGB; by default gray only when every image is.
-    """
-    from PIL import Image
-
-    images = []
-    for p in paths:
-        try:
-            images.append(Image.open(p))
-        except OSError as err:
-            raise SettingsError(f"Image {str(p)!r} cannot be read: {err}.") from None
-    gray = all(im.mode in ("L", "1", "I;16") for im in images) if channels is None else channels == 1
-    if image_size is None:
-        size = images[0].size
-        other = next((im for im in images if im.size != size), None)
-        if other is not None:
-            raise SettingsError(
-                f"Images differ in size ({size[0]}x{size[1]} and {other.size[0]}x{other.size[1]} in "
-                f"{str(Path(other.filename).parent)!r}); pass --image-size N to resize them all."
-            )
-    else:
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-        size = (width, height)
-    arrays = [np.asarray(im.convert("L" if gray else "RGB").resize(size), dtype="float32") for im in images]
-    x = np.stack(arrays)
-    return x[..., None] if gray else x
-
-
-def _load_tfds(spec: str, arg: str, image_size: int | None) -> Data:
+def _load_tfds(spec: str, arg: str, options: _Options) -> Data:
     name, _, split = arg.partition(":")
     import tensorflow_datasets as tfds
 
@@ -292,10 +407,12 @@ def _load_tfds(spec: str, arg: str, image_size: int | None) -> Data:
         if label_key is not None:
             ys.append(example[label_key])
     x = np.stack(xs).astype("float32")
-    if image_size:
-        import tensorflow as tf
+    if options.image_size:
+        import keras
 
-        x = tf.image.resize(x, (image_size, image_size)).numpy()
+        side, resize = options.image_size, options.resize
+        x = keras.ops.convert_to_numpy(keras.ops.image.resize(
+            x, (side, side), crop_to_aspect_ratio=resize == "crop", pad_to_aspect_ratio=resize == "pad"))
     y = np.asarray(ys, dtype="int64") if label_key is not None else None
     names = tuple(info.features[label_key].names) if label_key is not None else None
     return Data(x=x, y=y, spec=spec, class_names=names, value_range=(0.0, 255.0))

@@ -30,6 +30,7 @@ SCHEDULES = ("onecycle", "constant", "power", "exponential", "piecewise", "plate
 ARCHS = ("dense", "conv")
 BATCHNORM = ("none", "before", "after")
 COMMANDS = ("pretrain", "finetune")
+RESIZE_MODES = ("stretch", "crop", "pad")  # keras.layers.Resizing: stretch, crop_ or pad_to_aspect_ratio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Recipe:
     val_fraction: float = 0.1
     label_fraction: float = 1.0
     image_size: int | None = None
+    resize: str = "stretch"
+    skip_bad_files: bool = False
     # training
     epochs: int | None = None  # None: from a step budget (transferkit.defaults)
     batch_size: int = 32
@@ -153,6 +156,7 @@ class Recipe:
             value = getattr(self, key)
             _check(value is None or value >= 0, key, value, "an integer >= 0")
         _check(self.image_size is None or self.image_size >= 1, "image_size", self.image_size, "an integer >= 1")
+        _check(self.resize in RESIZE_MODES, "resize", self.resize, f"one of {', '.join(RESIZE_MODES)}")
         _check(self.task in TASKS, "task", self.task, f"one of {', '.join(TASKS)}")
         _check(self.arch in ARCHS, "arch", self.arch, f"one of {', '.join(ARCHS)}")
         _check(self.batchnorm in BATCHNORM, "batchnorm", self.batchnorm, f"one of {', '.join(BATCHNORM)}")

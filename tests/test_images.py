@@ -1,0 +1,358 @@
+"""Image folders: listing, every mode read with its true levels, one size, bad files named."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferkit.data import load_data
+from transferkit.errors import SettingsError
+from transferkit.images import fit_size, list_images, read_images
+
+RNG = np.random.default_rng(0)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pixels(shape, high=256, dtype=np.uint8):
+    return RNG.integers(0, high, shape).astype(dtype)
+
+
+def saved(path, image, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+def read_one(path, channels=None):
+    return read_images([path], channels=channels)[0]
+
+
+def test_listing_sorts_classes_and_files_and_counts_what_it_leaves_out(tmp_path):
+    for name in ("dog/b.png", "dog/a.PNG", "dog/2020/c.jpg", "cat/z.gif", "cat/notes.txt", "cat/.DS_Store",
+                 "cat/._z.gif", "cat/.cache/d.png", "README.md", "loose.png", ".hidden.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / ".git").mkdir()
+    listing = list_images(tmp_path)
+    assert [str(p.relative_to(tmp_path)) for p in listing.files] == ["cat/z.gif", "dog/2020/c.jpg", "dog/a.PNG",
+                                                                     "dog/b.png"]
+    assert listing.class_names == ("cat", "dog") and listing.labels == (0, 1, 1, 1)
+    # hidden: .DS_Store, ._z.gif, .cache/, .hidden.png, .git/; non-image: notes.txt, README.md
+    assert (listing.hidden, listing.non_image, listing.outside) == (5, 2, 1)
+
+
+def test_summary_line_counts_images_classes_and_skipped(tmp_path, capsys):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            saved(tmp_path / c / f"{i}.png", Image.fromarray(pixels((4, 4))))
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "b" / "labels.csv").write_text("x")
+    (tmp_path / "b" / "broken.png").write_bytes(b"")
+    data = load_data(f"dir:{tmp_path}", skip_bad_files=True)
+    line = capsys.readouterr().err.strip()
+    assert line == f"dir:{tmp_path}: 4 images, 2 classes, 3 skipped (1 hidden, 1 non-image, 1 bad)"
+    assert data.skipped == (str(tmp_path / "b" / "broken.png"),)
+
+
+# ---- every mode, compared with the same picture as 8-bit RGB or gray, computed with numpy
+
+
+def test_16_bit_gray_is_scaled_to_the_8_bit_range(tmp_path):
+    deep = pixels((6, 5), 65536, np.uint16)
+    read = read_one(saved(tmp_path / "deep.png", Image.fromarray(deep)))
+    eight_bit = read_one(saved(tmp_path / "eight.png", Image.fromarray(np.round(deep / 257).astype(np.uint8))))
+    assert read.shape == (6, 5, 1)
+    np.testing.assert_allclose(read[..., 0], deep.astype(float) * 255 / 65535, atol=1e-3)
+    np.testing.assert_allclose(read, eight_bit, atol=0.5 + 1e-3)
+
+
+def test_1_bit_is_black_and_white():
+    bits = pixels((5, 7), 2).astype(bool)
+    np.testing.assert_array_equal(read_images_of(Image.fromarray(bits), "bits.png")[..., 0], bits * 255.0)
+
+
+@pytest.fixture
+def tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def read_images_of(image, name, **save):
+    image.save(name, **save)
+    return read_one(Path(name))
+
+
+@pytest.mark.usefixtures("tmp")
+def test_rgb_and_gray_are_read_as_stored():
+    rgb, gray = pixels((5, 6, 3)), pixels((5, 6))
+    np.testing.assert_array_equal(read_images_of(Image.fromarray(rgb), "rgb.png"), rgb)
+    np.testing.assert_array_equal(read_images_of(Image.fromarray(gray), "gray.png")[..., 0], gray)
+    np.testing.assert_array_equal(read_images_of(Image.fromarray(rgb), "rgb.bmp"), rgb)
+    np.testing.assert_array_equal(read_images_of(Image.fromarray(rgb), "rgb.tif"), rgb)
+
+
+@pytest.mark.usefixtures("tmp")
+def test_alpha_is_composited_on_white():
+    rgb, alpha = pixels((5, 6, 3)), pixels((5, 6))
+    a = alpha[..., None] / 255.0
+    expected = rgb * a + 255 * (1 - a)
+    np.testing.assert_allclose(read_images_of(Image.fromarray(np.dstack([rgb, alpha])), "rgba.png"), expected,
+                               atol=1e-3)
+    opaque = np.dstack([rgb, np.full((5, 6), 255, np.uint8)])
+    np.testing.assert_allclose(read_images_of(Image.fromarray(opaque), "opaque.png"),
+                               read_images_of(Image.fromarray(rgb), "same.png"), atol=1e-4)
+    gray = pixels((5, 6))
+    la = Image.merge("LA", [Image.fromarray(gray), Image.fromarray(alpha)])
+    np.testing.assert_allclose(read_images_of(la, "la.png")[..., 0], gray * a[..., 0] + 255 * (1 - a[..., 0]),
+                               atol=1e-3)
+
+
+def palette_image(indices, palette):
+    image = Image.fromarray(indices.astype(np.uint8), mode="P")
+    image.putpalette(palette.reshape(-1).tolist())
+    return image
+
+
+@pytest.mark.usefixtures("tmp")
+def test_palette_images_read_through_their_palette_and_transparency():
+    palette, indices = pixels((256, 3)), pixels((6, 7), 8)
+    np.testing.assert_array_equal(read_images_of(palette_image(indices, palette), "p.png"), palette[indices])
+    expected = np.where((indices == 3)[..., None], 255.0, palette[indices])
+    np.testing.assert_allclose(read_images_of(palette_image(indices, palette), "pt.png", transparency=3), expected,
+                               atol=1e-4)
+
+
+@pytest.mark.usefixtures("tmp")
+def test_cmyk_reads_as_the_rgb_it_prints():
+    cmyk = pixels((5, 6, 4))
+    expected = (255.0 - cmyk[..., :3]) * (255.0 - cmyk[..., 3:]) / 255
+    np.testing.assert_allclose(read_images_of(Image.fromarray(cmyk, mode="CMYK"), "c.tif"), expected, atol=1e-3)
+    rgb = pixels((5, 6, 3))
+    np.testing.assert_allclose(read_images_of(Image.fromarray(rgb).convert("CMYK"), "rgb-as-cmyk.tif"), rgb,
+                               atol=1e-3)
+
+
+@pytest.mark.parametrize("orientation, turns", [(3, 2), (6, -1), (8, 1)])  # np.rot90 turns, counterclockwise
+def test_exif_orientation_turns_jpegs_upright(tmp_path, orientation, turns):
+    stored = np.kron(pixels((4, 6, 3)), np.ones((4, 4, 1), np.uint8))  # 16x24 blocks survive JPEG
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = saved(tmp_path / "photo.jpg", Image.fromarray(stored), exif=exif, quality=95)
+    with Image.open(path) as im:
+        as_stored = np.asarray(im.convert("RGB"))  # the raw decode, not turned
+    np.testing.assert_array_equal(read_one(path), np.rot90(as_stored, turns))
+
+
+def test_exif_turned_size_is_known_before_decoding(tmp_path, capsys):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    saved(tmp_path / "a.jpg", Image.fromarray(pixels((20, 30, 3))), exif=exif)  # shown 30 high, 20 wide
+    saved(tmp_path / "b.png", Image.fromarray(pixels((30, 20, 3))))
+    data = load_data(f"dir:{tmp_path}")
+    assert data.input_shape == (30, 20, 3)
+    assert "resized" not in capsys.readouterr().err
+
+
+def test_animated_gif_reads_its_first_frame(tmp_path):
+    palette = pixels((256, 3))
+    first, second = pixels((6, 7), 16), pixels((6, 7), 16)
+    path = tmp_path / "anim.gif"
+    palette_image(first, palette).save(path, save_all=True, append_images=[palette_image(second, palette)])
+    with Image.open(path) as im:
+        assert im.n_frames == 2
+    np.testing.assert_array_equal(read_one(path), palette[first])
+
+
+def test_a_folder_is_gray_only_when_every_image_is(tmp_path):
+    gray, rgb = pixels((5, 6)), pixels((5, 6, 3))
+    saved(tmp_path / "a.png", Image.fromarray(gray))
+    saved(tmp_path / "b.png", Image.fromarray(pixels((5, 6), 65536, np.uint16)))
+    assert load_data(f"dir:{tmp_path}", verbose=False).input_shape == (5, 6, 1)
+    saved(tmp_path / "c.png", Image.fromarray(rgb))
+    data = load_data(f"dir:{tmp_path}", verbose=False)
+    assert data.input_shape == (5, 6, 3)
+    np.testing.assert_array_equal(data.x[0], np.stack([gray] * 3, axis=-1))
+    np.testing.assert_array_equal(data.x[2], rgb)
+
+
+# ---- one size
+
+
+def test_mixed_sizes_are_resized_to_the_median_size(tmp_path, capsys):
+    sizes = [(8, 8), (12, 10), (20, 6), (9, 30)]  # (height, width)
+    for i, (h, w) in enumerate(sizes):
+        saved(tmp_path / f"{i}.png", Image.fromarray(pixels((h, w))))
+    data = load_data(f"dir:{tmp_path}")
+    lower_median = lambda values: sorted(values)[(len(values) - 1) // 2]  # noqa: E731
+    expected = (lower_median([h for h, _ in sizes]), lower_median([w for _, w in sizes]))
+    assert expected == (9, 8) and data.input_shape == expected + (1,)
+    assert "resized to 9x8 (the median size)" in capsys.readouterr().err
+    assert load_data(f"dir:{tmp_path}", image_size=6, verbose=False).input_shape == (6, 6, 1)
+
+
+def keras_resized(image, size, **kwargs):
+    import keras
+
+    layer = keras.layers.Resizing(*size, **kwargs)
+    return keras.ops.convert_to_numpy(layer(image[None].astype("float32")))[0]
+
+
+@pytest.mark.parametrize("resize, shape, size", [
+    ("crop", (20, 10), (10, 10)), ("crop", (21, 10), (10, 10)), ("crop", (10, 21), (10, 7)),
+    ("crop", (9, 30), (9, 5)), ("pad", (20, 10), (20, 20)), ("pad", (10, 21), (16, 21)), ("pad", (9, 30), (15, 30)),
+])
+def test_crop_and_pad_take_keras_boxes(resize, shape, size):
+    """Sizes at which Keras's box needs no resampling, odd margins included: the pixels must match exactly."""
+    image = pixels(shape + (3,)).astype("float32")
+    expected = keras_resized(image, size, **{f"{resize}_to_aspect_ratio": True})
+    np.testing.assert_array_equal(fit_size(image, size, resize), expected)
+
+
+def test_pad_with_an_odd_margin_pads_both_sides_alike_as_keras_does():
+    """21x10 padded toward 21x21: Keras puts 5 columns on each side (20 wide), then resizes to 21."""
+    ramp = np.tile(20 * np.arange(10, dtype="float32") + 30, (21, 1))[..., None]
+    ours, expected = fit_size(ramp, (21, 21), "pad"), keras_resized(ramp, (21, 21), pad_to_aspect_ratio=True)
+    assert ours.shape == expected.shape == (21, 21, 1)
+    # away from the black margins both resamplings reproduce the ramp; a margin of 5 and 6 would shift it by 10
+    np.testing.assert_allclose(ours[:, 8:13], expected[:, 8:13], atol=1.5)
+
+
+@pytest.mark.parametrize("resize, keras_kwargs", [("crop", {"crop_to_aspect_ratio": True}),
+                                                  ("pad", {"pad_to_aspect_ratio": True}),
+                                                  ("stretch", {})])
+def test_resized_ramps_match_keras_inside_the_border(tmp_path, resize, keras_kwargs):
+    rows, cols = np.mgrid[0:40, 0:60]
+    ramp = (2 * cols + 3 * rows).astype(np.uint8)  # linear: bicubic and bilinear agree away from edges
+    x = load_data(f"dir:{saved(tmp_path / 'ramp.png', Image.fromarray(ramp)).parent}", image_size=16,
+                  resize=resize, verbose=False).x[0]
+    expected = keras_resized(ramp[..., None], (16, 16), **keras_kwargs)
+    assert x.shape == expected.shape == (16, 16, 1)
+    inside = (slice(2, -2), slice(2, -2)) if resize != "pad" else (slice(5, -5), slice(2, -2))
+    np.testing.assert_allclose(x[inside], expected[inside], atol=1.0)
+    if resize == "pad":  # a 40x60 picture padded to 60x60: 10 black rows above and below
+        assert x[0].max() == 0 and x[-1].max() == 0 and x[5:-5].min() > 0
+
+
+# ---- bad files
+
+
+def bad_files(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg = folder / "whole.jpg"
+    Image.fromarray(pixels((32, 32, 3))).save(jpeg, quality=90)
+    data = jpeg.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("not a picture\n")
+    return {"truncated.jpg": "image file is truncated", "empty.png": "the file is empty (0 bytes)",
+            "text.png": "not an image Pillow can read"}
+
+
+@pytest.mark.parametrize("name", ["truncated.jpg", "empty.png", "text.png"])
+def test_a_bad_file_is_refused_naming_path_and_reason(tmp_path, name):
+    reasons = bad_files(tmp_path / "src")
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.fromarray(pixels((32, 32, 3))).save(folder / "good.png")
+    (folder / name).write_bytes((tmp_path / "src" / name).read_bytes())
+    with pytest.raises(SettingsError) as err:
+        load_data(f"dir:{folder}", verbose=False)
+    message = str(err.value)
+    assert message.startswith(f"Image {str(folder / name)!r} cannot be read: ") and "\n" not in message
+    assert reasons[name] in message and "--skip-bad-files" in message
+
+
+def test_skip_bad_files_keeps_the_rest_with_their_labels(tmp_path):
+    bad_files(tmp_path / "b")
+    (tmp_path / "a").mkdir()
+    good = pixels((32, 32, 3))
+    Image.fromarray(good).save(tmp_path / "a" / "0.png")
+    data = load_data(f"dir:{tmp_path}", skip_bad_files=True, verbose=False)
+    assert data.skipped == tuple(str(tmp_path / "b" / n) for n in ("empty.png", "text.png", "truncated.jpg"))
+    assert len(data.x) == 2 and data.y.tolist() == [0, 1] and data.class_names == ("a", "b")
+    np.testing.assert_array_equal(data.x[0], good)
+
+
+def test_a_class_left_without_images_is_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(pixels((4, 4))).save(tmp_path / "a" / "0.png")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "0.png").write_bytes(b"")
+    with pytest.raises(SettingsError, match=r"Class folder '.*b' holds no image that can be read"):
+        load_data(f"dir:{tmp_path}", skip_bad_files=True, verbose=False)
+
+
+def test_cli_names_the_bad_file_and_exits_2(tmp_path):
+    from click.testing import CliRunner
+
+    from transferkit.cli import cli
+
+    bad_files(tmp_path / "data" / "x")
+    result = CliRunner().invoke(cli, ["pretrain", "--data", f"dir:{tmp_path / 'data'}", "--out", tmp_path / "out"],
+                                obj={})
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"Error: Image {str(tmp_path / 'data' / 'x' / 'empty.png')!r} cannot be read: "
+                                     "the file is empty (0 bytes); expected an image file (fix or remove it, or "
+                                     "pass --skip-bad-files).")
+    result = CliRunner().invoke(cli, ["pretrain", "--resize", "squash"], obj={})
+    assert result.exit_code == 2 and "'squash' is not one of 'stretch', 'crop', 'pad'" in result.output
+
+
+# ---- file descriptors
+
+
+def two_thousand_images(root):
+    for c in range(2):
+        (root / f"class{c}").mkdir()
+    for i in range(2000):
+        Image.fromarray(np.full((4, 4), i % 256, np.uint8)).save(root / f"class{i % 2}" / f"{i:04}.png")
+    return root
+
+
+def run_with_256_file_descriptors(code):
+    limited = "import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))\n" + textwrap.dedent(code)
+    out = subprocess.run([sys.executable, "-c", limited], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_2000_images_load_under_ulimit_256(tmp_path):
+    import errno
+
+    root = two_thousand_images(tmp_path)
+    out = run_with_256_file_descriptors(f"""
+        from pathlib import Path
+        from PIL import Image
+        paths = sorted(Path({str(root)!r}).glob("*/*.png"))
+        try:
+            opened = [Image.open(p) for p in paths]  # how images were read before: every file open at once
+            print("all opened")
+        except OSError as err:
+            print("opening all at once fails:", err.errno)
+        from transferkit.data import load_data
+        data = load_data("dir:{root}")
+        print(data.x.shape, data.y.sum(), data.x[:, 0, 0, 0].sum())
+    """)
+    assert out.stdout.splitlines() == [f"opening all at once fails: {errno.EMFILE}",
+                                       f"(2000, 4, 4, 1) 1000 {float(sum(i % 256 for i in range(2000)))}"]
+    assert "decoding images" in out.stderr  # the progress bar
+    assert "2000 images, 2 classes, 0 skipped" in out.stderr
+
+
+@pytest.mark.slow
+def test_2000_images_train_a_step_under_ulimit_256(tmp_path):
+    root = two_thousand_images(tmp_path)
+    out = run_with_256_file_descriptors(f"""
+        import keras
+        from transferkit.data import load_data, pipeline
+        data = load_data("dir:{root}", verbose=False)
+        model = keras.Sequential([keras.Input(data.input_shape), keras.layers.Flatten(), keras.layers.Dense(2)])
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(pipeline(data.x, data.y, batch_size=32), epochs=1, steps_per_epoch=1, verbose=0)
+        print(len(history.history["loss"]))
+    """)
+    assert out.stdout.split()[-1] == "1"
