@@ -638,10 +638,11 @@ def _resolve(model, data) -> tuple[keras.Model, Any, str, bool]:
 
 def _artifact_data(path: Path, manifest: dict[str, Any], spec: str | None) -> tuple[tuple, str]:
     """The artifact's training split (never its test split); all of other data."""
-    from transferkit.data import Split, load_data
+    from transferkit import runs
+    from transferkit.data import Split
 
     spec = spec or manifest["data"]["spec"]
-    loaded = load_data(spec, image_size=manifest.get("image_size"))
+    loaded = runs.load_like_artifact(spec, manifest)
     if loaded.input_shape != tuple(manifest["input_shape"]):
         raise SettingsError(f"The data's inputs have shape {loaded.input_shape}; the model in {str(path)!r} "
                             f"takes {tuple(manifest['input_shape'])}.")

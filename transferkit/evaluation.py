@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 
 from transferkit import artifacts, runs
-from transferkit.data import Split, load_data, pipeline
+from transferkit.data import Split, pipeline
 from transferkit.errors import SettingsError
 from transferkit.uncertainty import calibration, has_dropout, mc_predict
 
@@ -30,7 +30,7 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
     model_dir = Path(model_dir)
     manifest = artifacts.read_manifest(model_dir, ("classifier",))
     spec = data or manifest["data"]["spec"]
-    loaded = load_data(spec, image_size=manifest.get("image_size"))
+    loaded = runs.load_like_artifact(spec, manifest, verbose)
     runs.require_labels(loaded)
     if loaded.input_shape != tuple(manifest["input_shape"]):
         raise SettingsError(f"The data's inputs have shape {loaded.input_shape}; the model in {str(model_dir)!r} "

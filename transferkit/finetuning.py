@@ -39,7 +39,7 @@ from transferkit.backbones import (
 )
 from transferkit.backup import Backup, BackupCallback
 from transferkit.defaults import describe_chosen, resolve_finetune
-from transferkit.data import Data, Split, load_data, pipeline, split_data
+from transferkit.data import Data, Split, pipeline, split_data
 from transferkit.errors import SettingsError
 from transferkit.discriminative import block_factors
 from transferkit.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
@@ -136,7 +136,7 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     if not recipe.from_ and not recipe.backbone:
         raise SettingsError("finetune needs a base: --from DIR (a saved encoder) or --backbone NAME.")
     encoder_manifest = artifacts.read_manifest(recipe.from_, ("encoder",)) if recipe.from_ else None
-    data = load_data(recipe.data, image_size=recipe.image_size)
+    data = runs.load_recipe_data(recipe)
     runs.require_labels(data)
     split = _split_for(recipe, data, encoder_manifest)
     keras.utils.set_random_seed(recipe.seed)

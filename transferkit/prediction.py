@@ -20,8 +20,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit import artifacts
-from transferkit.data import SCHEMES, load_data, read_images
+from transferkit import artifacts, runs
+from transferkit.data import SCHEMES, read_images
 from transferkit.errors import SettingsError
 from transferkit.uncertainty import has_dropout, mc_predict
 
@@ -74,7 +74,7 @@ def run_predict(model_dir: str | Path, inputs: list[str], mc_samples: int = 0, o
 def _load_inputs(inputs: list[str], manifest: dict) -> tuple[list[str], np.ndarray]:
     shape = tuple(manifest["input_shape"])
     if len(inputs) == 1 and inputs[0].partition(":")[0] in SCHEMES:
-        data = load_data(inputs[0], image_size=manifest.get("image_size"))
+        data = runs.load_like_artifact(inputs[0], manifest)
         names, x = [str(i) for i in range(len(data.x))], data.x
     else:
         missing = [p for p in inputs if not Path(p).is_file()]

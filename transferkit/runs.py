@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from transferkit import artifacts
-from transferkit.data import Data, Split, load_data, split_data
+from transferkit.data import Data, Split, load_data, require_classes, split_data
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.recipe import Recipe, dump_toml
 
@@ -32,9 +32,21 @@ class Result:
         return f"Result(artifact={str(self.artifact)!r}, {metrics})"
 
 
+def load_recipe_data(recipe: Recipe) -> Data:
+    """The recipe's data, read with its image size, resize mode and bad-file policy."""
+    return load_data(recipe.data, image_size=recipe.image_size, resize=recipe.resize,
+                     skip_bad_files=recipe.skip_bad_files)
+
+
+def load_like_artifact(spec: str, manifest: dict[str, Any], verbose: bool = True) -> Data:
+    """Data `spec` read the way an artifact's training data was: its image size, resize mode, bad-file policy."""
+    return load_data(spec, image_size=manifest.get("image_size"), resize=manifest.get("resize", "stretch"),
+                     skip_bad_files=bool(manifest["data"].get("skipped")), verbose=verbose)
+
+
 def prepare(recipe: Recipe, split_seed: int | None = None) -> tuple[Data, Split]:
     """Load the recipe's data and split it with `split_seed` (the recipe's by default)."""
-    data = load_data(recipe.data, image_size=recipe.image_size)
+    data = load_recipe_data(recipe)
     split = split_data(
         data,
         seed=recipe.resolved_split_seed if split_seed is None else split_seed,
@@ -81,12 +93,14 @@ def base_manifest(kind: str, recipe: Recipe, data: Data, split: Split) -> dict[s
         "input_shape": list(data.input_shape),
         "input_dtype": "float32",
         "image_size": recipe.image_size,
+        "resize": recipe.resize,
         "value_range": list(data.value_range),
         "data": {
             "spec": data.spec,
             "fingerprint": data.fingerprint,
             "num_examples": int(len(data.x)),
             "class_names": list(data.class_names) if data.class_names else None,
+            "skipped": list(data.skipped),
         },
         "split": {
             "seed": split.seed,
@@ -225,9 +239,11 @@ def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def require_labels(data: Data) -> None:
+    """Refuse data without labels, or with a single class: a classifier needs two classes to tell apart."""
     if data.y is None:
         raise SettingsError(f"Data {data.spec!r} has no labels; fine-tuning needs labeled data "
                             "(a folder with one sub-folder per class, or an npz with 'y').")
+    require_classes(data, 2)
 
 
 def print_line(text: str, verbose: bool) -> None:

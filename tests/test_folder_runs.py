@@ -1,0 +1,56 @@
+"""Image folders through whole runs: one class refused, skipped files and the resize mode kept for evaluation."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import transferkit as tk
+from transferkit.errors import SettingsError
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(units=(8,), epochs=1, lr=1e-3, verbose=False)
+
+
+def folder(root: Path, classes=("a", "b"), per_class=12, size=(10, 14)) -> Path:
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            level = 60 + 120 * c
+            pixels = np.clip(rng.normal(level, 20, size), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_folder_of_one_class_cannot_be_finetuned(tmp_path):
+    data = folder(tmp_path / "photos", classes=("cats",))
+    encoder = tk.pretrain(data=f"dir:{data}", out=str(tmp_path / "enc"), **FAST).artifact  # unlabeled use is fine
+    done = subprocess.run([sys.executable, "-m", "transferkit.cli", "finetune", "--from", str(encoder), "--data",
+                           f"dir:{data}", "--out", str(tmp_path / "clf")], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: Data 'dir:{data}' has 1 class ('cats'); expected at least 2 classes to train a classifier.")
+    assert not (tmp_path / "clf").exists()
+
+
+def test_skipped_files_and_the_resize_mode_are_recorded_and_reused(tmp_path):
+    data = folder(tmp_path / "photos")
+    (data / "b" / "broken.png").write_bytes(b"not a png")
+    spec = f"dir:{data}"
+    with pytest.raises(SettingsError, match="broken.png"):
+        tk.pretrain(data=spec, out=str(tmp_path / "refused"), **FAST)
+    encoder = tk.pretrain(data=spec, skip_bad_files=True, resize="crop", image_size=8, out=str(tmp_path / "enc"),
+                          **FAST).artifact
+    classifier = tk.finetune(from_=str(encoder), data=spec, skip_bad_files=True, resize="crop", image_size=8,
+                             head_epochs=1, epochs=0, lr=1e-3, out=str(tmp_path / "clf"), verbose=False)
+    manifest = json.loads((classifier.artifact / "manifest.json").read_text())
+    assert manifest["resize"] == "crop" and manifest["image_size"] == 8
+    assert manifest["data"]["skipped"] == [str(data / "b" / "broken.png")]
+    # evaluate reads the folder the way training did: the same fingerprint, so the test split alone
+    report = tk.evaluate(classifier.artifact, spec, verbose=False)
+    assert report.metrics["examples"] == manifest["split"]["sizes"]["test"]
