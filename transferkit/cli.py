@@ -137,6 +137,8 @@ def _finetune_options(f: Callable) -> Callable:
         click.option("--gradual/--no-gradual", default=None,
                      help="ULMFiT's gradual unfreezing: one more block per stage (of --epochs each), top first."),
         click.option("--finetune-lr-factor", type=float, help="Learning rate of unfreezing stages = lr x this."),
+        click.option("--label-smoothing", type=float,
+                     help="Spread this much of each target's probability over every class (Szegedy et al. 2016)."),
         click.option("--lr-decay", type=float, help="Each block below the top one learns at 1/D of the one above "
                                                     "(discriminative fine-tuning; ULMFiT uses 2.6)."),
         click.option("--train-batchnorm/--freeze-batchnorm", default=None,

@@ -45,6 +45,7 @@ from transferkit.discriminative import block_factors
 from transferkit.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
 from transferkit.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.health import TrainingHealth
+from transferkit.losses import SparseCategoricalCrossentropyWithSmoothing
 from transferkit.recipe import Recipe
 from transferkit.semi_supervised import (
     NEIGHBOURS, SPREAD, check_pool, per_class, pool_epochs, propagate_labels, pseudo_labels, unlabeled_pool,
@@ -253,7 +254,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 inputs = {"train": outputs[phase.name], "val": outputs[None]}
                 record["caching_seconds"] = round(time.perf_counter() - caching, 3)
             reuse = None  # used by the first stage, or not at all: free it
-            loss, accuracy = _loss_and_metric(examples.soft)
+            loss, accuracy = _loss_and_metric(examples.soft, recipe.label_smoothing)
             if recipe.lr == "auto":
                 trained.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
                 lr = runs.find_learning_rate(trained, inputs["train"], y, recipe, verbose)
@@ -297,7 +298,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 runs.print_line(f"stage {stage.name}: {stopping.monitor} stopped improving; kept epoch "
                                 f"{stopping.best_epoch + 1}'s weights", verbose)
 
-    loss, accuracy = _loss_and_metric(soft=False)
+    loss, accuracy = _loss_and_metric(soft=False, label_smoothing=recipe.label_smoothing)
     # the last stage trained the head alone, or on soft labels: compile the classifier for the true labels
     if trained is not clf.model or getattr(clf.model, "loss", None) != loss:
         clf.model.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
@@ -320,10 +321,14 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
     return runs.Result(model=clf.model, history=history, metrics=metrics, artifact=out, manifest=manifest)
 
 
-def _loss_and_metric(soft: bool) -> tuple[str, list]:
-    """Cross-entropy on class indices, or on probabilities; the metric is `accuracy` either way."""
+def _loss_and_metric(soft: bool, label_smoothing: float = 0.0) -> tuple[Any, list]:
+    """Cross-entropy on class indices, or on probabilities, smoothed by `label_smoothing`; the metric: `accuracy`."""
     if soft:
-        return "categorical_crossentropy", [keras.metrics.CategoricalAccuracy(name="accuracy")]
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing) if label_smoothing \
+            else "categorical_crossentropy"
+        return loss, [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if label_smoothing:
+        return SparseCategoricalCrossentropyWithSmoothing(label_smoothing), ["accuracy"]
     return "sparse_categorical_crossentropy", ["accuracy"]
 
 
