@@ -1,5 +1,6 @@
-"""evaluate's report: per class, confusion, top-k, JSON, pictures."""
+"""evaluate's report (per class, confusion, top-k, JSON, pictures) and the history.csv of every artifact."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 from sklearn import metrics
 
 import transferkit as tk
+from transferkit.curves import epoch_stages, history_rows
 from transferkit.data import load_data
 from transferkit.report import class_report, most_confused, top_losses
 from tests.test_cli import run
@@ -108,3 +110,34 @@ def test_most_confused_and_top_losses_on_a_hand_example():
     assert most_confused(np.array([[0, 2], [3, 0]]), ["a", "b"]) == [
         {"true": "b", "predicted": "a", "count": 3}, {"true": "a", "predicted": "b", "count": 2}]
     assert class_report(p, y, ["a", "b"], top_k=1)["top_k_accuracy"] == pytest.approx(0.0)
+
+
+def test_history_csv_rows_match_history_json(classifier_dir, encoder_dir):
+    # classifier_dir: head_epochs=2, then unfreeze_top=1 for epochs=2
+    for artifact, stages in ((classifier_dir, ["head", "head", "top1", "top1"]), (encoder_dir, ["", ""])):
+        history = json.loads((Path(artifact) / "history.json").read_text())
+        with open(Path(artifact) / "history.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert [int(r["epoch"]) for r in rows] == list(range(1, len(stages) + 1))
+        assert [r["stage"] for r in rows] == stages
+        assert set(rows[0]) == {"epoch", "stage", *history}
+        for key, values in history.items():
+            assert [float(r[key]) for r in rows] == values
+
+
+def test_epoch_stages_follow_an_early_stopped_head_and_later_phases():
+    stages = [{"name": "head", "phase": "labeled", "epochs": 5, "stopped_after": 3},
+              {"name": "top1", "phase": "labeled", "epochs": 2},
+              {"name": "top1", "phase": "pseudo1", "epochs": 2}]
+    # Keras numbers on from each stage's planned start: head ran 1-3, top1 6-7, its pseudo round 8-9
+    assert epoch_stages(stages, 7) == ([1, 2, 3, 6, 7, 8, 9], ["head"] * 3 + ["top1"] * 2 + ["top1 (pseudo1)"] * 2)
+    # stages that do not account for the rows (a resumed run): plain numbers, no stage
+    assert epoch_stages(stages, 9) == (list(range(1, 10)), [""] * 9)
+
+
+def test_history_rows_put_loss_first_learning_rate_last_and_leave_out_partial_values():
+    history = {"val_loss": [2.0, 1.0], "learning_rate": [0.1, 0.01], "loss": [3.0, 2.5], "accuracy": [0.1, 0.2],
+               "block": [1.0]}
+    rows = history_rows(history)
+    assert list(rows[0]) == ["epoch", "stage", "loss", "accuracy", "val_loss", "learning_rate"]
+    assert rows[1] == {"epoch": 2, "stage": "", "loss": 2.5, "accuracy": 0.2, "val_loss": 1.0, "learning_rate": 0.01}
