@@ -78,12 +78,31 @@ def export(model_dir: str | Path, out: str | Path | None = None, *, mc_samples: 
     return run_export(model_dir, out, mc_samples=mc_samples, verbose=verbose)
 
 
-def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int = 0,
-             verbose: bool = True) -> Result:
-    """Accuracy, NLL and calibration error of a saved classifier on its test split (or on `data`)."""
+def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int = 0, top_k: int | None = None,
+             plots: str | Path | None = None, output: str | Path | None = None, verbose: bool = True) -> Result:
+    """How well a saved classifier does on its test split (or on `data`), and where it fails.
+
+    Args:
+        model_dir: Path of a classifier artifact.
+        data: Optional data spec. Defaults to the artifact's test split.
+        mc_samples: Integer. Also evaluate MC dropout predictions with this many samples (0: no). Defaults to `0`.
+        top_k: Optional integer. Top-k accuracy to report. Defaults to 5 with more than 5 classes, else none.
+        plots: Optional folder to write `confusion.png` (and `top_losses.png` for images) into. Defaults to `None`.
+        output: Optional `.json` file for the whole report. Defaults to `None`.
+        verbose: Bool. Print the report. Defaults to `True`.
+
+    Returns:
+        A `Result` (an `evaluation.Evaluation`) whose `metrics` hold accuracy,
+        balanced accuracy, NLL, ECE, macro and weighted F1 (and top-k), and whose
+        `report` holds everything: per-class figures, confusion matrix, most-confused pairs.
+
+    Raises:
+        SettingsError: A bad artifact, data, `top_k`, `mc_samples`, `plots` or `output`.
+    """
     from transferkit.evaluation import run_evaluate
 
-    return run_evaluate(model_dir, data, mc_samples=mc_samples, verbose=verbose)
+    return run_evaluate(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output,
+                        verbose=verbose)
 
 
 def predict(model_dir: str | Path, inputs: list[str] | str, *, mc_samples: int = 0,

@@ -225,12 +225,16 @@ def export(model_dir: str, out: str | None, mc_samples: int) -> None:
 @click.option("--data", help="Data spec to evaluate on (default: the artifact's test split).")
 @click.option("--mc-samples", type=click.IntRange(min=0), default=0,
               help="Also evaluate MC dropout predictions with this many samples.")
+@click.option("--top-k", type=int, help="Report the top-K accuracy (default 5 with more than 5 classes, else none).")
+@click.option("--plots", type=click.Path(), help="Write confusion.png (and top_losses.png for images) here.")
+@click.option("--output", type=click.Path(), help="Write the whole report to this JSON file.")
 @_handle_errors
-def evaluate(model_dir: str, data: str | None, mc_samples: int) -> None:
-    """Accuracy, NLL and calibration error of MODEL_DIR on its test split (or on --data)."""
+def evaluate(model_dir: str, data: str | None, mc_samples: int, top_k: int | None, plots: str | None,
+             output: str | None) -> None:
+    """Accuracy, per-class figures, confusion and calibration of MODEL_DIR on its test split (or on --data)."""
     from transferkit.api import evaluate as run
 
-    run(model_dir, data, mc_samples=mc_samples)
+    run(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output)
 
 
 @cli.command()

@@ -118,8 +118,11 @@ def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: 
              history: dict[str, list[float]], figures: dict[str, Any] | None = None) -> Path:
     """Write the artifact folder atomically: model, recipe, manifest, split, history and pictures (the chief only).
 
+    The history is written twice: `history.json` as Keras logs it, and
+    `history.csv` one row per epoch with its stage (from `manifest["stages"]`).
     `figures` maps PNG file names to matplotlib figures, drawn into the same temporary folder.
     """
+    from transferkit.curves import write_history_csv
     from transferkit.runtime import is_chief
 
     if not is_chief():
@@ -130,6 +133,7 @@ def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: 
         artifacts.write_json(tmp / artifacts.MANIFEST, manifest)
         artifacts.write_json(tmp / artifacts.SPLIT, split.to_dict())
         artifacts.write_json(tmp / "history.json", history)
+        write_history_csv(tmp / "history.csv", history, manifest.get("stages"))
         if figures:
             from transferkit.pictures import write_pictures
 
