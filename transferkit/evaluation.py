@@ -22,7 +22,7 @@ from transferkit import artifacts, runs
 from transferkit.data import Split, pipeline
 from transferkit.errors import SettingsError
 from transferkit.report import class_report, confusion_figure, format_report, resolve_top_k, top_losses_figure
-from transferkit.uncertainty import calibration, has_dropout, mc_predict
+from transferkit.uncertainty import calibration, deterministic_model, has_dropout, mc_predict
 
 
 @dataclasses.dataclass(repr=False)
@@ -82,7 +82,7 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
         raise SettingsError(f"--mc-samples needs a model with dropout; {str(model_dir)!r} has none "
                             "(fine-tune with --dropout).")
     names = class_names(manifest)
-    probabilities = {"deterministic": model.predict(pipeline(x, batch_size=batch_size), verbose=0)}
+    probabilities = {"deterministic": deterministic_model(model).predict(pipeline(x, batch_size=batch_size), verbose=0)}
     if mc_samples:
         probabilities["mc_dropout"] = mc_predict(model, x, mc_samples).mean
     predictions = {kind: {**calibration(p, y), **class_report(p, y, names, top_k)} for kind, p in probabilities.items()}

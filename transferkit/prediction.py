@@ -23,7 +23,7 @@ import numpy as np
 from transferkit import artifacts, runs
 from transferkit.data import SCHEMES, read_images
 from transferkit.errors import SettingsError
-from transferkit.uncertainty import has_dropout, mc_predict
+from transferkit.uncertainty import deterministic_model, has_dropout, mc_predict
 
 OUTPUT_FORMATS = (".csv", ".json")
 
@@ -51,7 +51,7 @@ def run_predict(model_dir: str | Path, inputs: list[str], mc_samples: int = 0, o
         mc = mc_predict(model, x, mc_samples)
         probabilities = mc.mean
     else:
-        probabilities = model.predict(x, batch_size=batch_size, verbose=0)
+        probabilities = deterministic_model(model).predict(x, batch_size=batch_size, verbose=0)
     best = probabilities.argmax(axis=1)
     rows = []
     for i, name in enumerate(names):
