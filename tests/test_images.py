@@ -339,7 +339,7 @@ def test_2000_images_load_under_ulimit_256(tmp_path):
     """)
     assert out.stdout.splitlines() == [f"opening all at once fails: {errno.EMFILE}",
                                        f"(2000, 4, 4, 1) 1000 {float(sum(i % 256 for i in range(2000)))}"]
-    assert "decoding images" in out.stderr  # the progress bar
+    assert "checking images" in out.stderr  # the progress bar of the pass that proves each file decodes
     assert "2000 images, 2 classes, 0 skipped" in out.stderr
 
 

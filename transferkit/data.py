@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from transferkit.errors import SettingsError, TransferkitError
-from transferkit.images import IMAGE_SUFFIXES, Decoded, Listing, decode_images, list_images
+from transferkit.image_files import ImageFiles, gather_together
+from transferkit.images import IMAGE_SUFFIXES, Checked, Listing, check_images, list_images, progress_bar
 from transferkit.images import read_images  # noqa: F401 - part of this module's interface (prediction uses it)
 from transferkit.recipe import RESIZE_MODES
 
@@ -43,10 +44,12 @@ _CHUNK_BYTES = 1 << 26  # rows read at a time when hashing or checking large (me
 class Data:
     """Inputs, optional integer labels, and what is known about them.
 
+    `x` is an array (digits, npz: memory-mapped where it can be, tfds), or for
+    `dir:` an `ImageFiles`: the file list, decoded batch by batch in `pipeline`.
     `skipped` names the files left out because they could not be decoded (`dir:` with `skip_bad_files`).
     """
 
-    x: np.ndarray
+    x: np.ndarray | ImageFiles
     y: np.ndarray | None
     spec: str
     class_names: tuple[str, ...] | None
@@ -65,9 +68,16 @@ class Data:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """A short hash of the inputs and labels: the same data gives the same fingerprint."""
+        """A short hash of the inputs and labels: the same data gives the same fingerprint.
+
+        Arrays: their bytes. Image folders: each file's name (relative to the
+        folder), byte size and modification time, and the size, channels and
+        resize mode they are read with; no file is read.
+        """
         h = hashlib.sha256()
-        for rows in _row_chunks(self.x):  # the bytes of the whole array, without a copy of it
+        if isinstance(self.x, ImageFiles):
+            self.x.fingerprint_into(h)
+        for rows in ([] if isinstance(self.x, ImageFiles) else _row_chunks(self.x)):  # the bytes of the whole array, without a copy of it
             h.update(np.ascontiguousarray(rows).tobytes())
         if self.y is not None:
             h.update(np.ascontiguousarray(self.y).tobytes())
@@ -139,7 +149,9 @@ def load_data(spec: str = "digits", image_size: int | None = None, resize: str =
     data = loader(spec, arg, _Options(image_size, resize, skip_bad_files, verbose))
     if len(data.x) == 0:
         raise SettingsError(f"Data spec {spec!r} holds no examples; expected at least one.")
-    bad = sum(int(np.size(rows) - np.count_nonzero(np.isfinite(rows))) for rows in _row_chunks(data.x))
+    # decoded images hold levels 0..255: only arrays can hold NaN
+    bad = 0 if isinstance(data.x, ImageFiles) else sum(
+        int(np.size(rows) - np.count_nonzero(np.isfinite(rows))) for rows in _row_chunks(data.x))
     if bad:
         raise SettingsError(f"Data {spec!r} has {bad} NaN or infinite input values; expected finite numbers.")
     if data.y is not None and data.y.min() < 0:
@@ -217,14 +229,29 @@ def _row_chunks(x: np.ndarray):
         yield x[start:start + rows]
 
 
-def pipeline(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 64,
+def pipeline(x: np.ndarray | ImageFiles, y: np.ndarray | ImageFiles | None = None, batch_size: int = 64,
              shuffle: bool = False, seed: int = 0):
-    """A cached, batched, prefetched `tf.data.Dataset` of `x` (and `y`).
+    """A batched, prefetched `tf.data.Dataset` of `x` (and `y`): the one way into tf.data for every pass.
 
+    Arrays are cached in the dataset. `ImageFiles` are decoded a batch at a time
+    in a parallel, ordered map, never all at once; the shuffled order is the
+    one the same arrays would get (a shuffle of the row numbers with `seed`).
     `x` may also be an unbatched, already cached `tf.data.Dataset` (spilled features).
     """
     import tensorflow as tf
 
+    if isinstance(x, ImageFiles) or isinstance(y, ImageFiles):
+        items = (x,) if y is None else (x, y)
+        ds = tf.data.Dataset.range(len(x))
+        if shuffle:
+            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+
+        def rows(indices):
+            batch = tuple(gather_together(items, indices))
+            return batch if len(batch) > 1 else batch[0]
+
+        return ds.batch(batch_size).map(rows, num_parallel_calls=tf.data.AUTOTUNE,
+                                        deterministic=True).prefetch(tf.data.AUTOTUNE)
     if isinstance(x, tf.data.Dataset):
         ds = x if y is None else tf.data.Dataset.zip((x, tf.data.Dataset.from_tensor_slices(y)))
     else:
@@ -232,6 +259,28 @@ def pipeline(x: np.ndarray, y: np.ndarray | None = None, batch_size: int = 64,
     if shuffle:
         ds = ds.shuffle(len(x) if y is None else len(y), seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def batches_of(x: np.ndarray | ImageFiles, batch_size: int = 256, desc: str | None = None):
+    """`x` batch by batch as numpy arrays, in order; a progress bar on stderr titled `desc` for long passes.
+
+    Arrays are sliced; `ImageFiles` decoded through `pipeline`.
+    """
+    with progress_bar(len(x) if desc else 0, desc or "") as tick:
+        if isinstance(x, ImageFiles):
+            for batch in pipeline(x, batch_size=batch_size):
+                batch = batch.numpy()
+                yield batch
+                tick(len(batch))
+        else:
+            for start in range(0, len(x), batch_size):
+                yield x[start:start + batch_size]
+                tick(min(batch_size, len(x) - start))
+
+
+def as_array(x: np.ndarray | ImageFiles) -> np.ndarray:
+    """`x` as one array, decoding image files on purpose: for the few passes that cannot stream, of a bounded size."""
+    return x.decode() if isinstance(x, ImageFiles) else x
 
 
 def _stratified_order(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -361,30 +410,31 @@ def _load_dir(spec: str, arg: str, options: _Options) -> Data:
     listing = list_images(root)
     if not listing.files:
         raise SettingsError(f"Folder {arg!r} holds no images; expected {', '.join(IMAGE_SUFFIXES)} files.")
-    decoded = decode_images(listing.files, options.image_size, resize=options.resize,
-                            skip_bad_files=options.skip_bad_files, progress=options.verbose)
-    y = None if listing.labels is None else np.asarray(listing.labels, dtype="int64")[decoded.kept]
+    checked = check_images(listing.files, options.image_size, resize=options.resize,
+                           skip_bad_files=options.skip_bad_files, progress=options.verbose)
+    y = None if listing.labels is None else np.asarray(listing.labels, dtype="int64")[checked.kept]
     if y is not None:
         empty = np.flatnonzero(np.bincount(y, minlength=len(listing.class_names)) == 0)
         if len(empty):
             raise SettingsError(f"Class folder {str(root / listing.class_names[empty[0]])!r} holds no image that "
                                 "can be read; expected at least one per class (or remove the folder).")
     if options.verbose:
-        print(_summary(spec, listing, decoded), file=sys.stderr, flush=True)
-    return Data(x=decoded.x, y=y, spec=spec, class_names=listing.class_names, value_range=(0.0, 255.0),
-                skipped=tuple(path for path, _ in decoded.bad))
+        print(_summary(spec, listing, checked), file=sys.stderr, flush=True)
+    x = ImageFiles([listing.files[i] for i in checked.kept], checked.size, checked.channels, options.resize, root=root)
+    return Data(x=x, y=y, spec=spec, class_names=listing.class_names, value_range=(0.0, 255.0),
+                skipped=tuple(path for path, _ in checked.bad))
 
 
-def _summary(spec: str, listing: Listing, decoded: Decoded) -> str:
+def _summary(spec: str, listing: Listing, checked: Checked) -> str:
     """`dir:PATH: N images, K classes, S skipped (H hidden, O non-image, B bad)`, and the size chosen."""
     classes = f"{len(listing.class_names)} classes" if listing.class_names else "unlabeled"
-    parts = [f"{listing.hidden} hidden", f"{listing.non_image} non-image", f"{len(decoded.bad)} bad"]
+    parts = [f"{listing.hidden} hidden", f"{listing.non_image} non-image", f"{len(checked.bad)} bad"]
     if listing.outside:
         parts.append(f"{listing.outside} beside the class folders")
-    skipped = listing.hidden + listing.non_image + listing.outside + len(decoded.bad)
-    line = f"{spec}: {len(decoded.x)} images, {classes}, {skipped} skipped ({', '.join(parts)})"
-    if decoded.resized_to_median:
-        line += f"; sizes differ, all resized to {decoded.x.shape[1]}x{decoded.x.shape[2]} (the median size)"
+    skipped = listing.hidden + listing.non_image + listing.outside + len(checked.bad)
+    line = f"{spec}: {len(checked.kept)} images, {classes}, {skipped} skipped ({', '.join(parts)})"
+    if checked.resized_to_median:
+        line += f"; sizes differ, all resized to {checked.size[0]}x{checked.size[1]} (the median size)"
     return line
 
 

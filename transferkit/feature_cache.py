@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import tempfile
 import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,10 +41,13 @@ def can_cache(features_model: keras.Model) -> bool:
         any(word in type(layer).__name__ for word in _STOCHASTIC) for layer in all_layers(features_model))
 
 
-def compute_features(features_model: keras.Model, x: np.ndarray, batch_size: int,
+def compute_features(features_model: keras.Model, x, batch_size: int,
                      limit_bytes: int = MEMORY_LIMIT_BYTES):
     """The base's outputs for `x`, as an array, or as an unbatched cached tf.data.Dataset past `limit_bytes`.
 
+    `x` is an array, or image files (`ImageFiles`), decoded batch by batch
+    through `transferkit.data.pipeline` while the base runs on the batches
+    before (a progress bar past a few hundred images).
     The base runs batch by batch through one `tf.function` per model (traced once,
     for any batch size, and kept for the model's next call, e.g. the validation
     inputs), not through `predict`: the same outputs, bit for bit, without
@@ -52,26 +56,38 @@ def compute_features(features_model: keras.Model, x: np.ndarray, batch_size: int
     """
     import tensorflow as tf
 
+    from transferkit.data import batches_of, pipeline
+    from transferkit.image_files import ImageFiles
+
     forward = _forward(features_model)
     dtype = features_model.inputs[0].dtype
     size = len(x) * math.prod(features_model.output.shape[1:]) * 4
     if size <= limit_bytes:
         if not len(x):
             return np.zeros((0, *features_model.output.shape[1:]), "float32")
-        starts = range(0, len(x), batch_size)
-        first = forward(tf.cast(x[:batch_size], dtype)).numpy()  # traces once, before the threads start
-        out = np.empty((len(x), *first.shape[1:]), first.dtype)
-        out[:len(first)] = first
+        out = None
 
-        def run(i: int) -> None:
-            out[i:i + batch_size] = forward(tf.cast(x[i:i + batch_size], dtype)).numpy()
+        def run(i: int, batch) -> None:
+            out[i:i + len(batch)] = forward(tf.cast(batch, dtype)).numpy()
 
         with ThreadPoolExecutor(IN_FLIGHT) as pool:
-            list(pool.map(run, starts[1:]))
+            running = deque()
+            for i, batch in zip(range(0, len(x), batch_size), batches_of(x, batch_size, desc="base outputs")):
+                if out is None:  # traces once, before the threads start
+                    first = forward(tf.cast(batch, dtype)).numpy()
+                    out = np.empty((len(x), *first.shape[1:]), first.dtype)
+                    out[:len(first)] = first
+                    continue
+                running.append(pool.submit(run, i, batch))
+                if len(running) > IN_FLIGHT:  # as many batches decoded ahead as run: memory stays flat
+                    running.popleft().result()
+            for job in running:
+                job.result()
         return out
     cache = Path(tempfile.mkdtemp(prefix="transferkit-features-")) / "features"
-    ds = (tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
-          .map(lambda b: forward(tf.cast(b, dtype))).unbatch().cache(str(cache)))
+    batches = (pipeline(x, batch_size=batch_size) if isinstance(x, ImageFiles)
+               else tf.data.Dataset.from_tensor_slices(x).batch(batch_size))  # not pipeline's in-memory cache
+    ds = (batches.map(lambda b: forward(tf.cast(b, dtype))).unbatch().cache(str(cache)))
     for _ in ds:  # one pass fills the cache file
         pass
     return ds

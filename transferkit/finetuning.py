@@ -39,7 +39,7 @@ from transferkit.backbones import (
 )
 from transferkit.backup import Backup, BackupCallback
 from transferkit.defaults import describe_chosen, resolve_finetune, resolve_head
-from transferkit.data import Data, Split, pipeline, split_data
+from transferkit.data import Data, Split, as_array, pipeline, split_data
 from transferkit.errors import SettingsError
 from transferkit.discriminative import block_factors
 from transferkit.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
@@ -347,7 +347,7 @@ def _examples(plan: Plan, phase: Phase, propagated: np.ndarray | None, backup: B
         chosen = artifacts.read_json(backup.folder, saved.name)
         rows, labels = np.asarray(chosen["rows"], dtype=np.int64), np.asarray(chosen["labels"], dtype=np.int64)
     else:
-        probs = plan.clf.model.predict(data.x[pool], batch_size=plan.batch_size, verbose=0)
+        probs = plan.clf.model.predict(pipeline(data.x[pool], batch_size=plan.batch_size), verbose=0)
         picked, labels = pseudo_labels(probs, phase.round, recipe.pseudo_rounds, recipe.pseudo_threshold)
         rows = pool[picked]
         backup.folder.mkdir(parents=True, exist_ok=True)
@@ -369,7 +369,8 @@ def _propagate(plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
     if _graph_on(plan) == "features":
         graph = compute_features(clf.features, data.x[rows], plan.batch_size, limit_bytes=math.inf)
     labels = np.concatenate([data.y[split.labeled], np.full(len(plan.unlabeled), -1)]).astype(np.int64)
-    return propagate_labels(data.x[rows] if graph is None else graph, labels, data.num_classes), graph
+    # a graph on the inputs themselves holds them all (decoded, for image files): kNN needs every row at once
+    return propagate_labels(as_array(data.x[rows]) if graph is None else graph, labels, data.num_classes), graph
 
 
 def _graph_on(plan: Plan) -> str:

@@ -138,48 +138,117 @@ def decode_images(paths: list[str | Path] | tuple[Path, ...], image_size: int | 
     a small `ulimit -n`. A file that cannot be read raises `SettingsError` naming
     it, or with `skip_bad_files` is left out and listed in `Decoded.bad`.
     """
-    if resize not in RESIZE_MODES:
-        raise SettingsError(f"resize must be one of {', '.join(RESIZE_MODES)}. Received: resize={resize!r}")
-    paths = [Path(p) for p in paths]
-    bad: list[tuple[str, str]] = []
-
-    def refuse_or_skip(path: Path, reason: str) -> None:
-        if not skip_bad_files:
-            raise SettingsError(f"Image {str(path)!r} cannot be read: {reason}; expected an image file "
-                                "(fix or remove it, or pass --skip-bad-files).")
-        bad.append((str(path), reason))
-
-    headers = {}
-    for i, path in enumerate(paths):
-        try:
-            headers[i] = read_header(path)
-        except BadImage as err:
-            refuse_or_skip(path, str(err))
-    sizes = [(h, w) for h, w, _ in headers.values()]
-    if image_size is not None:
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    elif sizes:
-        size = common_size(sizes)
-    else:
-        size = (1, 1)
-    if channels is None:
-        channels = 1 if all(gray for _, _, gray in headers.values()) else 3
-    x = np.empty((len(headers),) + size + (channels,), dtype="float32")
+    scan = _Scan(paths, image_size, channels, resize, skip_bad_files)
+    x = np.empty((len(scan.headers),) + scan.size + (scan.channels,), dtype="float32")
     kept = []
-    with _progress(len(headers) if progress else 0) as tick:
-        for i in headers:
+    with progress_bar(len(scan.headers) if progress else 0) as tick:
+        for i in scan.headers:
             try:
-                image = decode_image(paths[i], channels)
+                image = decode_image(scan.paths[i], scan.channels)
             except BadImage as err:
-                refuse_or_skip(paths[i], str(err))
+                scan.refuse_or_skip(scan.paths[i], str(err))
             else:
-                x[len(kept)] = fit_size(image, size, resize)
+                x[len(kept)] = fit_size(image, scan.size, resize)
                 kept.append(i)
             tick()
-    order = {str(p): j for j, p in enumerate(paths)}
-    bad.sort(key=lambda b: order[b[0]])
-    return Decoded(x=x[:len(kept)], kept=np.asarray(kept, dtype="int64"), bad=tuple(bad),
-                   resized_to_median=image_size is None and len(set(sizes)) > 1)
+    return scan.result(x[:len(kept)], kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What `check_images` found: the files that decode (`kept`), the others, and the size and channels chosen."""
+
+    kept: np.ndarray
+    bad: tuple[tuple[str, str], ...]
+    size: tuple[int, int]
+    channels: int
+    resized_to_median: bool
+
+
+def check_images(paths: list[str | Path] | tuple[Path, ...], image_size: int | tuple[int, int] | None = None,
+                 channels: int | None = None, resize: str = "stretch", skip_bad_files: bool = False,
+                 progress: bool = False) -> Checked:
+    """What `decode_images` decides (size, channels, which files decode), holding no image: memory stays flat.
+
+    Every file is decoded once to prove it can be (a truncated JPEG fails only
+    there), JPEGs at Pillow's reduced draft scale, which reads all their data but
+    computes an eighth of the pixels, in two threads (Pillow decodes without the GIL).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    scan = _Scan(paths, image_size, channels, resize, skip_bad_files)
+    order = list(scan.headers)
+    with progress_bar(len(order) if progress else 0, "checking images") as tick, ThreadPoolExecutor(2) as pool:
+        def check(i: int) -> str | None:
+            try:
+                _verify(scan.paths[i])
+            except BadImage as err:
+                return str(err)
+            return None
+
+        kept = []
+        for i, reason in zip(order, pool.map(check, order)):
+            if reason is None:
+                kept.append(i)
+            else:
+                scan.refuse_or_skip(scan.paths[i], reason)
+            tick()
+    done = scan.result(np.empty((len(kept), 0)), kept)
+    return Checked(kept=done.kept, bad=done.bad, size=scan.size, channels=scan.channels,
+                   resized_to_median=done.resized_to_median)
+
+
+def _verify(path: Path) -> None:
+    """Decode `path` (JPEG at its draft scale) and keep nothing; raise `BadImage` when it cannot be."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+            im.load()
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
+        raise BadImage(_reason(path, err)) from None
+
+
+class _Scan:
+    """The headers of a file list, the size and channels they call for, and the bad files found so far."""
+
+    def __init__(self, paths, image_size, channels, resize: str, skip_bad_files: bool):
+        if resize not in RESIZE_MODES:
+            raise SettingsError(f"resize must be one of {', '.join(RESIZE_MODES)}. Received: resize={resize!r}")
+        self.paths = [Path(p) for p in paths]
+        self.skip_bad_files = skip_bad_files
+        self.image_size = image_size
+        self.bad: list[tuple[str, str]] = []
+        self.headers = {}
+        for i, path in enumerate(self.paths):
+            try:
+                self.headers[i] = read_header(path)
+            except BadImage as err:
+                self.refuse_or_skip(path, str(err))
+        self.sizes = [(h, w) for h, w, _ in self.headers.values()]
+        if image_size is not None:
+            self.size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        elif self.sizes:
+            self.size = common_size(self.sizes)
+        else:
+            self.size = (1, 1)
+        if channels is None:
+            channels = 1 if all(gray for _, _, gray in self.headers.values()) else 3
+        self.channels = channels
+
+    def refuse_or_skip(self, path: Path, reason: str) -> None:
+        if not self.skip_bad_files:
+            raise SettingsError(f"Image {str(path)!r} cannot be read: {reason}; expected an image file "
+                                "(fix or remove it, or pass --skip-bad-files).")
+        self.bad.append((str(path), reason))
+
+    def result(self, x: np.ndarray, kept: list[int]) -> Decoded:
+        order = {str(p): j for j, p in enumerate(self.paths)}
+        self.bad.sort(key=lambda b: order[b[0]])
+        return Decoded(x=x, kept=np.asarray(kept, dtype="int64"), bad=tuple(self.bad),
+                       resized_to_median=self.image_size is None and len(set(self.sizes)) > 1)
 
 
 def common_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
@@ -310,13 +379,13 @@ def _resample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _progress(total: int):
-    """A `tick()` that advances a bar on stderr while decoding more than PROGRESS_FROM files, else does nothing.
+def progress_bar(total: int, desc: str = "decoding images"):
+    """A `tick(n=1)` that advances a bar on stderr by `n` when `total` is above PROGRESS_FROM, else does nothing.
 
     tqdm (installed with tensorflow-datasets), else keras's Progbar.
     """
     if total <= PROGRESS_FROM:
-        yield lambda: None
+        yield lambda n=1: None
         return
     try:
         from tqdm import tqdm
@@ -324,7 +393,7 @@ def _progress(total: int):
         import keras
 
         bar = keras.utils.Progbar(total, unit_name="image")
-        yield lambda: bar.add(1)
+        yield lambda n=1: bar.add(n)
         return
-    with tqdm(total=total, desc="decoding images", unit="image", file=sys.stderr, leave=False) as bar:
-        yield lambda: bar.update(1)
+    with tqdm(total=total, desc=desc, unit="image", file=sys.stderr, leave=False) as bar:
+        yield lambda n=1: bar.update(n)

@@ -38,7 +38,7 @@ def run_lr_find(recipe: Recipe, stage: str | None = None, plot: str | Path | Non
         freeze_all_but_top(plan.clf.base, plan.clf.blocks, chosen.top, recipe.train_batchnorm)
         plan.clf.model.compile(optimizer=runs.make_optimizer(recipe, start_lr), loss=LOSS)
         x, y = plan.labeled
-        result = lr_find(plan.clf.model, (x, y), start_lr=start_lr, end_lr=end_lr, num_steps=num_steps,
+        result = lr_find(plan.clf.model, runs.learning_rate_data(x, y, plan.batch_size), start_lr=start_lr, end_lr=end_lr, num_steps=num_steps,
                          batch_size=plan.batch_size, plot=plot)
     runs.print_line(f"stage {chosen.name} of {plan.clf.info['description']}\n{result.summary()}"
                     + (f"\nplot written to {plot}" if plot else ""), verbose)

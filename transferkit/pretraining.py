@@ -47,7 +47,8 @@ import numpy as np
 
 from transferkit import runs
 from transferkit.backup import Backup, BackupCallback, Kept, random_state
-from transferkit.data import Data, Split, pipeline
+from transferkit.data import Data, Split, as_array, pipeline
+from transferkit.image_files import ImageFiles, gather_together
 from transferkit.defaults import describe_chosen, resolve_pretrain
 from transferkit.health import TrainingHealth
 from transferkit.errors import SettingsError
@@ -123,7 +124,10 @@ class Job:
         """The inputs' typical standard deviation (the root of the mean per-channel variance)."""
         return float(np.sqrt(runs.channel_stats(self.x_train)[1].mean()))
 
-    def standardize(self, x: np.ndarray) -> np.ndarray:
+    def standardize(self, x: np.ndarray | ImageFiles) -> np.ndarray | ImageFiles:
+        """`x` through the encoder's normalization; image files stay files, standardized as they are decoded."""
+        if isinstance(x, ImageFiles):
+            return x.standardized(*runs.channel_stats(self.x_train))
         return keras.ops.convert_to_numpy(self.encoder.get_layer("normalize")(x))
 
     def destandardize(self, z: np.ndarray) -> np.ndarray:
@@ -133,7 +137,7 @@ class Job:
     def sample(self, n: int = 8) -> np.ndarray:
         """`n` inputs to draw in pictures: validation inputs where there are any, else training ones."""
         x = self.x_val if len(self.x_val) else self.x_train
-        return x[:n]
+        return as_array(x[:n])
 
 
 @dataclasses.dataclass
@@ -438,7 +442,7 @@ def epoch_batches(data: tuple[Any, ...], batch_size: int, seed: int, epochs: ran
     """
     import tensorflow as tf
 
-    arrays = tuple(tf.convert_to_tensor(a) for a in data)
+    arrays = tuple(a if isinstance(a, ImageFiles) else tf.convert_to_tensor(a) for a in data)
     count, seed = len(data[0]), tf.constant(seed, "int64")
 
     def one_epoch(epoch):
@@ -446,7 +450,7 @@ def epoch_batches(data: tuple[Any, ...], batch_size: int, seed: int, epochs: ran
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder)
 
     def examples(indices):
-        batch = tuple(tf.gather(a, indices) for a in arrays)
+        batch = tuple(gather_together(arrays, indices))  # image files: decoded here, in the parallel map
         return batch if len(batch) > 1 else batch[0]
 
     return (tf.data.Dataset.from_tensor_slices(np.asarray(epochs, "int64")).flat_map(one_epoch)
@@ -600,6 +604,7 @@ def _apply(layers: list, x):
 
 
 def _mse(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+    x, y = np.asarray(x), np.asarray(y)  # image files decoded whole: `stacked` does not stream
     return float(np.mean((keras.ops.convert_to_numpy(model.predict(x, verbose=0)) - y) ** 2))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from transferkit import artifacts
-from transferkit.data import Data, Split, load_data, require_classes, split_data
+from transferkit.data import Data, Split, batches_of, load_data, pipeline, require_classes, split_data
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.recipe import Recipe, dump_toml
 
@@ -219,7 +219,7 @@ def find_learning_rate(model, x, y, recipe: Recipe, verbose: bool) -> float:
     """Run the LR finder on the compiled `model` as it stands; its `valley` suggestion."""
     from transferkit.lr_finder import lr_find
 
-    result = lr_find(model, (x, y), batch_size=recipe.batch_size)
+    result = lr_find(model, learning_rate_data(x, y, recipe.batch_size), batch_size=recipe.batch_size)
     print_line(f"lr-find: {result.summary()}", verbose)
     if result.valley is None or not np.isfinite(result.valley):
         raise TransferkitError("The LR finder found no valley; pass --lr explicitly.")
@@ -236,10 +236,41 @@ def merge_history(total: dict[str, list[float]], history) -> dict[str, list[floa
     return total
 
 
-def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance over every axis but the last (per channel, or per feature)."""
-    axes = tuple(range(x.ndim - 1))
-    return x.mean(axis=axes), x.var(axis=axes)
+def channel_stats(x: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance over every axis but the last (per channel, or per feature).
+
+    An array in memory: numpy's `mean` and `var`. Image files: one streaming pass
+    over all of them, batch by batch (float64 sums of each batch's centred
+    values, combined exactly, Chan et al.), remembered for the same files.
+    """
+    from transferkit.image_files import ImageFiles
+
+    if not isinstance(x, ImageFiles):
+        axes = tuple(range(x.ndim - 1))
+        return x.mean(axis=axes), x.var(axis=axes)
+    key = x.key
+    if key not in _STATS:
+        count, mean, m2 = 0, np.zeros(x.shape[-1]), np.zeros(x.shape[-1])
+        for batch in batches_of(x, desc="channel statistics"):
+            values = batch.reshape(-1, batch.shape[-1]).astype(np.float64)
+            n, batch_mean = len(values), values.mean(axis=0)
+            delta = batch_mean - mean
+            m2 += ((values - batch_mean) ** 2).sum(axis=0) + delta ** 2 * count * n / (count + n)
+            mean += delta * n / (count + n)
+            count += n
+        _STATS.clear()  # keep one: a run asks for its training part's statistics several times
+        _STATS[key] = (mean.astype("float32"), (m2 / max(count, 1)).astype("float32"))
+    return _STATS[key]
+
+
+_STATS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def learning_rate_data(x: Any, y: np.ndarray, batch_size: int) -> Any:
+    """What the LR finder sweeps over: `(x, y)` arrays, or for image files a shuffled pipeline of them."""
+    from transferkit.image_files import ImageFiles
+
+    return pipeline(x, y, batch_size, shuffle=True) if isinstance(x, ImageFiles) else (x, y)
 
 
 def require_labels(data: Data) -> None:

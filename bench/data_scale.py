@@ -1,0 +1,129 @@
+"""Memory and speed of an image-folder run as the folder grows: streamed, memory must stay flat.
+
+Folders of 1,000, 4,000 and 16,000 JPEGs (two classes, 120..200 pixels a side,
+read at 160x160). For each, in child processes:
+
+- `finetune`: one head-only stage of `finetune --backbone mobilenetv2 --weights
+  none --head-epochs 1 --epochs 0 --image-size 160` (its check pass, the cached
+  base outputs, the head's epoch, the test evaluation): peak RSS and images/s
+  (folder images over the whole run's wall time);
+- `ours`: read -> resize -> batch (64) through `transferkit.data.pipeline`, every
+  image once: images/s and peak RSS;
+- `keras`: the same through `keras.utils.image_dataset_from_directory`
+  (`image_size=(160, 160)`, batch 64, no shuffle): the baseline.
+
+Peak RSS is each child's own `ru_maxrss` (`os.wait4`, the figure
+`resource.getrusage(RUSAGE_CHILDREN)` gives for one child). Goals: finetune's
+peak RSS at the largest folder <= 1.15 x at the smallest; ours >= 1.0 x keras in images/s.
+
+    python bench/data_scale.py [--sizes 1000 4000 16000] [--work /tmp/tk-data-scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SIDE = 160
+
+PIPELINE_OURS = """
+import sys, time
+import keras  # imported before the clock starts, as for keras's pipeline
+from transferkit.data import load_data, pipeline
+data = load_data(sys.argv[1], image_size={side}, verbose=False)
+start, n = time.perf_counter(), 0
+for batch in pipeline(data.x, batch_size=64):
+    n += int(batch.shape[0])
+print(n / (time.perf_counter() - start))
+"""
+
+PIPELINE_KERAS = """
+import sys, time
+import keras
+start = time.perf_counter()
+ds = keras.utils.image_dataset_from_directory(sys.argv[1], image_size=({side}, {side}), batch_size=64,
+                                              shuffle=False, verbose=False)
+n = 0
+for x, y in ds:
+    n += int(x.shape[0])
+print(n / (time.perf_counter() - start))
+"""
+
+
+def make_folder(root: Path, count: int) -> Path:
+    """`count` JPEGs in two classes, sides drawn in 120..200, smooth gradients with noise (like photos, not noise)."""
+    from PIL import Image
+
+    if (root / "done").is_file():
+        return root
+    rng = np.random.default_rng(count)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        h, w = rng.integers(120, 201, 2)
+        ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(40, 200, 3)
+        pixels = ramp + rng.normal(0, 12, (h, w, 3)) + (60 if i % 2 else 0)
+        Image.fromarray(np.clip(pixels, 0, 255).astype("uint8")).save(root / "ab"[i % 2] / f"{i:06d}.jpg", quality=90)
+    (root / "done").write_text("")
+    return root
+
+
+def measure(command: list[str]) -> tuple[float, float, str]:
+    """Run `command` as a child: (wall seconds, peak RSS in MiB, its stdout)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    out, err = child.communicate()
+    wall = time.perf_counter() - start
+    # communicate() waited for it; its rusage is the process's children's, so measure each child in a wrapper
+    if child.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{err[-3000:]}")
+    return wall, float(out.split("peak_rss_kib=")[-1].split()[0]) / 1024 if "peak_rss_kib=" in out else float("nan"), out
+
+
+def wrapped(argv: list[str]) -> list[str]:
+    """`argv` run by a wrapper that prints the child's own peak RSS (`RUSAGE_CHILDREN` of a process with one child)."""
+    code = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+            "print('peak_rss_kib=%d' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+            "sys.exit(done.returncode)")
+    return [sys.executable, "-c", code, *argv]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tk-data-scale"))
+    args = parser.parse_args()
+
+    rows = []
+    for count in args.sizes:
+        folder = make_folder(args.work / f"jpegs-{count}", count)
+        spec = f"dir:{folder}"
+        wall, rss, _ = measure(wrapped([
+            sys.executable, "-m", "transferkit.cli", "finetune", "--data", spec, "--backbone", "mobilenetv2",
+            "--weights", "none", "--image-size", str(SIDE), "--head-epochs", "1", "--epochs", "0", "--lr", "1e-3",
+            "--out", str(args.work / f"clf-{count}")]))
+        _, ours_rss, ours = measure(wrapped([sys.executable, "-c", PIPELINE_OURS.format(side=SIDE), spec]))
+        _, keras_rss, theirs = measure(wrapped([sys.executable, "-c", PIPELINE_KERAS.format(side=SIDE), str(folder)]))
+        rows.append((count, rss, count / wall, wall, float(ours.split()[0]), ours_rss,
+                     float(theirs.split()[0]), keras_rss))
+        print(*rows[-1], flush=True)
+
+    base = rows[0][1]
+    print(f"\n| images | finetune peak RSS (MiB) | vs {rows[0][0]} | finetune images/s (wall s) "
+          "| ours read-resize-batch images/s (RSS MiB) | keras images/s (RSS MiB) | ours / keras |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for count, rss, speed, wall, ours, ours_rss, keras_speed, keras_rss in rows:
+        print(f"| {count:,} | {rss:.0f} | {rss / base:.2f}x | {speed:.0f} ({wall:.0f}) | {ours:.0f} ({ours_rss:.0f}) "
+              f"| {keras_speed:.0f} ({keras_rss:.0f}) | {ours / keras_speed:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
