@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from scarce_labels import PRETRAIN, TASK_SETTINGS  # noqa: E402
 
 TUNED_FINETUNE = dict(head_epochs=200, epochs=100, unfreeze_top=3, lr=0.01, finetune_lr_factor=0.1, batch_size=32,
-                      patience=0, head_patience=20)
-OLD_DEFAULTS = dict(epochs=10, batch_size=64, unfreeze_top=0, patience=0, head_patience=20)  # before issue 15
+                      patience=0, head_patience=20, dropout=0.0)
+OLD_DEFAULTS = dict(epochs=10, batch_size=64, unfreeze_top=0, patience=0, head_patience=20, dropout=0.0)  # before issue 15
 TUNED_VGG = dict(OLD_DEFAULTS, head_epochs=200, lr=0.01)
 
 

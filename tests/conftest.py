@@ -33,7 +33,7 @@ def classifier_dir(tmp_path_factory, encoder_dir):
 
     out = tmp_path_factory.mktemp("artifacts") / "classifier"
     return tk.finetune(from_=str(encoder_dir), label_fraction=0.1, head_epochs=2, epochs=2, unfreeze_top=1,
-                       out=str(out), verbose=False).artifact
+                       dropout=0.0, out=str(out), verbose=False).artifact
 
 
 @pytest.fixture(scope="session")
