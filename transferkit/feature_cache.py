@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import tempfile
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from transferkit import backend
 from transferkit.freezing import all_layers
 
 MEMORY_LIMIT_BYTES = 1 << 30
@@ -31,7 +31,6 @@ MEMORY_LIMIT_BYTES = 1 << 30
 # (small depthwise ops); two in flight make the pass ~1.25x faster, with the same outputs bit for bit
 IN_FLIGHT = 2
 _STOCHASTIC = ("Dropout", "Noise", "Random", "RReLU")
-_FORWARDS: "weakref.WeakKeyDictionary[keras.Model, object]" = weakref.WeakKeyDictionary()
 
 
 def can_cache(features_model: keras.Model) -> bool:
@@ -44,47 +43,36 @@ def compute_features(features_model: keras.Model, x: np.ndarray, batch_size: int
                      limit_bytes: int = MEMORY_LIMIT_BYTES):
     """The base's outputs for `x`, as an array, or as an unbatched cached tf.data.Dataset past `limit_bytes`.
 
-    The base runs batch by batch through one `tf.function` per model (traced once,
-    for any batch size, and kept for the model's next call, e.g. the validation
-    inputs), not through `predict`: the same outputs, bit for bit, without
-    predict's data adapter, callbacks and slower first call (about 2 s of a
-    MobileNetV2 stage on 2 CPU cores). `IN_FLIGHT` batches run at once.
+    The base runs batch by batch through one compiled function per model
+    (`transferkit.backend.forward`: a `tf.function` or a `jax.jit`, compiled
+    once for any batch size and kept for the model's next call, e.g. the
+    validation inputs), not through `predict`: the same outputs, bit for bit,
+    without predict's data adapter, callbacks and slower first call (about 2 s
+    of a MobileNetV2 stage on 2 CPU cores). `IN_FLIGHT` batches run at once.
     """
     import tensorflow as tf
 
-    forward = _forward(features_model)
-    dtype = features_model.inputs[0].dtype
-    size = len(x) * math.prod(features_model.output.shape[1:]) * 4
+    forward = backend.forward(features_model)
+    shape = tuple(features_model.output.shape[1:])
+    size = len(x) * math.prod(shape) * 4
     if size <= limit_bytes:
         if not len(x):
-            return np.zeros((0, *features_model.output.shape[1:]), "float32")
+            return np.zeros((0, *shape), "float32")
         starts = range(0, len(x), batch_size)
-        first = forward(tf.cast(x[:batch_size], dtype)).numpy()  # traces once, before the threads start
+        first = forward(x[:batch_size])  # compiles once, before the threads start
         out = np.empty((len(x), *first.shape[1:]), first.dtype)
         out[:len(first)] = first
 
         def run(i: int) -> None:
-            out[i:i + batch_size] = forward(tf.cast(x[i:i + batch_size], dtype)).numpy()
+            out[i:i + batch_size] = forward(x[i:i + batch_size])
 
         with ThreadPoolExecutor(IN_FLIGHT) as pool:
             list(pool.map(run, starts[1:]))
         return out
     cache = Path(tempfile.mkdtemp(prefix="transferkit-features-")) / "features"
-    ds = (tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
-          .map(lambda b: forward(tf.cast(b, dtype))).unbatch().cache(str(cache)))
+    spec = tf.TensorSpec((None, *shape), features_model.output.dtype)
+    ds = tf.data.Dataset.from_generator(lambda: (forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)),
+                                        output_signature=spec).unbatch().cache(str(cache))
     for _ in ds:  # one pass fills the cache file
         pass
     return ds
-
-
-def _forward(features_model: keras.Model):
-    """`features_model(batch, training=False)` as a `tf.function` over batches of any size, one per model."""
-    forward = _FORWARDS.get(features_model)
-    if forward is None:
-        import tensorflow as tf
-
-        model = weakref.ref(features_model)  # the cache must not keep the model alive
-        spec = tf.TensorSpec((None, *features_model.inputs[0].shape[1:]), features_model.inputs[0].dtype)
-        forward = _FORWARDS[features_model] = tf.function(lambda batch: model()(batch, training=False),
-                                                          input_signature=[spec])
-    return forward
