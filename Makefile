@@ -6,10 +6,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# the pieces users import into their own Keras code, on the JAX backend too
-BACKEND_NEUTRAL_TESTS := tests/test_layers.py tests/test_setups.py tests/test_reference_values.py \
-	tests/test_optimizers.py tests/test_schedules.py
-
 .PHONY: demo test test-jax test-all bench clean
 
 $(STAMP): pyproject.toml
@@ -26,8 +22,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# the tests marked backend_neutral (the pieces, and a subset of the pipelines), on JAX
 test-jax: $(STAMP)
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -q $(BACKEND_NEUTRAL_TESTS)
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -q -m "backend_neutral and not slow"
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"

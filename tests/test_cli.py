@@ -32,6 +32,7 @@ def test_every_command_has_help(command):
     assert result.exit_code == 0 and "Usage:" in result.output
 
 
+@pytest.mark.backend_neutral
 def test_pretrain_finetune_export_evaluate(tmp_path):
     enc, clf = tmp_path / "enc", tmp_path / "clf"
     result = run("pretrain", "--out", enc, *TINY_PRETRAIN)

@@ -20,6 +20,7 @@ def exported(classifier_dir):
     return tk.export(classifier_dir, verbose=False).artifact
 
 
+@pytest.mark.backend_neutral
 def test_serve_matches_the_keras_model_on_real_digits(classifier_dir, exported):
     import tensorflow as tf
 
@@ -33,6 +34,7 @@ def test_serve_matches_the_keras_model_on_real_digits(classifier_dir, exported):
         np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.backend_neutral
 def test_saved_model_runs_in_a_process_that_imports_only_tensorflow(exported):
     code = (
         "import sys, tensorflow as tf\n"

@@ -37,6 +37,7 @@ def test_head_only_leaves_every_base_weight_bit_identical(bn_encoder_dir, tmp_pa
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
 
 
+@pytest.mark.backend_neutral
 def test_unfreeze_top_changes_only_top_blocks_and_head(bn_encoder_dir, tmp_path):
     before, encoder = encoder_weights(bn_encoder_dir)
     blocks = [name for name, _ in blocks_of(encoder)]

@@ -7,6 +7,8 @@ import pytest
 from tests.helpers import assert_config_round_trip, assert_reloads_with_same_outputs
 from transferkit.layers import MCAlphaDropout, MCDropout, RReLU
 
+pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`
+
 to_numpy = keras.ops.convert_to_numpy
 
 

@@ -5,6 +5,8 @@ import pytest
 
 from transferkit.optimizers import OPTIMIZERS, optimizer
 
+pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`
+
 # name -> (class, settings), written from the chapter, not read from PRESETS
 EXPECTED = {
     "sgd": (keras.optimizers.SGD, {"momentum": 0.0, "nesterov": False}),

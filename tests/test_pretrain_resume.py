@@ -126,6 +126,7 @@ def test_stacked_resumes_and_ends_as_an_uninterrupted_run(after, settings, clean
     assert_same_weights(resumed, clean_stacked)
 
 
+@pytest.mark.backend_neutral
 def test_gan_resumes_with_both_players_and_their_optimizers(tmp_path, monkeypatch, capsys):
     settings = dict(task="gan", epochs=3)
     clean = tk.pretrain(out=str(tmp_path / "clean"), **TINY, **settings)

@@ -9,6 +9,8 @@ import pytest
 from transferkit.layers import MCAlphaDropout
 from transferkit.optimizers import optimizer
 
+pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`
+
 SELU_ALPHA = 1.6732632423543772848
 SELU_SCALE = 1.0507009873554804934
 ALPHA_PRIME = -1.7580993408473766

@@ -14,6 +14,8 @@ from transferkit.errors import SettingsError
 from transferkit.schedules import (SCHEDULES, OneCycle, PowerDecay, exponential_schedule, make_schedule,
                                    one_cycle_momentum, piecewise_schedule, power_schedule, schedule_callbacks)
 
+pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`
+
 
 def values(schedule, steps):
     return np.array([float(schedule(s)) for s in steps])

@@ -10,6 +10,8 @@ from transferkit.errors import SettingsError
 from transferkit.setups import ACTIVATION_SETUPS, conv_stack, dense_stack, setup_for
 from tests.helpers import assert_reloads_with_same_outputs
 
+pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`
+
 
 @pytest.mark.parametrize("activation, initializer", [
     ("selu", "lecun_normal"),

@@ -125,7 +125,7 @@ def read_json(path: str | Path, name: str) -> Any:
 
 
 def versions() -> dict[str, str]:
-    """Library versions recorded in every manifest."""
+    """Library versions recorded in every manifest, and the Keras backend the artifact was made on."""
     import keras
     import numpy
     import tensorflow
@@ -137,6 +137,7 @@ def versions() -> dict[str, str]:
         "transferkit": __version__,
         "tensorflow": tensorflow.__version__,
         "keras": keras.__version__,
+        "backend": keras.backend.backend(),
         "numpy": numpy.__version__,
     }
 

@@ -247,7 +247,8 @@ class BackupCallback(keras.callbacks.Callback):
             self._save(end, stopping=False)
 
     def _save(self, epoch: int, stopping: bool = True) -> None:
-        training = self.model.optimizer if self.training is None else self.training
+        model = self.model  # on JAX, reading `model` puts fit's current values back into the variables
+        training = model.optimizer if self.training is None else self.training
         progress = self.stopping.state() if stopping and self.stopping is not None else None
         if self.head is None:
             self.backup.save(self.full_model, training, self.stage, epoch, self.history, stopping=progress)

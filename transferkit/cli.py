@@ -19,7 +19,7 @@ from transferkit.diagnose_cli import diagnose
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.optimizers import OPTIMIZERS
 from transferkit.recipe import GRAPHS, NOISE_KINDS, RESIZE_MODES, SCHEDULES, SEMI_SUPERVISED, TASKS
-from transferkit.runtime import DEVICES, PRECISIONS, STRATEGIES
+from transferkit.runtime import BACKENDS, DEVICES, PRECISIONS, STRATEGIES, choose_backend
 
 
 def _common_options(f: Callable) -> Callable:
@@ -99,12 +99,20 @@ def _handle_errors(f: Callable) -> Callable:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--backend", type=click.Choice(BACKENDS),
+              help="Keras backend to compute with (sets KERAS_BACKEND; default: KERAS_BACKEND, else tensorflow).")
 @click.version_option(package_name="transferkit")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, backend: str | None) -> None:
     """Transfer learning for Keras: pretrain on unlabeled data, fine-tune on few labels, export."""
     ctx.ensure_object(dict)["debug"] = debug
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if backend:
+        try:
+            choose_backend(backend)
+        except SettingsError as err:
+            click.echo(f"Error: {err}", err=True)
+            ctx.exit(2)
 
 
 @cli.command()

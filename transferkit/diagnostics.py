@@ -38,7 +38,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit import artifacts
+from transferkit import artifacts, backend
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.layers import RReLU
 
@@ -366,34 +366,47 @@ class Probe:
     def run(self, batches: list[tuple[np.ndarray, Any]], loss: str | Callable | None = "auto",
             training: bool = True, seed: int = 0, thresholds: Thresholds = Thresholds(),
             source: str = "given data") -> DiagnosisReport:
-        import tensorflow as tf
-
         model = self.model
         variables = model.trainable_variables + model.non_trainable_variables
+        count = len(model.trainable_variables)
         tallies: dict[str, _Tally] = {}
         order: list[str] = []
         grad_sums: dict[str, float] = {}
         examples = 0
         for index, (x, y) in enumerate(batches):
-            values = [tf.convert_to_tensor(v) for v in variables]
-            by_id = dict(zip((id(v) for v in variables), values))
-            trainable, non_trainable = values[:len(model.trainable_variables)], values[len(model.trainable_variables):]
-            with _recording(self.leaves, self.watched) as outputs, tf.GradientTape() as tape:
-                tape.watch([v for v in values if v.dtype.is_floating])
-                predictions, _ = model.stateless_call(trainable, non_trainable, tf.convert_to_tensor(x),
-                                                      training=training)
-                _, fn = self._resolve_loss(loss, y, predictions, seed + index)
-                value = tf.reduce_mean(tf.cast(fn(y, predictions), "float32"))
-            per_layer = [[by_id[id(v)] for v in layer.weights] for _, layer in self.weighted]
-            grads = tape.gradient(value, [t for ts in per_layer for t in ts])
-            it = iter(grads)
-            for (path, _), ts in zip(self.weighted, per_layer):
-                parts = [next(it) for _ in ts]
+            values = [keras.ops.convert_to_tensor(v) for v in variables]
+            x = keras.ops.convert_to_tensor(x)
+            # "auto" may look at the predictions: a forward pass of its own, outside the gradient's
+            self._resolve_loss(loss, y, lambda: model.stateless_call(values[:count], values[count:], x,
+                                                                     training=training)[0], seed + index)
+            fn = self._loss[1]
+            position = {id(v): i for i, v in enumerate(variables)}
+            per_layer = [[position[id(v)] for v in layer.weights] for _, layer in self.weighted]
+            # integer weights (counters) have no gradient: they get None, as on a tape
+            wanted = list(dict.fromkeys(i for ids in per_layer for i in ids if "float" in str(variables[i].dtype)))
+            paths: list[str] = []
+
+            def loss_of(weights, values=values, x=x, y=y):
+                full = list(values)
+                for i, weight in zip(wanted, weights):
+                    full[i] = weight
+                with _recording(self.leaves, self.watched) as outputs:
+                    predictions, _ = model.stateless_call(full[:count], full[count:], x, training=training)
+                    value = keras.ops.mean(keras.ops.cast(fn(y, predictions), "float32"))
+                paths[:] = [path for path, _ in outputs]
+                return value, [out for _, out in outputs]
+
+            _, grads, recorded = backend.value_and_grads(loss_of, [values[i] for i in wanted])
+            grads = dict(zip(wanted, grads))
+            it = iter(grads.get(i) for ids in per_layer for i in ids)
+            for (path, _), ids in zip(self.weighted, per_layer):
+                parts = [next(it) for _ in ids]
                 if all(g is None for g in parts):
                     continue
-                norm = math.sqrt(sum(float(tf.reduce_sum(tf.square(tf.cast(g, "float32")))) for g in parts if g is not None))
+                ops = keras.ops
+                norm = math.sqrt(sum(float(ops.sum(ops.square(ops.cast(g, "float32")))) for g in parts if g is not None))
                 grad_sums[path] = grad_sums.get(path, 0.0) + norm
-            for path, out in outputs:
+            for path, out in zip(paths, recorded):
                 if path not in tallies:
                     order.append(path)
                     tallies[path] = _Tally(_activation_name(self._layers[path]), thresholds.saturation_margin)
@@ -405,7 +418,8 @@ class Probe:
                                loss=self._loss[0], examples=examples, batches=len(batches), training=training,
                                source=source, thresholds=thresholds)
 
-    def _resolve_loss(self, loss, y, predictions, seed: int) -> tuple[str, Callable]:
+    def _resolve_loss(self, loss, y, predictions: Callable, seed: int) -> tuple[str, Callable]:
+        """The loss, picked once (for a random projection, per batch); `predictions()` is called if needed."""
         if self._loss is not None and self._loss[0] != "random projection":
             return self._loss
         self._loss = _pick_loss(loss, y, predictions, getattr(self.model, "loss", None), seed)
@@ -659,7 +673,10 @@ def _check_fits(model: keras.Model, x: np.ndarray) -> None:
 
 
 def _pick_loss(loss, y, predictions, compiled, seed: int) -> tuple[str, Callable]:
-    """The loss as (name, fn(y_true, y_pred)); see `diagnose` for what "auto" picks."""
+    """The loss as (name, fn(y_true, y_pred)); see `diagnose` for what "auto" picks.
+
+    `predictions` is a function giving the model's outputs, called only when "auto" needs them.
+    """
     ops = keras.ops
     if callable(loss):
         return getattr(loss, "__name__", type(loss).__name__), loss
@@ -667,7 +684,7 @@ def _pick_loss(loss, y, predictions, compiled, seed: int) -> tuple[str, Callable
         return str(loss), keras.losses.get(loss)
     if y is not None and compiled is not None and isinstance(compiled, str):
         return compiled, keras.losses.get(compiled)
-    out = ops.convert_to_numpy(predictions)
+    out = ops.convert_to_numpy(predictions())
     if y is not None:
         y = np.asarray(y)
         if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and out.ndim == 2 and out.shape[1] > y.max():

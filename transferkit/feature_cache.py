@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from transferkit import backend
 from transferkit.freezing import all_layers
 
 MEMORY_LIMIT_BYTES = 1 << 30
@@ -32,7 +32,6 @@ MEMORY_LIMIT_BYTES = 1 << 30
 # (small depthwise ops); two in flight make the pass ~1.25x faster, with the same outputs bit for bit
 IN_FLIGHT = 2
 _STOCHASTIC = ("Dropout", "Noise", "Random", "RReLU")
-_FORWARDS: "weakref.WeakKeyDictionary[keras.Model, object]" = weakref.WeakKeyDictionary()
 
 
 def can_cache(features_model: keras.Model) -> bool:
@@ -48,33 +47,33 @@ def compute_features(features_model: keras.Model, x, batch_size: int,
     `x` is an array, or image files (`ImageFiles`), decoded batch by batch
     through `transferkit.data.pipeline` while the base runs on the batches
     before (a progress bar past a few hundred images).
-    The base runs batch by batch through one `tf.function` per model (traced once,
-    for any batch size, and kept for the model's next call, e.g. the validation
-    inputs), not through `predict`: the same outputs, bit for bit, without
-    predict's data adapter, callbacks and slower first call (about 2 s of a
-    MobileNetV2 stage on 2 CPU cores). `IN_FLIGHT` batches run at once.
+    The base runs batch by batch through one compiled function per model
+    (`transferkit.backend.forward`: a `tf.function` or a `jax.jit`, compiled
+    once for any batch size and kept for the model's next call, e.g. the
+    validation inputs), not through `predict`: the same outputs, bit for bit,
+    without predict's data adapter, callbacks and slower first call (about 2 s
+    of a MobileNetV2 stage on 2 CPU cores). `IN_FLIGHT` batches run at once.
     """
     import tensorflow as tf
 
-    from transferkit.data import batches_of, pipeline
-    from transferkit.image_files import ImageFiles
+    from transferkit.data import batches_of
 
-    forward = _forward(features_model)
-    dtype = features_model.inputs[0].dtype
-    size = len(x) * math.prod(features_model.output.shape[1:]) * 4
+    forward = backend.forward(features_model)
+    shape = tuple(features_model.output.shape[1:])
+    size = len(x) * math.prod(shape) * 4
     if size <= limit_bytes:
         if not len(x):
-            return np.zeros((0, *features_model.output.shape[1:]), "float32")
+            return np.zeros((0, *shape), "float32")
         out = None
 
         def run(i: int, batch) -> None:
-            out[i:i + len(batch)] = forward(tf.cast(batch, dtype)).numpy()
+            out[i:i + len(batch)] = forward(batch)
 
         with ThreadPoolExecutor(IN_FLIGHT) as pool:
             running = deque()
             for i, batch in zip(range(0, len(x), batch_size), batches_of(x, batch_size, desc="base outputs")):
-                if out is None:  # traces once, before the threads start
-                    first = forward(tf.cast(batch, dtype)).numpy()
+                if out is None:  # compiles once, before the threads start
+                    first = forward(batch)
                     out = np.empty((len(x), *first.shape[1:]), first.dtype)
                     out[:len(first)] = first
                     continue
@@ -85,22 +84,9 @@ def compute_features(features_model: keras.Model, x, batch_size: int,
                 job.result()
         return out
     cache = Path(tempfile.mkdtemp(prefix="transferkit-features-")) / "features"
-    batches = (pipeline(x, batch_size=batch_size) if isinstance(x, ImageFiles)
-               else tf.data.Dataset.from_tensor_slices(x).batch(batch_size))  # not pipeline's in-memory cache
-    ds = (batches.map(lambda b: forward(tf.cast(b, dtype))).unbatch().cache(str(cache)))
+    spec = tf.TensorSpec((None, *shape), features_model.output.dtype)
+    ds = tf.data.Dataset.from_generator(lambda: (forward(batch) for batch in batches_of(x, batch_size)),
+                                        output_signature=spec).unbatch().cache(str(cache))
     for _ in ds:  # one pass fills the cache file
         pass
     return ds
-
-
-def _forward(features_model: keras.Model):
-    """`features_model(batch, training=False)` as a `tf.function` over batches of any size, one per model."""
-    forward = _FORWARDS.get(features_model)
-    if forward is None:
-        import tensorflow as tf
-
-        model = weakref.ref(features_model)  # the cache must not keep the model alive
-        spec = tf.TensorSpec((None, *features_model.inputs[0].shape[1:]), features_model.inputs[0].dtype)
-        forward = _FORWARDS[features_model] = tf.function(lambda batch: model()(batch, training=False),
-                                                          input_signature=[spec])
-    return forward

@@ -33,7 +33,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit import artifacts, runs
+from transferkit import artifacts, backend, runs
 from transferkit.backbones import (
     backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter,
 )
@@ -285,6 +285,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
             health = [TrainingHealth(pipeline(inputs["train"], y, plan.batch_size), every=recipe.health_steps,
                                      log_dir=recipe.tensorboard, initial_step=first * per_epoch)
                       ] if recipe.health_steps else []
+            backend.build_compiled(trained, pipeline(inputs["train"], y, plan.batch_size))
             fit = trained.fit(
                 pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed),
                 validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_check, plan.batch_size),

@@ -24,9 +24,8 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from transferkit import runs
+from transferkit import backend, runs
 from transferkit.callbacks import StopOnNaN
 from transferkit.pretraining import Job, Pretrained, final_metrics, fit_resumable, pooled
 from transferkit.recipe import Recipe
@@ -72,7 +71,7 @@ def build_discriminator(encoder: keras.Model) -> keras.Model:
 
 
 class GAN(keras.Model):
-    """Alternating discriminator and generator steps in `fit` (TensorFlow backend).
+    """Alternating discriminator and generator steps in `fit` (TensorFlow or JAX).
 
     Example:
 
@@ -96,6 +95,7 @@ class GAN(keras.Model):
         self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
         self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
         self.real_accuracy = keras.metrics.Mean(name="d_real_accuracy")
+        self.built = True  # both players are built: `fit` must not trace `call` on real inputs to build it (JAX)
 
     def compile(self, d_optimizer: keras.optimizers.Optimizer, g_optimizer: keras.optimizers.Optimizer,
                 **kwargs) -> None:
@@ -105,6 +105,8 @@ class GAN(keras.Model):
         self.g_optimizer = g_optimizer
         d_optimizer.build(self.discriminator.trainable_variables)
         g_optimizer.build(self.generator.trainable_variables)
+        if backend.name() == "jax":  # JAX's fit carries `optimizer.variables` through its stateless step
+            self.optimizer = _Players(d_optimizer, g_optimizer)
 
     @property
     def metrics(self):
@@ -113,7 +115,17 @@ class GAN(keras.Model):
     def call(self, codes, training=False):
         return self.generator(codes, training=training)
 
-    def train_step(self, real):
+    def train_step(self, *args):
+        """One discriminator step on a real and a generated batch, then one generator step.
+
+        TensorFlow calls it with the batch and the step changes the variables;
+        JAX with `(state, batch)`, and it returns the logs and the new state.
+        """
+        return self._jax_train_step(*args) if backend.name() == "jax" else self._tf_train_step(*args)
+
+    def _tf_train_step(self, real):
+        import tensorflow as tf
+
         batch = tf.shape(real)[0]
         bce = keras.losses.BinaryCrossentropy(from_logits=True)
         codes = keras.random.normal((batch, self.latent_dim), seed=self.seed_generator)
@@ -137,6 +149,87 @@ class GAN(keras.Model):
         self.g_loss_tracker.update_state(g_loss)
         self.real_accuracy.update_state(tf.reduce_mean(tf.cast(real_logits > 0, "float32")))
         return {m.name: m.result() for m in self.metrics}
+
+    def _jax_train_step(self, state, real):
+        """The same step as `_tf_train_step`, on values: every variable's value is looked up in `values`."""
+        import jax
+
+        ops = keras.ops
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        variables = self.trainable_variables + self.non_trainable_variables
+        values = dict(zip(map(id, variables), [*trainable, *non_trainable]))
+
+        def get(vs):
+            return [values[id(v)] for v in vs]
+
+        def put(vs, new):
+            values.update(zip(map(id, vs), new))
+
+        def codes():
+            seed = self.seed_generator.state
+            with keras.StatelessScope(state_mapping=[(seed, values[id(seed)])]) as scope:
+                drawn = keras.random.normal((ops.shape(real)[0], self.latent_dim), seed=self.seed_generator)
+            values[id(seed)] = scope.get_current_value(seed)
+            return drawn
+
+        bce = keras.losses.BinaryCrossentropy(from_logits=True)
+        g, d = self.generator, self.discriminator
+        fake, g_state = g.stateless_call(get(g.trainable_variables), get(g.non_trainable_variables), codes(),
+                                         training=True)
+        put(g.non_trainable_variables, g_state)
+
+        def d_loss_of(d_weights, d_state):
+            real_logits, d_state = d.stateless_call(d_weights, d_state, real, training=True)
+            fake_logits, d_state = d.stateless_call(d_weights, d_state, fake, training=True)
+            loss = (bce(ops.full(ops.shape(real_logits), REAL_LABEL), real_logits)
+                    + bce(ops.zeros_like(fake_logits), fake_logits))
+            return loss, (d_state, real_logits)
+
+        (d_loss, (d_state, real_logits)), grads = jax.value_and_grad(d_loss_of, has_aux=True)(
+            get(d.trainable_variables), get(d.non_trainable_variables))
+        put(d.non_trainable_variables, d_state)
+        split = len(self.d_optimizer.variables)
+        d_weights, d_optimizer_values = self.d_optimizer.stateless_apply(
+            optimizer_values[:split], grads, get(d.trainable_variables))
+        put(d.trainable_variables, d_weights)
+
+        z = codes()
+
+        def g_loss_of(g_weights, g_state, d_state):
+            fake, g_state = g.stateless_call(g_weights, g_state, z, training=True)
+            fooled, d_state = d.stateless_call(get(d.trainable_variables), d_state, fake, training=True)
+            return bce(ops.ones_like(fooled), fooled), (g_state, d_state)
+
+        (g_loss, (g_state, d_state)), grads = jax.value_and_grad(g_loss_of, has_aux=True)(
+            get(g.trainable_variables), get(g.non_trainable_variables), get(d.non_trainable_variables))
+        put(g.non_trainable_variables, g_state)
+        put(d.non_trainable_variables, d_state)
+        g_weights, g_optimizer_values = self.g_optimizer.stateless_apply(
+            optimizer_values[split:], grads, get(g.trainable_variables))
+        put(g.trainable_variables, g_weights)
+
+        logs, new_metrics, at = {}, [], 0
+        for metric, value in zip(self.metrics, (d_loss, g_loss, ops.mean(ops.cast(real_logits > 0, "float32")))):
+            count = len(metric.variables)
+            updated = metric.stateless_update_state(metrics_values[at:at + count], value)
+            logs[metric.name] = metric.stateless_result(updated)
+            new_metrics.extend(updated)
+            at += count
+        return logs, (get(self.trainable_variables), get(self.non_trainable_variables),
+                      [*d_optimizer_values, *g_optimizer_values], new_metrics)
+
+
+class _Players:
+    """Both players' optimizers as the one `model.optimizer` whose variables JAX's `fit` carries."""
+
+    built = True
+
+    def __init__(self, *optimizers: keras.optimizers.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def variables(self) -> list:
+        return [v for optimizer in self.optimizers for v in optimizer.variables]
 
 
 def train_gan(job: Job) -> Pretrained:

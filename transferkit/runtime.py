@@ -1,11 +1,13 @@
-"""Where training runs: device, `tf.distribute` strategy, precision.
+"""Where training runs: backend, device, strategy, precision.
 
-`auto` picks a TPUStrategy when a TPU resolver finds one, a MirroredStrategy
-with two or more GPUs, and the default strategy otherwise. `multiworker` reads
-the cluster from `TF_CONFIG`. Models, optimizers and metrics are built inside
+On TensorFlow, `auto` picks a TPUStrategy when a TPU resolver finds one, a MirroredStrategy
+with two or more GPUs, and the default strategy otherwise. Models, optimizers and metrics are built inside
 `strategy.scope()`; the global batch is `batch_size` per replica times the
 number of replicas, and the learning rate is left as given (scale it yourself
-with the batch if you want the linear scaling rule).
+with the batch if you want the linear scaling rule). On JAX, `auto` and
+`default` train on one device (`LocalRun`); the `tf.distribute` strategies are
+TensorFlow's; `multiworker` is refused on both (on TensorFlow by
+keras-team/keras#20585; JAX's `keras.distribution` is not driven yet).
 
 Example:
 
@@ -17,32 +19,50 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 
 from transferkit.errors import SettingsError, TransferkitError
 
+BACKENDS = ("tensorflow", "jax")
 DEVICES = ("auto", "cpu", "gpu", "tpu")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
+def choose_backend(backend: str) -> None:
+    """Make Keras compute on `backend` by setting KERAS_BACKEND, which Keras reads once, when first imported.
+
+    Raises:
+        SettingsError: an unknown backend, or Keras already running on another one in this process.
+    """
+    if backend not in BACKENDS:
+        raise SettingsError(f"backend must be one of {', '.join(BACKENDS)}. Received: backend={backend!r}")
+    keras = sys.modules.get("keras")
+    if keras is not None and keras.backend.backend() != backend:
+        raise SettingsError(f"Keras already runs on {keras.backend.backend()} in this process; set KERAS_BACKEND="
+                            f"{backend} before it is imported. Received: backend={backend!r}")
+    os.environ["KERAS_BACKEND"] = backend
+
+
 def resolve_strategy(device: str = "auto", strategy: str = "auto"):
-    """The `tf.distribute.Strategy` for `device` and `strategy` (see the module docstring)."""
-    import tensorflow as tf
+    """The `tf.distribute.Strategy` for `device` and `strategy` (see the module docstring); on JAX a `LocalRun`."""
+    import keras
 
     if device not in DEVICES:
         raise SettingsError(f"device must be one of {', '.join(DEVICES)}. Received: device={device!r}")
     if strategy not in STRATEGIES:
         raise SettingsError(f"strategy must be one of {', '.join(STRATEGIES)}. Received: strategy={strategy!r}")
+    if keras.backend.backend() == "jax":
+        return _jax_run(device, strategy)
+    if strategy == "multiworker":
+        raise SettingsError(MULTIWORKER_ON_TENSORFLOW)
+    import tensorflow as tf
+
     if device == "cpu":
         _hide_gpus(tf)
-    if strategy == "multiworker":
-        if "TF_CONFIG" not in os.environ:
-            raise SettingsError("--strategy multiworker reads the cluster from TF_CONFIG, which is not set.")
-        _check_keras_multiworker()
-        # collective ops must be set up before anything else starts TensorFlow
-        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if device == "gpu" and not gpus:
         raise TransferkitError("--device gpu, but TensorFlow sees no GPU on this machine.")
@@ -53,17 +73,38 @@ def resolve_strategy(device: str = "auto", strategy: str = "auto"):
     return tf.distribute.get_strategy()
 
 
-def _check_keras_multiworker() -> None:
-    """Keras 3 (3.15 included) cannot `fit` under MultiWorkerMirroredStrategy: it reduces per-replica
-    batches eagerly while building the model and again in its logs (keras-team/keras#20585, open)."""
-    import keras
+# Keras 3 (3.16 included) cannot `fit` under MultiWorkerMirroredStrategy: it reduces per-replica batches
+# eagerly while building the model and again in its logs (keras-team/keras#20585)
+MULTIWORKER_ON_TENSORFLOW = ("--strategy multiworker does not train on TensorFlow (Keras's fit fails under "
+                             "MultiWorkerMirroredStrategy, keras-team/keras#20585); the way to several machines is "
+                             "--backend jax with keras.distribution, which transferkit does not drive yet. "
+                             "Received: strategy='multiworker'")
 
-    major, minor = (int(part) for part in keras.__version__.split(".")[:2])
-    if (major, minor) <= (3, 15):
-        raise TransferkitError(
-            f"Keras {keras.__version__} cannot train under MultiWorkerMirroredStrategy (keras-team/keras#20585); "
-            "use --strategy mirrored on one machine with several GPUs, or --strategy tpu."
-        )
+
+class LocalRun:
+    """What the pipelines use of a strategy, for one JAX process on its default device: one replica, no scope."""
+
+    num_replicas_in_sync = 1
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+
+def _jax_run(device: str, strategy: str):
+    import jax
+
+    if strategy in ("mirrored", "tpu"):
+        raise SettingsError(f"--strategy {strategy} is a tf.distribute strategy, for TensorFlow; on JAX use auto "
+                            f"(one device). Received: strategy={strategy!r}")
+    if device == "cpu":
+        jax.config.update("jax_default_device", jax.devices("cpu")[0])
+    elif device != "auto" and jax.default_backend() != device:
+        raise TransferkitError(f"--device {device}, but JAX sees no {device.upper()} on this machine "
+                               f"(it runs on {jax.default_backend()}).")
+    if strategy == "multiworker":
+        raise SettingsError("--strategy multiworker on JAX (keras.distribution.DataParallel across processes) is not "
+                            "implemented yet. Received: strategy='multiworker'")
+    return LocalRun()
 
 
 def _hide_gpus(tf) -> None:
@@ -99,7 +140,12 @@ def set_precision(precision: str) -> None:
 
 
 def is_chief() -> bool:
-    """Whether this process writes artifacts: the chief, or worker 0 of a cluster without one."""
+    """Whether this process writes artifacts: JAX's process 0, the chief, or worker 0 of a cluster without one."""
+    keras = sys.modules.get("keras")
+    if keras is not None and keras.backend.backend() == "jax":
+        import jax
+
+        return jax.process_index() == 0
     config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
     task = config.get("task", {})
     if not task:

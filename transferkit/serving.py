@@ -5,7 +5,8 @@ The `serve` endpoint (also `serving_default`) takes raw float32 inputs named
 `probabilities` for a classifier or `features` for an encoder. It is
 deterministic: dropout off (`MCDropout` included) and BatchNorm on its moving
 statistics. A classifier with dropout also gets `serve_mc`, the stochastic
-one. Both refuse an input of another shape with an error (before it reaches a
+one. On JAX the model is converted with jax2tf (Keras's `ExportArchive`), and
+the SavedModel also holds it unchecked as `serve_unchecked` (`serve_mc_unchecked`). Both refuse an input of another shape with an error (before it reaches a
 kernel: PITFALLS 16) and answer an empty batch with empty outputs.
 
 Example:
@@ -79,8 +80,8 @@ def run_export(model_dir: str | Path, out: str | Path | None = None, mc_samples:
 
     archive = keras.export.ExportArchive()
     archive.track(served)
-    archive.add_endpoint("serve", checked_endpoint(lambda x: {output_name: served(x, training=False)}, input_shape,
-                                                   {output_name: (outputs, dtype)}), [spec])
+    add_checked_endpoint(archive, "serve", lambda x: {output_name: served(x, training=False)}, spec,
+                         {output_name: (outputs, dtype)})
     mc_model = None
     if manifest["kind"] == "classifier" and has_dropout(model):
         if mc_samples < 2:
@@ -93,7 +94,7 @@ def run_export(model_dir: str | Path, out: str | Path | None = None, mc_samples:
             return {"mean": mean, "std": std, "entropy": entropy}
 
         empty = {"mean": (outputs, dtype), "std": (outputs, dtype), "entropy": ((), dtype)}
-        archive.add_endpoint("serve_mc", checked_endpoint(serve_mc, input_shape, empty), [spec])
+        add_checked_endpoint(archive, "serve_mc", serve_mc, spec, empty)
     with artifacts.atomic_dir(out) as tmp:
         archive.write_out(str(tmp), verbose=False)
         worst = check_export(tmp, served, manifest, output_name)
@@ -105,6 +106,24 @@ def run_export(model_dir: str | Path, out: str | Path | None = None, mc_samples:
                     f"{', '.join(map(str, CHECK_BATCH_SIZES))})", verbose)
     return runs.Result(model=model, history={}, metrics={"max_relative_difference": worst}, artifact=out,
                        manifest=manifest)
+
+
+def add_checked_endpoint(archive, name: str, fn: Callable, spec, empty: dict[str, tuple]) -> None:
+    """Add endpoint `name`: `fn` behind `checked_endpoint`'s checks, which are TensorFlow ops.
+
+    On JAX, `fn` is converted by jax2tf first, as its own endpoint `NAME_unchecked`
+    (same inputs and outputs, without the checks), and the checks wrap that.
+    """
+    input_shape = tuple(spec.shape[1:])
+    if keras.backend.backend() != "jax":
+        archive.add_endpoint(name, checked_endpoint(fn, input_shape, empty), [spec])
+        return
+    import tensorflow as tf
+
+    converted = archive.add_endpoint(f"{name}_unchecked", fn, [spec])
+    checked = tf.function(checked_endpoint(converted, input_shape, empty), input_signature=[spec], autograph=False)
+    checked.get_concrete_function()  # traced: ExportArchive takes a traced tf.function as it is
+    archive.add_endpoint(name, checked)
 
 
 def checked_endpoint(fn: Callable, input_shape: tuple[int, ...], empty: dict[str, tuple]) -> Callable:
