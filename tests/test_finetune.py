@@ -57,7 +57,7 @@ def test_unfreeze_top_changes_only_top_blocks_and_head(bn_encoder_dir, tmp_path)
 
 
 def test_frozen_batchnorm_runs_in_inference_mode(bn_encoder_dir, tmp_path):
-    result = finetuned(bn_encoder_dir, tmp_path, unfreeze_top=3, head_epochs=0, epochs=1)
+    result = finetuned(bn_encoder_dir, tmp_path, unfreeze_top=3, head_epochs=0, epochs=1, dropout=0.0)
     x = load_data("digits").x[:16]
     # training=True must give the same outputs as inference where only BN could differ (no dropout here)
     np.testing.assert_allclose(

@@ -70,15 +70,16 @@ def test_16_bit_gray_is_scaled_to_the_8_bit_range(tmp_path):
     np.testing.assert_allclose(read, eight_bit, atol=0.5 + 1e-3)
 
 
-def test_1_bit_is_black_and_white():
-    bits = pixels((5, 7), 2).astype(bool)
-    np.testing.assert_array_equal(read_images_of(Image.fromarray(bits), "bits.png")[..., 0], bits * 255.0)
-
-
 @pytest.fixture
 def tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.mark.usefixtures("tmp")
+def test_1_bit_is_black_and_white():
+    bits = pixels((5, 7), 2).astype(bool)
+    np.testing.assert_array_equal(read_images_of(Image.fromarray(bits), "bits.png")[..., 0], bits * 255.0)
 
 
 def read_images_of(image, name, **save):
@@ -339,7 +340,6 @@ def test_2000_images_load_under_ulimit_256(tmp_path):
     """)
     assert out.stdout.splitlines() == [f"opening all at once fails: {errno.EMFILE}",
                                        f"(2000, 4, 4, 1) 1000 {float(sum(i % 256 for i in range(2000)))}"]
-    assert "checking images" in out.stderr  # the progress bar of the pass that proves each file decodes
     assert "2000 images, 2 classes, 0 skipped" in out.stderr
 
 

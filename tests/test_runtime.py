@@ -34,7 +34,7 @@ def test_mirrored_over_two_cpus_gives_the_weights_of_one_device_with_the_same_gl
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import transferkit as tk
         common = dict(from_={str(encoder_dir)!r}, head_epochs=2, epochs=1, unfreeze_top=3, lr=0.01,
-                      label_fraction=0.1, cache_features=False, verbose=False)
+                      label_fraction=0.1, cache_features=False, dropout=0.0, verbose=False)
         one = tk.finetune(batch_size=126, strategy="default", out={str(tmp_path / "one")!r}, **common)
         two = tk.finetune(batch_size=63, strategy="mirrored", out={str(tmp_path / "two")!r}, **common)
         start = tk.finetune(batch_size=126, **{{**common, "head_epochs": 0, "epochs": 0, "out": {str(tmp_path / "s")!r}}})
@@ -98,7 +98,8 @@ def test_the_same_seed_gives_identical_weights(encoder_dir, tmp_path):
 
 
 def test_a_nan_loss_stops_with_stage_epoch_and_step(encoder_dir, tmp_path):
-    with pytest.raises(TransferkitError, match=r"The loss became (nan|inf) in stage head, epoch 1, step \d+; lower"):
+    with pytest.raises(TransferkitError, match=r"Training diverged in stage head, epoch 1, step \d+ at learning rate "
+                                               r"1e\+38: the loss became (nan|inf); lower"):
         tk.finetune(from_=str(encoder_dir), optimizer="sgd", lr=1e38, schedule="constant", head_epochs=2,
                     epochs=0, label_fraction=0.5, out=str(tmp_path / "c"), verbose=False)
     assert not (tmp_path / "c").exists()

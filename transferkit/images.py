@@ -380,11 +380,12 @@ def _resample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 @contextlib.contextmanager
 def progress_bar(total: int, desc: str = "decoding images"):
-    """A `tick(n=1)` that advances a bar on stderr by `n` when `total` is above PROGRESS_FROM, else does nothing.
+    """A `tick(n=1)` that advances a bar on stderr by `n` when `total` is above PROGRESS_FROM and stderr is a
+    terminal, else does nothing.
 
     tqdm (installed with tensorflow-datasets), else keras's Progbar.
     """
-    if total <= PROGRESS_FROM:
+    if total <= PROGRESS_FROM or not sys.stderr.isatty():  # logs and pipes get no bar, as tqdm's disable=None
         yield lambda n=1: None
         return
     try:
