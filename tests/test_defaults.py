@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -16,9 +14,6 @@ from transferkit.cli import cli
 from transferkit.data import load_data
 from transferkit.defaults import FINETUNE_STEPS, HEAD_DROPOUT, HEAD_STEPS, MIN_EPOCHS, PRETRAIN_STEPS
 from transferkit.recipe import Recipe
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def validation_loss(artifact: Path, loss) -> float:
     """The saved model's loss on its artifact's validation rows, computed here with Keras's loss function."""
@@ -108,7 +103,8 @@ def test_explicit_settings_are_obeyed_exactly(encoder_dir, tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "transferkit.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    """The command in this process (TensorFlow imported once); stdout and stderr apart."""
+    return CliRunner().invoke(cli, [str(a) for a in args], obj={})
 
 
 @pytest.mark.parametrize("flags", [["--lr", "1e30", "--optimizer", "sgd", "--schedule", "constant"],
@@ -118,7 +114,7 @@ def test_a_diverging_run_stops_with_exit_1_and_writes_nothing(encoder_dir, tmp_p
     base = ["finetune", "--from", str(encoder_dir), "--label-fraction", "0.2", "--head-epochs", "4", "--epochs", "2",
             "--out", str(out)]
     done = run_cli(*base, *flags)
-    assert done.returncode == 1, done.stdout[-1500:] + done.stderr[-1500:]
+    assert done.exit_code == 1, done.output[-1500:]
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith("Error: Training diverged in stage head, epoch ")
     assert f"at learning rate {float(flags[1]):.3g}" in message and "--lr auto" in message
@@ -126,7 +122,7 @@ def test_a_diverging_run_stops_with_exit_1_and_writes_nothing(encoder_dir, tmp_p
     backup = out.with_name(f".{out.name}.backup")
     assert (backup / "state.json").is_file()
     again = run_cli(*base, "--lr", "0.01", "--restart")
-    assert again.returncode == 0, again.stderr[-1500:]
+    assert again.exit_code == 0, again.output[-1500:]
     assert (out / "model.keras").is_file() and not backup.exists()
 
 
@@ -144,6 +140,6 @@ def test_finetune_help_shows_every_default():
 def test_the_first_line_says_what_was_chosen(encoder_dir, tmp_path):
     done = run_cli("finetune", "--from", str(encoder_dir), "--label-fraction", "0.2", "--head-epochs", "2",
                    "--epochs", "1", "--out", str(tmp_path / "clf"))
-    assert done.returncode == 0, done.stderr[-1500:]
+    assert done.exit_code == 0, done.output[-1500:]
     assert done.stdout.splitlines()[0] == ("finetune: chosen automatically (set them to change): "
                                            "--lr 0.01 --unfreeze-top 3 --dropout 0.2")

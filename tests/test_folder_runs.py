@@ -1,18 +1,17 @@
 """Image folders through whole runs: one class refused, skipped files and the resize mode kept for evaluation."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 import transferkit as tk
+from transferkit.cli import cli
 from transferkit.errors import SettingsError
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(units=(8,), epochs=1, lr=1e-3, verbose=False)
 
 
@@ -30,9 +29,9 @@ def folder(root: Path, classes=("a", "b"), per_class=12, size=(10, 14)) -> Path:
 def test_a_folder_of_one_class_cannot_be_finetuned(tmp_path):
     data = folder(tmp_path / "photos", classes=("cats",))
     encoder = tk.pretrain(data=f"dir:{data}", out=str(tmp_path / "enc"), **FAST).artifact  # unlabeled use is fine
-    done = subprocess.run([sys.executable, "-m", "transferkit.cli", "finetune", "--from", str(encoder), "--data",
-                           f"dir:{data}", "--out", str(tmp_path / "clf")], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 2
+    done = CliRunner().invoke(cli, ["finetune", "--from", str(encoder), "--data", f"dir:{data}", "--out",
+                                    str(tmp_path / "clf")], obj={})
+    assert done.exit_code == 2
     assert done.stderr.strip().splitlines()[-1] == (
         f"Error: Data 'dir:{data}' has 1 class ('cats'); expected at least 2 classes to train a classifier.")
     assert not (tmp_path / "clf").exists()
