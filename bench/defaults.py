@@ -49,8 +49,15 @@ def logistic_score(data, split) -> float:
 
 
 def timed(fn, **kwargs) -> tuple[float, float]:
+    """Test accuracy (NaN when the run diverged: its stop is counted, not hidden) and wall seconds."""
+    from transferkit.errors import TransferkitError
+
     started = time.perf_counter()
-    result = fn(verbose=False, **kwargs)
+    try:
+        result = fn(verbose=False, restart=True, **kwargs)
+    except TransferkitError as err:
+        print(f"  diverged: {err}", flush=True)
+        return float("nan"), time.perf_counter() - started
     return result.metrics.get("test_accuracy", float("nan")), time.perf_counter() - started
 
 
@@ -84,10 +91,13 @@ def run_seed(seed: int, options: dict) -> dict:
             seconds.setdefault(name, []).append(value[1])
 
     default_encoder, tuned_encoder = work / "encoder-default", work / "encoder-tuned"
-    record("pretrain (defaults)", "pretrain", timed(tk.pretrain, data="digits", seed=seed,
-                                                    out=str(default_encoder)), True)
-    tk.pretrain(data="digits", seed=seed, out=str(tuned_encoder), verbose=False,
-                **{**PRETRAIN, "task": "denoising", **TASK_SETTINGS["denoising"]})
+    if not options["digits"]:
+        options = {**options, "fractions": []}
+    if options["digits"]:
+        record("pretrain (defaults)", "pretrain", timed(tk.pretrain, data="digits", seed=seed,
+                                                        out=str(default_encoder)), True)
+        tk.pretrain(data="digits", seed=seed, out=str(tuned_encoder), verbose=False,
+                    **{**PRETRAIN, "task": "denoising", **TASK_SETTINGS["denoising"]})
     for fraction in options["fractions"]:
         column = f"{fraction:g}"
         split = split_data(data, seed=seed, label_fraction=fraction, label_seed=seed)
@@ -124,35 +134,41 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--fractions", default="0.01,0.05,0.1")
     parser.add_argument("--no-vgg", dest="vgg", action="store_false", help="Skip the VGG16 folder runs.")
+    parser.add_argument("--no-digits", dest="digits", action="store_false", help="Only the VGG16 folder runs.")
+    parser.add_argument("--first-seed", type=int, default=0, help="Seeds first-seed..first-seed+seeds-1.")
     parser.add_argument("--jobs", type=int, default=1, help="Seeds run in parallel processes (one thread each).")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="tk-defaults-"))
     options = {"fractions": [float(f) for f in args.fractions.split(",")], "work": str(work), "vgg": args.vgg,
+               "digits": args.digits,
                "folder": str(digits_folder(work)) if args.vgg else None}
     started = time.perf_counter()
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_one_thread) as pool:
-            per_seed = list(pool.map(run_seed, range(args.seeds), [options] * args.seeds))
+            per_seed = list(pool.map(run_seed, seeds, [options] * len(seeds)))
     else:
-        per_seed = [run_seed(seed, options) for seed in range(args.seeds)]
+        per_seed = [run_seed(seed, options) for seed in seeds]
     print(f"\n{args.seeds} seeds, {time.perf_counter() - started:.0f}s; test accuracy, mean ± std "
           f"(default split: 20% test, 10% validation):\n")
-    columns = [f"{f:g}" for f in options["fractions"]]
+    columns = [f"{f:g}" for f in options["fractions"]] if args.digits else ["0.05"]
     print("| method | " + " | ".join(f"{float(c):.0%} labels" for c in columns) + " |")
     print("|" + "---|" * (len(columns) + 1))
-    for name in per_seed[0]["scores"]:
+    for name in dict.fromkeys(n for s in per_seed for n in s["scores"]):
         cells = []
         for column in columns:
-            values = [s["scores"][name][column] for s in per_seed if column in s["scores"].get(name, {})]
+            found = [s["scores"][name][column] for s in per_seed if column in s["scores"].get(name, {})]
+            values = [v for v in found if v == v]  # a diverged run is NaN
+            diverged = f" ({len(found) - len(values)} diverged)" if len(values) < len(found) else ""
             cells.append(f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
-                         if values else "")
+                         f"{diverged}" if values else ("all diverged" if found else ""))
         if any(cells):
             print(f"| {name} | " + " | ".join(cells) + " |")
     print("\nwall time of each default run, mean (max) seconds:")
-    for name in per_seed[0]["seconds"]:
-        values = [t for s in per_seed for t in s["seconds"][name]]
+    for name in dict.fromkeys(n for s in per_seed for n in s["seconds"]):
+        values = [t for s in per_seed for t in s["seconds"].get(name, [])]
         print(f"  {name}: {statistics.mean(values):.1f} ({max(values):.1f})")
 
 

@@ -74,12 +74,21 @@ def test_default_stages_count_steps_not_epochs(encoder_dir):
     assert plan.steps(head) >= HEAD_STEPS and plan.steps(unfreeze) >= FINETUNE_STEPS
     assert unfreeze.top == len(plan.clf.blocks)  # every block, as fastai's fine_tune
     assert plan.chosen == {"head_epochs": HEAD_STEPS, "epochs": FINETUNE_STEPS, "lr": 0.01,
-                           "unfreeze_top": len(plan.clf.blocks), "dropout": HEAD_DROPOUT}
+                           "unfreeze_top": len(plan.clf.blocks), "finetune_lr_factor": 0.1, "dropout": HEAD_DROPOUT}
     assert plan.clf.model.get_layer("head_dropout").rate == HEAD_DROPOUT
     # all the labels: far more batches per epoch, as many steps, never fewer than MIN_EPOCHS epochs
     plan = plan_finetune(Recipe(from_=str(encoder_dir)))
     per_epoch = math.ceil(len(plan.split.labeled) / 32)
     assert plan.stages[0].epochs == max(MIN_EPOCHS, math.ceil(HEAD_STEPS / per_epoch))
+
+
+def test_a_backbone_unfreezes_at_the_keras_guides_ratio():
+    from transferkit.defaults import resolve_finetune
+
+    # the Keras guide: Adam at 1e-3 for the new head, 1e-5 for the whole model
+    recipe, chosen = resolve_finetune(Recipe(), labeled=100, num_blocks=5, base_kind="backbone")
+    assert chosen["finetune_lr_factor"] == pytest.approx(1e-5 / 1e-3)
+    assert resolve_finetune(Recipe(finetune_lr_factor=0.5), 100, 5, "backbone")[0].finetune_lr_factor == 0.5
 
 
 def test_default_pretraining_is_denoising_on_a_step_budget():
@@ -142,4 +151,4 @@ def test_the_first_line_says_what_was_chosen(encoder_dir, tmp_path):
                    "--epochs", "1", "--out", str(tmp_path / "clf"))
     assert done.exit_code == 0, done.output[-1500:]
     assert done.stdout.splitlines()[0] == ("finetune: chosen automatically (set them to change): "
-                                           "--lr 0.01 --unfreeze-top 3 --dropout 0.2")
+                                           "--lr 0.01 --unfreeze-top 3 --finetune-lr-factor 0.1 --dropout 0.2")

@@ -15,7 +15,7 @@ Example:
 >>> from transferkit.recipe import Recipe
 >>> recipe, chosen = resolve_finetune(Recipe(), labeled=14, num_blocks=3)
 >>> chosen
-{'head_epochs': 600, 'epochs': 300, 'lr': 0.01, 'unfreeze_top': 3}
+{'head_epochs': 600, 'epochs': 300, 'lr': 0.01, 'unfreeze_top': 3, 'finetune_lr_factor': 0.1}
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ FINETUNE_STEPS = 300  # of a stage that unfreezes blocks of the base
 PRETRAIN_STEPS = 1500  # of pretraining (per block for `stacked`)
 MIN_EPOCHS = 5
 FINETUNE_LR = 1e-2  # the head stage's peak rate; unfreezing stages take `finetune_lr_factor` of it
+# of a base pretrained here: a tenth (fastai's fine_tune halves and spreads it); of an ImageNet-size network
+# (a Keras Applications backbone): a hundredth, the Keras guide's ratio (Adam 1e-3 for the head, 1e-5 for
+# the whole model), since a tenth let a VGG16 diverge in bench/defaults.py
+FINETUNE_LR_FACTOR = {"encoder": 0.1, "backbone": 0.01}
 PRETRAIN_LR = {"gan": 2e-4}  # DCGAN's rate (Radford et al., 2016); other tasks: 1e-3 (Adam's default)
 PRETRAIN_DEFAULT_LR = 1e-3
 HEAD_DROPOUT = 0.2  # before the new head, as the Keras guide "Transfer learning & fine-tuning" does
@@ -65,12 +69,14 @@ def resolve_head(recipe: Recipe) -> tuple[Recipe, dict[str, Any]]:
     return recipe.replace(**chosen), chosen
 
 
-def resolve_finetune(recipe: Recipe, labeled: int, num_blocks: int) -> tuple[Recipe, dict[str, Any]]:
+def resolve_finetune(recipe: Recipe, labeled: int, num_blocks: int, base_kind: str = "encoder"
+                     ) -> tuple[Recipe, dict[str, Any]]:
     """`recipe` with its unset fine-tuning settings chosen for `labeled` examples and a base of `num_blocks`.
 
     Unset: `head_epochs` (from `HEAD_STEPS`), `epochs` (from `FINETUNE_STEPS`),
-    `lr` (`FINETUNE_LR`) and `unfreeze_top` (every block, as fastai's
-    `fine_tune`: the head first, then the whole base at a tenth of the rate).
+    `lr` (`FINETUNE_LR`), `unfreeze_top` (every block, as fastai's
+    `fine_tune`: the head first, then the whole base) and `finetune_lr_factor`
+    (`FINETUNE_LR_FACTOR` of the `base_kind`: "encoder" or "backbone").
     The head's `dropout` is chosen before the head is built: `resolve_head`.
     """
     chosen: dict[str, Any] = {}
@@ -82,6 +88,8 @@ def resolve_finetune(recipe: Recipe, labeled: int, num_blocks: int) -> tuple[Rec
         chosen["lr"] = FINETUNE_LR
     if recipe.unfreeze_top is None and not recipe.unfreeze_schedule:
         chosen["unfreeze_top"] = num_blocks
+    if recipe.finetune_lr_factor is None:
+        chosen["finetune_lr_factor"] = FINETUNE_LR_FACTOR[base_kind]
     return recipe.replace(**chosen), chosen
 
 

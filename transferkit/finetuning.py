@@ -145,7 +145,8 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     settings = recipe.run_settings()  # as given: what is chosen from them follows
     recipe, chosen_head = resolve_head(recipe)
     clf = build_classifier(recipe, data, encoder_manifest)
-    recipe, chosen = resolve_finetune(recipe, len(split.labeled), len(clf.blocks))
+    recipe, chosen = resolve_finetune(recipe, len(split.labeled), len(clf.blocks),
+                                      "encoder" if clf.info["kind"] == "encoder" else "backbone")
     chosen = {**chosen, **chosen_head}
     plan = Plan(recipe, data, split, clf, plan_stages(recipe, clf.blocks), runs.out_dir(recipe, "classifier"),
                 replicas, chosen=chosen, settings=settings)

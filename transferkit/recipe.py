@@ -85,7 +85,7 @@ class Recipe:
     unfreeze_top: int | None = None  # None: every block of the base
     unfreeze_schedule: str | None = None
     gradual: bool = False
-    finetune_lr_factor: float = 0.1
+    finetune_lr_factor: float | None = None  # None: 0.1 on an encoder, 0.01 on a backbone
     label_smoothing: float = 0.0
     lr_decay: float = 1.0
     train_batchnorm: bool = False
@@ -152,7 +152,8 @@ class Recipe:
         _check(self.pseudo_threshold is None or 0 < self.pseudo_threshold < 1, "pseudo_threshold",
                self.pseudo_threshold, "a number in (0, 1)")
         _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "a number in [0, 1)")
-        _check(self.finetune_lr_factor > 0, "finetune_lr_factor", self.finetune_lr_factor, "a positive number")
+        _check(self.finetune_lr_factor is None or self.finetune_lr_factor > 0, "finetune_lr_factor",
+               self.finetune_lr_factor, "a positive number")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         for key in ("epochs", "head_epochs", "patience", "head_patience", "unfreeze_top"):
             value = getattr(self, key)
