@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import transferkit as tk
 from transferkit.cli import cli
 from transferkit.data import load_data
-from transferkit.defaults import FINETUNE_STEPS, HEAD_DROPOUT, HEAD_STEPS, MIN_EPOCHS, PRETRAIN_STEPS
+from transferkit.defaults import FINETUNE_STEPS, HEAD_STEPS, MIN_EPOCHS, PRETRAIN_STEPS
 from transferkit.recipe import Recipe
 
 def validation_loss(artifact: Path, loss) -> float:
@@ -74,8 +74,7 @@ def test_default_stages_count_steps_not_epochs(encoder_dir):
     assert plan.steps(head) >= HEAD_STEPS and plan.steps(unfreeze) >= FINETUNE_STEPS
     assert unfreeze.top == len(plan.clf.blocks)  # every block, as fastai's fine_tune
     assert plan.chosen == {"head_epochs": HEAD_STEPS, "epochs": FINETUNE_STEPS, "lr": 0.01,
-                           "unfreeze_top": len(plan.clf.blocks), "finetune_lr_factor": 0.1, "dropout": HEAD_DROPOUT}
-    assert plan.clf.model.get_layer("head_dropout").rate == HEAD_DROPOUT
+                           "unfreeze_top": len(plan.clf.blocks), "finetune_lr_factor": 0.1}
     # all the labels: far more batches per epoch, as many steps, never fewer than MIN_EPOCHS epochs
     plan = plan_finetune(Recipe(from_=str(encoder_dir)))
     per_epoch = math.ceil(len(plan.split.labeled) / 32)
@@ -96,7 +95,7 @@ def test_default_pretraining_is_denoising_on_a_step_budget():
 
     recipe, chosen = resolve_pretrain(Recipe(), examples=1258)
     assert recipe.task == "denoising"
-    assert chosen == {"epochs": math.ceil(PRETRAIN_STEPS / math.ceil(1258 / 32)), "lr": 1e-3, "dropout": 0.0}
+    assert chosen == {"epochs": math.ceil(PRETRAIN_STEPS / math.ceil(1258 / 32)), "lr": 1e-3}
 
 
 def test_explicit_settings_are_obeyed_exactly(encoder_dir, tmp_path):
@@ -151,4 +150,4 @@ def test_the_first_line_says_what_was_chosen(encoder_dir, tmp_path):
                    "--epochs", "1", "--out", str(tmp_path / "clf"))
     assert done.exit_code == 0, done.output[-1500:]
     assert done.stdout.splitlines()[0] == ("finetune: chosen automatically (set them to change): "
-                                           "--lr 0.01 --unfreeze-top 3 --finetune-lr-factor 0.1 --dropout 0.2")
+                                           "--lr 0.01 --unfreeze-top 3 --finetune-lr-factor 0.1")

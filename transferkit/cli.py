@@ -278,7 +278,6 @@ _AUTO = {
     "lr": "0.01 to fine-tune, 0.001 to pretrain, 0.0002 for --task gan",
     "unfreeze_top": "every block",
     "finetune_lr_factor": "0.1 on an encoder, 0.01 on a backbone",
-    "dropout": "0.2 before a fine-tuned head, none in a pretrained encoder",
     "split_seed": "--seed, or the encoder's with --from",
     "head_patience": "--patience",
     "out": "saved_models/NAME",

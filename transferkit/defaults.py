@@ -36,7 +36,6 @@ FINETUNE_LR = 1e-2  # the head stage's peak rate; unfreezing stages take `finetu
 FINETUNE_LR_FACTOR = {"encoder": 0.1, "backbone": 0.01}
 PRETRAIN_LR = {"gan": 2e-4}  # DCGAN's rate (Radford et al., 2016); other tasks: 1e-3 (Adam's default)
 PRETRAIN_DEFAULT_LR = 1e-3
-HEAD_DROPOUT = 0.2  # before the new head, as the Keras guide "Transfer learning & fine-tuning" does
 
 
 def epochs_for(steps: int, examples: int, batch_size: int) -> int:
@@ -58,14 +57,6 @@ def resolve_pretrain(recipe: Recipe, examples: int) -> tuple[Recipe, dict[str, A
         chosen["epochs"] = epochs_for(PRETRAIN_STEPS, examples, recipe.batch_size)
     if recipe.lr is None:
         chosen["lr"] = PRETRAIN_LR.get(recipe.task, PRETRAIN_DEFAULT_LR)
-    if recipe.dropout is None:  # none inside the encoder: fine-tuning puts its own before the head
-        chosen["dropout"] = 0.0
-    return recipe.replace(**chosen), chosen
-
-
-def resolve_head(recipe: Recipe) -> tuple[Recipe, dict[str, Any]]:
-    """`recipe` with the unset settings of the new head chosen (`dropout`: `HEAD_DROPOUT`), and what was chosen."""
-    chosen = {"dropout": HEAD_DROPOUT} if recipe.dropout is None else {}
     return recipe.replace(**chosen), chosen
 
 
@@ -77,7 +68,6 @@ def resolve_finetune(recipe: Recipe, labeled: int, num_blocks: int, base_kind: s
     `lr` (`FINETUNE_LR`), `unfreeze_top` (every block, as fastai's
     `fine_tune`: the head first, then the whole base) and `finetune_lr_factor`
     (`FINETUNE_LR_FACTOR` of the `base_kind`: "encoder" or "backbone").
-    The head's `dropout` is chosen before the head is built: `resolve_head`.
     """
     chosen: dict[str, Any] = {}
     if recipe.head_epochs is None:

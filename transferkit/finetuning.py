@@ -38,7 +38,7 @@ from transferkit.backbones import (
     backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter,
 )
 from transferkit.backup import Backup, BackupCallback
-from transferkit.defaults import describe_chosen, resolve_finetune, resolve_head
+from transferkit.defaults import describe_chosen, resolve_finetune
 from transferkit.data import Data, Split, as_array, pipeline, split_data
 from transferkit.errors import SettingsError
 from transferkit.discriminative import block_factors
@@ -143,11 +143,9 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     keras.utils.set_random_seed(recipe.seed)
     runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
     settings = recipe.run_settings()  # as given: what is chosen from them follows
-    recipe, chosen_head = resolve_head(recipe)
     clf = build_classifier(recipe, data, encoder_manifest)
     recipe, chosen = resolve_finetune(recipe, len(split.labeled), len(clf.blocks),
                                       "encoder" if clf.info["kind"] == "encoder" else "backbone")
-    chosen = {**chosen, **chosen_head}
     plan = Plan(recipe, data, split, clf, plan_stages(recipe, clf.blocks), runs.out_dir(recipe, "classifier"),
                 replicas, chosen=chosen, settings=settings)
     check_pool(recipe.semi_supervised, plan.unlabeled)

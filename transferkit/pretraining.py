@@ -626,4 +626,4 @@ def _loss_picture(recipe: Recipe, history: dict[str, list[float]]):
 
 def _stack_options(recipe: Recipe) -> dict:
     return {"activation": recipe.activation, "batchnorm": None if recipe.batchnorm == "none" else recipe.batchnorm,
-            "dropout": recipe.dropout or 0.0, "mc_dropout": recipe.mc_dropout, "max_norm": recipe.max_norm}
+            "dropout": recipe.dropout, "mc_dropout": recipe.mc_dropout, "max_norm": recipe.max_norm}

@@ -63,7 +63,7 @@ class Recipe:
     plateau_patience: int = 10
     activation: str = "selu"
     batchnorm: str = "none"
-    dropout: float | None = None  # None: 0.2 before a fine-tuned head, none in a pretrained encoder
+    dropout: float = 0.0
     mc_dropout: bool = False
     max_norm: float | None = None
     clipnorm: float | None = None
@@ -126,7 +126,7 @@ class Recipe:
         _check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "a number in [0, 1)")
         _check(self.test_fraction + self.val_fraction < 1, "val_fraction", self.val_fraction,
                f"val_fraction + test_fraction < 1 (test_fraction={self.test_fraction})")
-        _check(self.dropout is None or 0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
+        _check(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
         _check(0 <= self.noise <= 1, "noise", self.noise, "a number in [0, 1] (a fraction of the data's std)")
         _check(self.lr is None or self.lr == "auto" or (not isinstance(self.lr, str) and 0 < self.lr < math.inf),
                "lr", self.lr, "a positive number or auto")
