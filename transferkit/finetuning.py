@@ -1,4 +1,4 @@
-"""Fine-tuning: a new head on a saved encoder or a Keras Applications backbone.
+"""Fine-tuning: a new head on a saved encoder, a Keras Applications backbone or any Keras model file.
 
 Training runs in stages. By default stage 1 trains the head with the base
 frozen and stage 2 unfreezes the top `unfreeze_top` blocks of the base (0: the
