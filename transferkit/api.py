@@ -50,13 +50,13 @@ def pretrain(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
 
 
 def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True, **settings: Any) -> Result:
-    """Fine-tune a classifier on a saved encoder (`from_=`) or a backbone (`backbone=`).
+    """Fine-tune a classifier on a saved encoder (`from_=`), a backbone (`backbone=`) or a model file (`base=`).
 
     Args:
         recipe: Optional path of a recipe TOML file (its `[finetune]` table
             applies), or a `Recipe`.
         verbose: Bool. Print progress. Defaults to `True`.
-        **settings: Any `Recipe` field (`from_`, `backbone`, `weights`,
+        **settings: Any `Recipe` field (`from_`, `backbone`, `weights`, `base`, `cut`, `preprocess`,
             `label_fraction`, `unfreeze_top`, `head_epochs`, `epochs`, `lr`, ...).
 
     Returns:

@@ -92,6 +92,15 @@ def get_backbone(name: str) -> Backbone:
         ) from None
 
 
+def backbone_named(model_name: str) -> Backbone | None:
+    """The registry entry a Keras Applications model's name starts with (`mobilenetv2_1.00_224`), or None."""
+    name = model_name.replace("_", "").replace("-", "").lower()
+    for key in sorted(BACKBONES, key=len, reverse=True):  # mobilenetv2 before a shorter name it starts with
+        if name.startswith(key):
+            return BACKBONES[key]
+    return None
+
+
 def build_backbone(name: str, weights: str, input_shape: tuple[int, int, int]) -> keras.Model:
     """The application without its top, with `weights` `"imagenet"`, `"none"` or a file path."""
     entry = get_backbone(name)
@@ -186,13 +195,21 @@ class ImagenetPreprocess(keras.layers.Layer):
 
 def image_adapter(x, value_range: tuple[float, float], side: int, mode: str):
     """Layers from the user's raw images to the backbone's input: 0..255 RGB, resized, preprocessed."""
+    if x.shape[-1] not in (1, 3):
+        raise SettingsError(f"Backbones take 1 or 3 channels; the data has {x.shape[-1]}.")
+    return ImagenetPreprocess(mode, name="imagenet_preprocess")(to_pixels(x, value_range, (side, side), 3))
+
+
+def to_pixels(x, value_range: tuple[float, float], size: tuple[int, int], channels: int):
+    """Layers from the user's raw images to 0..255 pixels with `channels` channels (gray made RGB) at `size`."""
     lo, hi = value_range
     scale = 255.0 / (hi - lo) if hi > lo else 1.0
     x = keras.layers.Rescaling(scale, offset=-lo * scale, name="to_0_255")(x)
-    if x.shape[-1] == 1:
+    if x.shape[-1] == 1 and channels == 3:
         x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
-    elif x.shape[-1] != 3:
-        raise SettingsError(f"Backbones take 1 or 3 channels; the data has {x.shape[-1]}.")
-    if (x.shape[1], x.shape[2]) != (side, side):
-        x = keras.layers.Resizing(side, side, name="resize")(x)
-    return ImagenetPreprocess(mode, name="imagenet_preprocess")(x)
+    elif x.shape[-1] != channels:
+        raise SettingsError(f"The base takes images of {channels} channel(s); the data has {x.shape[-1]} "
+                            f"(expected as many, or 1 for a 3-channel base).")
+    if (x.shape[1], x.shape[2]) != tuple(size):
+        x = keras.layers.Resizing(*size, name="resize")(x)
+    return x

@@ -18,7 +18,7 @@ import click
 from transferkit.diagnose_cli import diagnose
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.optimizers import OPTIMIZERS
-from transferkit.recipe import GRAPHS, NOISE_KINDS, RESIZE_MODES, SCHEDULES, SEMI_SUPERVISED, TASKS
+from transferkit.recipe import GRAPHS, NOISE_KINDS, PREPROCESS, RESIZE_MODES, SCHEDULES, SEMI_SUPERVISED, TASKS
 from transferkit.runtime import BACKENDS, DEVICES, PRECISIONS, STRATEGIES, choose_backend
 
 
@@ -138,6 +138,13 @@ def _finetune_options(f: Callable) -> Callable:
         click.option("--backbone", help="A Keras Applications backbone: mobilenetv2, efficientnetb0, resnet50, densenet121, vgg16, "
                                                "convnexttiny, ... (transferkit.BACKBONES)."),
         click.option("--weights", help="Backbone weights: imagenet, none or a weights file."),
+        click.option("--base", type=click.Path(dir_okay=False),
+                     help="Any Keras model file (.keras, or a legacy .h5) as the base, cut before its classifier."),
+        click.option("--cut", help="--base: the layer its body ends with, by name or negative index "
+                                   "(-2: all but the last layer)."),
+        click.option("--preprocess", type=click.Choice(PREPROCESS),
+                     help="--base: what its weights expect of 0..255 pixels: none, scale:1/255 (to [0, 1]), "
+                          "tf (to [-1, 1]), imagenet-caffe (BGR minus the means), imagenet-torch (standardized)."),
         click.option("--head-epochs", type=int, help="Most epochs of stage 1 (head only, base frozen)."),
         click.option("--head-patience", type=int, help="The older name of --patience, for head-only stages."),
         click.option("--unfreeze-top", type=int, help="Blocks of the base to unfreeze in stage 2 (0: head only)."),
@@ -260,10 +267,22 @@ def predict(model_dir: str, inputs: tuple[str, ...], mc_samples: int, output: st
 
 
 @cli.command()
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path(file_okay=False), required=False)
+@click.option("--base", type=click.Path(dir_okay=False),
+              help="Instead of MODEL_DIR: a Keras model file's layers, its cut and its blocks, as --base sees them.")
+@click.option("--cut", help="With --base: the layer its body ends with, by name or negative index.")
 @_handle_errors
-def inspect(model_dir: str) -> None:
+def inspect(model_dir: str | None, base: str | None, cut: str | None) -> None:
     """The freeze audit of MODEL_DIR: per block, what trains, BatchNorm's mode, parameters, lr factor."""
+    if (model_dir is None) == (base is None):
+        raise SettingsError("inspect takes exactly one of MODEL_DIR (an artifact) or --base FILE (a model file).")
+    if cut is not None and base is None:
+        raise SettingsError(f"--cut {cut!r} goes with --base FILE; expected no --cut with MODEL_DIR.")
+    if base is not None:
+        from transferkit.bases import inspect_base
+
+        inspect_base(base, cut)
+        return
     from transferkit.freezing import inspect as run
 
     run(model_dir)
@@ -280,6 +299,8 @@ _AUTO = {
     "finetune_lr_factor": "0.1 on an encoder, 0.01 on a backbone",
     "split_seed": "--seed, or the encoder's with --from",
     "head_patience": "--patience",
+    "cut": "after the last global pooling or Flatten layer, else before the last Dense",
+    "preprocess": "none: the base takes 0..255 pixels",
     "out": "saved_models/NAME",
     "name": "from the data spec",
 }

@@ -1,4 +1,4 @@
-"""Fine-tuning: a new head on a saved encoder or a Keras Applications backbone.
+"""Fine-tuning: a new head on a saved encoder, a Keras Applications backbone or any Keras model file.
 
 Training runs in stages. By default stage 1 trains the head with the base
 frozen and stage 2 unfreezes the top `unfreeze_top` blocks of the base (0: the
@@ -38,6 +38,8 @@ from transferkit.backbones import (
     backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter,
 )
 from transferkit.backup import Backup, BackupCallback
+from transferkit.bases import base_blocks, base_inputs, load_body
+from transferkit.bases import describe as describe_base
 from transferkit.defaults import describe_chosen, resolve_finetune
 from transferkit.data import Data, Split, as_array, pipeline, split_data
 from transferkit.errors import SettingsError
@@ -134,8 +136,9 @@ class Plan:
 
 def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     """Check the settings, load and split the data, build the classifier and its stages; train nothing."""
-    if not recipe.from_ and not recipe.backbone:
-        raise SettingsError("finetune needs a base: --from DIR (a saved encoder) or --backbone NAME.")
+    if not recipe.from_ and not recipe.backbone and not recipe.base:
+        raise SettingsError("finetune needs a base: --from DIR (a saved encoder), --backbone NAME (Keras "
+                            "Applications) or --base FILE (a Keras model file).")
     encoder_manifest = artifacts.read_manifest(recipe.from_, ("encoder",)) if recipe.from_ else None
     data = runs.load_recipe_data(recipe)
     runs.require_labels(data)
@@ -271,7 +274,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                             f"{first + 1}-{epoch} on {len(y)} examples, {recipe.schedule} learning rate {lr:.3g}"
                             f"{', on cached base outputs' if cached else ''}; trainable: "
                             f"{', '.join(unfrozen) or 'no block'} + head", verbose)
-            runs.print_line(format_audit(audit(clf.model, factors)), verbose)
+            runs.print_line(format_audit(audit(clf.model, factors, clf.blocks)), verbose)
             guards, stopping = runs.stage_guards(
                 stage.name if phase.name == "labeled" else f"{stage.name} ({phase.name})",
                 recipe.head_stage_patience if stage.top == 0 else recipe.patience,
@@ -429,7 +432,10 @@ def _lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:
 
 
 def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any] | None) -> Classifier:
-    """inputs → (adapter) → base → pooling: the features; then (dropout) → softmax: the head."""
+    """inputs → (adapter) → base → pooling: the features; then (dropout) → softmax: the head.
+
+    The base: the encoder `from_`, the Keras Applications `backbone`, or the body of the model file `base`.
+    """
     inputs = keras.Input(data.input_shape, name="inputs")
     if encoder_manifest is not None:
         if tuple(encoder_manifest["input_shape"]) != data.input_shape:
@@ -441,6 +447,13 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any
         x = base(inputs)
         blocks = blocks_of(base)
         info = {"from": str(recipe.from_), "kind": "encoder", "description": f"encoder {recipe.from_}"}
+    elif recipe.base:
+        body = load_body(recipe.base, recipe.cut)
+        base = with_dtype_policy(body.model, recipe.precision)
+        preprocess = recipe.preprocess or "none"
+        x = base(base_inputs(inputs, data.value_range, base, preprocess))
+        blocks_rule, blocks = base_blocks(base)
+        info = describe_base(body, base, preprocess, blocks_rule)
     else:
         entry = get_backbone(recipe.backbone)
         if len(data.input_shape) != 3:

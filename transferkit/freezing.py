@@ -22,7 +22,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from transferkit.backbones import BACKBONES, ENCODER_BLOCK, blocks_of
+from transferkit.backbones import ENCODER_BLOCK, backbone_named, blocks_of
 
 Blocks = list[tuple[str, list[keras.layers.Layer]]]
 
@@ -59,11 +59,8 @@ def find_base(model: keras.Model) -> keras.Model:
 
 def block_patterns(base: keras.Model) -> tuple[str, ...]:
     """The block expressions for `base`: a registry entry's by model name, else a transferkit encoder's."""
-    name = base.name.replace("_", "").replace("-", "").lower()
-    for key in sorted(BACKBONES, key=len, reverse=True):  # mobilenetv2 before a shorter name it starts with
-        if name.startswith(key):
-            return BACKBONES[key].blocks
-    return (ENCODER_BLOCK,)
+    entry = backbone_named(base.name)
+    return entry.blocks if entry is not None else (ENCODER_BLOCK,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +75,17 @@ class BlockAudit:
     lr_factor: float | None
 
 
-def audit(model: keras.Model, lr_factors: dict[str, float] | None = None) -> list[BlockAudit]:
+def audit(model: keras.Model, lr_factors: dict[str, float] | None = None,
+          blocks: Blocks | None = None) -> list[BlockAudit]:
     """Per block of the base, bottom to top, then the head: what trains, BatchNorm's mode, parameters, lr factor.
 
-    `lr_factors` (variable path → factor) default to those of the model's optimizer, if it has any.
+    `lr_factors` (variable path → factor) default to those of the model's optimizer, if it has any; `blocks`
+    to the base's by its name (a Keras Applications backbone's, else a transferkit encoder's).
     """
     base = find_base(model)
     factors = lr_factors if lr_factors is not None else getattr(getattr(model, "optimizer", None), "lr_factors", {})
-    rows = [_row(name, layers, factors) for name, layers in blocks_of(base, block_patterns(base))]
+    blocks = blocks if blocks is not None else blocks_of(base, block_patterns(base))
+    rows = [_row(name, layers, factors) for name, layers in blocks]
     head = [layer for layer in model.layers if layer is not base and layer.weights]
     rows.append(_row("head", head, factors))
     return rows
@@ -126,12 +126,17 @@ def inspect(model: keras.Model | str | Path, verbose: bool = True) -> list[Block
     >>> rows[-1].block
     'head'
     """
+    blocks = None
     if not isinstance(model, keras.Model):
         from transferkit import artifacts
 
-        artifacts.read_manifest(model, ("classifier",))
+        manifest = artifacts.read_manifest(model, ("classifier",))
         model = artifacts.load_model(model)
-    rows = audit(model)
+        if manifest.get("base", {}).get("kind") == "file":  # fine-tuned from --base FILE: its block rule
+            from transferkit.bases import base_blocks
+
+            blocks = base_blocks(find_base(model))[1]
+    rows = audit(model, blocks=blocks)
     if verbose:
         print(format_audit(rows), flush=True)
     return rows

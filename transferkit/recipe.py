@@ -31,6 +31,7 @@ ARCHS = ("dense", "conv")
 BATCHNORM = ("none", "before", "after")
 COMMANDS = ("pretrain", "finetune")
 RESIZE_MODES = ("stretch", "crop", "pad")  # keras.layers.Resizing: stretch, crop_ or pad_to_aspect_ratio
+PREPROCESS = ("none", "scale:1/255", "tf", "imagenet-caffe", "imagenet-torch")  # --base: see transferkit.bases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,9 @@ class Recipe:
     from_: str | None = None
     backbone: str | None = None
     weights: str = "none"
+    base: str | None = None  # a Keras model file
+    cut: str | None = None  # None: before the base's classifier (transferkit.bases)
+    preprocess: str | None = None  # None: none (the base takes 0..255 pixels)
     head_epochs: int | None = None  # None: from a step budget
     head_patience: int | None = None  # the older name of `patience`, for head-only stages
     unfreeze_top: int | None = None  # None: every block of the base
@@ -165,8 +169,17 @@ class Recipe:
         _check(self.batchnorm in BATCHNORM, "batchnorm", self.batchnorm, f"one of {', '.join(BATCHNORM)}")
         _check(all(u >= 1 for u in self.units) and self.units, "units", self.units, "positive integers")
         _check(all(f >= 1 for f in self.filters) and self.filters, "filters", self.filters, "positive integers")
-        _check(not (self.from_ and self.backbone), "backbone", self.backbone,
-               "either --from or --backbone, not both")
+        bases = {flag: value for flag, value in (("from", self.from_), ("backbone", self.backbone),
+                                                 ("base", self.base)) if value}
+        if len(bases) > 1:
+            raise SettingsError("The base must be exactly one of --from, --backbone, --base. Received: "
+                                + ", ".join(f"{flag}={value!r}" for flag, value in bases.items()))
+        _check(self.cut is None or self.base, "cut", self.cut, "given with --base FILE")
+        _check(self.cut is None or not str(self.cut).lstrip("+").isdigit(), "cut", self.cut,
+               "a layer name or a negative index")
+        _check(self.preprocess is None or self.base, "preprocess", self.preprocess, "given with --base FILE")
+        _check(self.preprocess is None or self.preprocess in PREPROCESS, "preprocess", self.preprocess,
+               f"one of {', '.join(PREPROCESS)}")
         return self
 
     @property
@@ -259,6 +272,8 @@ def _coerce(key: str, value: Any) -> Any:
             return tuple(int(v) for v in value)
         except (TypeError, ValueError):
             raise SettingsError(f"{key} must be integers such as 128,64; Received: {key}={value!r}") from None
+    if key == "cut" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     if key == "batchnorm" and value in (False, None):
         return "none"
     if key == "lr" and isinstance(value, str) and value != "auto":
