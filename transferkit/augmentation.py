@@ -137,14 +137,47 @@ def find_augmentation(model: keras.Model) -> Augmentation | None:
     return next((layer for layer in all_layers(model) if isinstance(layer, Augmentation)), None)
 
 
+@keras.saving.register_keras_serializable(package="transferkit")
+class ExactCutMix(keras.layers.CutMix):
+    """`keras.layers.CutMix` whose targets mix in the proportion of pixels actually pasted.
+
+    Keras 3.15's CutMix pastes whole pixels (those inside the box) but mixes the
+    targets by the box's real-valued area; on small images the two differ a lot
+    (on 8x8 digits by up to ~15 points of the target). Here the target weight of
+    each image is the fraction of its pixels it keeps, as timm's `correct_lam`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = ExactCutMix(factor=1.0, seed=0)
+    >>> out = layer({"images": np.zeros((4, 8, 8, 1), "float32"), "labels": np.eye(4, dtype="float32")})
+    >>> out["labels"].shape
+    TensorShape([4, 4])
+
+    Args:
+        factor: Float in [0, 1] (or two). The Beta concentration of the box's area is drawn in
+            `[0, factor]`. Defaults to `1.0`.
+        seed: Optional integer. Defaults to `None`.
+        **kwargs: Any `keras.layers.CutMix` argument.
+    """
+
+    def get_random_transformation(self, data, training=True, seed=None):
+        transformation = super().get_random_transformation(data, training=training, seed=seed)
+        if transformation is None:
+            return None
+        pasted = self.backend.cast(transformation["batch_masks"], self.compute_dtype)
+        transformation["mix_weight"] = 1.0 - self.backend.numpy.mean(pasted, axis=(1, 2, 3))
+        return transformation
+
+
 def mix_batches(dataset, mixup: float = 0.0, cutmix: float = 0.0, seed: int = 0):
     """`dataset` of `(images, one-hot targets)` batches with MixUp and/or CutMix applied to each batch.
 
     With both, each batch gets one of them, chosen at random with equal odds
     (timm's switch). MixUp draws each example's weight from Beta(alpha, alpha);
-    CutMix (`keras.layers.CutMix(factor=cutmix)`) pastes a box whose area comes
-    from Beta(a, a), `a` drawn in [0, cutmix]; the targets are mixed in the same
-    proportions.
+    CutMix (`ExactCutMix(factor=cutmix)`, Keras's with exact target weights)
+    pastes a box whose area comes from Beta(a, a), `a` drawn in [0, cutmix]; the
+    targets are mixed in the proportions of the pixels each image keeps.
 
     Args:
         dataset: A batched `tf.data.Dataset` of `(images, targets)`; targets are float probabilities.
@@ -161,7 +194,7 @@ def mix_batches(dataset, mixup: float = 0.0, cutmix: float = 0.0, seed: int = 0)
     if mixup:
         mixers.append(keras.layers.MixUp(alpha=mixup, seed=seed))
     if cutmix:
-        mixers.append(keras.layers.CutMix(factor=cutmix, seed=seed + 1))
+        mixers.append(ExactCutMix(factor=cutmix, seed=seed + 1))
     if not mixers:
         return dataset
 
