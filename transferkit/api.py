@@ -57,7 +57,8 @@ def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
             applies), or a `Recipe`.
         verbose: Bool. Print progress. Defaults to `True`.
         **settings: Any `Recipe` field (`from_`, `backbone`, `weights`, `base`, `cut`, `preprocess`,
-            `label_fraction`, `unfreeze_top`, `head_epochs`, `epochs`, `lr`, ...).
+            `label_fraction`, `unfreeze_top`, `head_epochs`, `epochs`, `lr`, `augment`, `mixup`, `cutmix`,
+            `class_weight`, `ema`, ...).
 
     Returns:
         A `Result` with the classifier, history, test metrics and artifact folder.
@@ -79,7 +80,8 @@ def export(model_dir: str | Path, out: str | Path | None = None, *, mc_samples: 
 
 
 def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int = 0, top_k: int | None = None,
-             plots: str | Path | None = None, output: str | Path | None = None, verbose: bool = True) -> Result:
+             plots: str | Path | None = None, output: str | Path | None = None, tta: int = 1,
+             verbose: bool = True) -> Result:
     """How well a saved classifier does on its test split (or on `data`), and where it fails.
 
     Args:
@@ -89,6 +91,8 @@ def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int 
         top_k: Optional integer. Top-k accuracy to report. Defaults to 5 with more than 5 classes, else none.
         plots: Optional folder to write `confusion.png` (and `top_losses.png` for images) into. Defaults to `None`.
         output: Optional `.json` file for the whole report. Defaults to `None`.
+        tta: Integer >= 1. Also evaluate test-time augmentation: the mean probabilities over each input and
+            `tta - 1` augmented copies (the model's own augmentation, else horizontal flips). Defaults to `1` (off).
         verbose: Bool. Print the report. Defaults to `True`.
 
     Returns:
@@ -101,14 +105,17 @@ def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int 
     """
     from transferkit.evaluation import run_evaluate
 
-    return run_evaluate(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output,
+    return run_evaluate(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output, tta=tta,
                         verbose=verbose)
 
 
 def predict(model_dir: str | Path, inputs: list[str] | str, *, mc_samples: int = 0,
-            output: str | Path | None = None, verbose: bool = True) -> list[dict[str, Any]]:
-    """Predicted class and probability (and MC dropout uncertainty) for image files or a data spec."""
+            output: str | Path | None = None, tta: int = 1, verbose: bool = True) -> list[dict[str, Any]]:
+    """Predicted class and probability (and MC dropout uncertainty) for image files or a data spec.
+
+    `tta` > 1 adds `tta_class` and `tta_probability`: the mean over each input and `tta - 1` augmented copies.
+    """
     from transferkit.prediction import run_predict
 
     return run_predict(model_dir, [inputs] if isinstance(inputs, str) else list(inputs), mc_samples=mc_samples,
-                       output=output, verbose=verbose)
+                       output=output, tta=tta, verbose=verbose)

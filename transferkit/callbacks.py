@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import functools
@@ -269,13 +270,22 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     Args:
         monitor: String. The logged quantity to watch. Defaults to `"val_loss"`.
         patience: Int. Epochs without improvement before stopping. Defaults to `20`.
+        ema: Bool. The optimizer keeps a moving average of the weights (`use_ema=True`):
+            keep the average's values as the best weights. Defaults to `False`.
         **kwargs: Any other `keras.callbacks.EarlyStopping` argument.
     """
 
-    def __init__(self, monitor: str = "val_loss", patience: int = 20, **kwargs):
+    def __init__(self, monitor: str = "val_loss", patience: int = 20, ema: bool = False, **kwargs):
         kwargs.setdefault("restore_best_weights", True)
         super().__init__(monitor=monitor, patience=patience, **kwargs)
+        self.ema = ema
         self._loaded = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.ema:
+            return super().on_epoch_end(epoch, logs)
+        with ema_weights_in(self.model):  # the weights judged (validation swaps them in) are the ones kept
+            super().on_epoch_end(epoch, logs)
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -292,3 +302,26 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     def load_state(self, state: tuple[dict, list | None]) -> None:
         """Continue from `state()` of an interrupted run: applied when training begins."""
         self._loaded = state
+
+
+@contextlib.contextmanager
+def ema_weights_in(model: keras.Model):
+    """Within the block, `model`'s trainable weights hold its optimizer's moving average (`use_ema=True`).
+
+    The weights it had come back at the end, bit for bit. Nothing changes when the
+    optimizer keeps no average (or has not built it yet).
+    """
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    averages = getattr(optimizer, "_model_variables_moving_average", None)
+    if not averages:
+        yield
+        return
+    pairs = [(v, a) for v, a in zip(optimizer._trainable_variables, averages) if a is not None]
+    kept = [keras.ops.convert_to_numpy(v) for v, _ in pairs]
+    for variable, average in pairs:
+        variable.assign(average)
+    try:
+        yield
+    finally:
+        for (variable, _), value in zip(pairs, kept):
+            variable.assign(value)

@@ -159,7 +159,8 @@ def _finetune_options(f: Callable) -> Callable:
         click.option("--train-batchnorm/--freeze-batchnorm", default=None,
                      help="Let BatchNorm in unfrozen blocks train (frozen: in inference mode)."),
         click.option("--cache-features/--no-cache-features", default=None,
-                     help="Train head-only stages on base outputs computed once."),
+                     help="Train head-only stages on base outputs computed once (not with --augment, --mixup or "
+                          "--cutmix, which change the inputs every epoch: those run the base every epoch)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -177,6 +178,19 @@ def _finetune_options(f: Callable) -> Callable:
 @click.option("--pseudo-rounds", type=int, help="Rounds of pseudo-labeling.")
 @click.option("--pseudo-threshold", type=float,
               help="Keep only pseudo-labels at least this probable, in (0, 1) (default: top-k alone).")
+@click.option("--augment", help="Random image augmentation inside the model, in training only (serve and "
+                                "predict never see it): light (rotate:10,zoom:0.1,translate:0.1), medium "
+                                "(flip,rotate:15,zoom:0.15,translate:0.1,contrast:0.2) or a comma list of flip, "
+                                "rotate:DEG, zoom:F, translate:F, contrast:F, randaugment. Head stages then run "
+                                "the frozen base every epoch instead of on cached outputs.")
+@click.option("--mixup", type=float, help="MixUp each training batch with this alpha (Beta(alpha, alpha) "
+                                          "weights; 0: off; images only; also uncaches head stages).")
+@click.option("--cutmix", type=float, help="CutMix each training batch: its factor in [0, 1] (0: off; images "
+                                           "only; with --mixup each batch gets one of the two).")
+@click.option("--class-weight", help="Per-class loss weights: balanced (n / (classes x n_class)), none, or a JSON "
+                                     "file of class name -> weight.")
+@click.option("--ema", type=float, help="Keep an exponential moving average of the weights with this decay, e.g. "
+                                        "0.999; it is validated and saved instead of the last weights.")
 @_handle_errors
 def finetune(recipe: str | None, **settings: Any) -> None:
     """Fine-tune a new head (then the top blocks) on a few labels; print the test accuracy."""
@@ -222,6 +236,11 @@ def schedule(recipe: str | None, command: str, plot: str, **settings: Any) -> No
                f"{curve.lrs.min():.3g} to {curve.lrs.max():.3g}; plot written to {plot}")
 
 
+_TTA_HELP = ("Test-time augmentation: also average the probabilities over the input and N-1 augmented copies "
+             "(the model's own --augment, else horizontal flips; dropout off), reported beside the plain figures "
+             "(1: off; images only).")
+
+
 @cli.command()
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="SavedModel folder (default MODEL_DIR/serving).")
@@ -243,13 +262,14 @@ def export(model_dir: str, out: str | None, mc_samples: int) -> None:
 @click.option("--top-k", type=int, help="Report the top-K accuracy (default 5 with more than 5 classes, else none).")
 @click.option("--plots", type=click.Path(), help="Write confusion.png (and top_losses.png for images) here.")
 @click.option("--output", type=click.Path(), help="Write the whole report to this JSON file.")
+@click.option("--tta", type=int, default=1, show_default=True, help=_TTA_HELP)
 @_handle_errors
 def evaluate(model_dir: str, data: str | None, mc_samples: int, top_k: int | None, plots: str | None,
-             output: str | None) -> None:
+             output: str | None, tta: int) -> None:
     """Accuracy, per-class figures, confusion and calibration of MODEL_DIR on its test split (or on --data)."""
     from transferkit.api import evaluate as run
 
-    run(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output)
+    run(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output, tta=tta)
 
 
 @cli.command()
@@ -258,12 +278,13 @@ def evaluate(model_dir: str, data: str | None, mc_samples: int, top_k: int | Non
 @click.option("--mc-samples", type=click.IntRange(min=0), default=0,
               help="MC dropout samples per example; adds std, entropy and mutual information.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the rows to a .csv or .json file.")
+@click.option("--tta", type=int, default=1, show_default=True, help=_TTA_HELP)
 @_handle_errors
-def predict(model_dir: str, inputs: tuple[str, ...], mc_samples: int, output: str | None) -> None:
+def predict(model_dir: str, inputs: tuple[str, ...], mc_samples: int, output: str | None, tta: int) -> None:
     """Class and probability for INPUTS: image files, or a data spec (npz:PATH, dir:PATH)."""
     from transferkit.api import predict as run
 
-    run(model_dir, list(inputs), mc_samples=mc_samples, output=output)
+    run(model_dir, list(inputs), mc_samples=mc_samples, output=output, tta=tta)
 
 
 @cli.command()
@@ -301,6 +322,7 @@ _AUTO = {
     "head_patience": "--patience",
     "cut": "after the last global pooling or Flatten layer, else before the last Dense",
     "preprocess": "none: the base takes 0..255 pixels",
+    "ema": "off",
     "out": "saved_models/NAME",
     "name": "from the data spec",
 }

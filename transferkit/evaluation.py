@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit import artifacts, runs
+from transferkit.augmentation import tta_predict
 from transferkit.data import Split, pipeline
 from transferkit.errors import SettingsError
 from transferkit.report import class_report, confusion_figure, format_report, resolve_top_k, top_losses_figure
@@ -34,12 +35,13 @@ class Evaluation(runs.Result):
 
 def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int = 0, batch_size: int = 256,
                  top_k: int | None = None, plots: str | Path | None = None, output: str | Path | None = None,
-                 verbose: bool = True) -> Evaluation:
+                 tta: int = 1, verbose: bool = True) -> Evaluation:
     """Accuracy, loss, calibration and where the model fails, on the artifact's test split or every example of `data`.
 
     Given `data` that is the artifact's own training data (same fingerprint), only
     its test split is used, so no training example is counted. With `mc_samples`,
-    the same figures for MC dropout predictions, side by side.
+    the same figures for MC dropout predictions, side by side; with `tta` > 1, for
+    test-time augmentation (`transferkit.augmentation.tta_predict`).
 
     Args:
         model_dir: Path of a classifier artifact.
@@ -49,6 +51,8 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
         top_k: Optional integer. Report the top-k accuracy. Defaults to 5 with more than 5 classes, else none.
         plots: Optional folder for `confusion.png` (and `top_losses.png` for images). Defaults to `None`.
         output: Optional JSON file for the whole report. Defaults to `None`.
+        tta: Integer >= 1. Predictions averaged per example over the input and `tta - 1` augmented
+            copies, reported beside the plain ones. Defaults to `1` (off).
         verbose: Bool. Print the report. Defaults to `True`.
 
     Returns:
@@ -56,10 +60,12 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
 
     Raises:
         SettingsError: Not a classifier artifact, data that does not fit it, a bad
-            `top_k`, `mc_samples` on a model without dropout, or an unwritable `plots`/`output`.
+            `top_k`, `mc_samples` on a model without dropout, `tta` below 1 or on a model that does not
+            take images, or an unwritable `plots`/`output`.
     """
     model_dir = Path(model_dir)
     manifest = artifacts.read_manifest(model_dir, ("classifier",))
+    check_tta(tta, manifest)
     num_classes = manifest["num_classes"]
     top_k = resolve_top_k(top_k, num_classes)
     plots, output = _check_destinations(plots, output)
@@ -85,15 +91,20 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
     probabilities = {"deterministic": deterministic_model(model).predict(pipeline(x, batch_size=batch_size), verbose=0)}
     if mc_samples:
         probabilities["mc_dropout"] = mc_predict(model, x, mc_samples).mean
+    if tta > 1:
+        probabilities["tta"] = tta_predict(model, x, tta, batch_size)
     predictions = {kind: {**calibration(p, y), **class_report(p, y, names, top_k)} for kind, p in probabilities.items()}
     report = {"model": str(model_dir), "data": spec, "where": where, "examples": len(x), "class_names": names,
-              "top_k": top_k, "mc_samples": mc_samples, "predictions": predictions}
+              "top_k": top_k, "mc_samples": mc_samples, "tta": tta, "predictions": predictions}
     metrics = {**_headline(predictions["deterministic"]), "loss": predictions["deterministic"]["nll"],
                "examples": len(x)}
     if mc_samples:
         metrics.update({f"mc_{k}": v for k, v in _headline(predictions["mc_dropout"]).items()})
-    columns = {("deterministic" if kind == "deterministic" else f"MC dropout ({mc_samples} samples)"): _headline(p)
-               for kind, p in predictions.items()}
+    if tta > 1:
+        metrics.update({f"tta_{k}": v for k, v in _headline(predictions["tta"]).items()})
+    titles = {"deterministic": "deterministic", "mc_dropout": f"MC dropout ({mc_samples} samples)",
+              "tta": f"TTA ({tta} copies)"}
+    columns = {titles[kind]: _headline(p) for kind, p in predictions.items()}
     runs.print_line(f"evaluate: {len(x)} examples ({where} of {spec})\n" + format_columns(columns, top_k) + "\n"
                     + format_report(predictions["deterministic"]), verbose)
     if output:
@@ -103,6 +114,15 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
         written = _write_plots(plots, x, y, probabilities["deterministic"], names, loaded, report)
         runs.print_line(f"pictures written to {plots}: {', '.join(written)}", verbose)
     return Evaluation(model=model, history={}, metrics=metrics, artifact=model_dir, manifest=manifest, report=report)
+
+
+def check_tta(tta: int, manifest: dict[str, Any]) -> None:
+    """Refuse, before any work, a `tta` below 1, or above 1 for a model that does not take images."""
+    if tta < 1:
+        raise SettingsError(f"--tta must be at least 1 (1: the input alone, no augmentation). Received: tta={tta}")
+    if tta > 1 and len(manifest["input_shape"]) != 3:
+        raise SettingsError(f"--tta needs a model that takes images; the one here takes inputs of shape "
+                            f"{tuple(manifest['input_shape'])}. Received: tta={tta}")
 
 
 def class_names(manifest: dict[str, Any]) -> list[str]:

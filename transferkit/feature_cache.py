@@ -31,7 +31,7 @@ MEMORY_LIMIT_BYTES = 1 << 30
 # batches the base runs at once: TensorFlow keeps 2 CPU cores only ~60% busy on one MobileNetV2 batch
 # (small depthwise ops); two in flight make the pass ~1.25x faster, with the same outputs bit for bit
 IN_FLIGHT = 2
-_STOCHASTIC = ("Dropout", "Noise", "Random", "RReLU")
+_STOCHASTIC = ("Dropout", "Noise", "Random", "RReLU", "Augment")
 
 
 def can_cache(features_model: keras.Model) -> bool:

@@ -34,12 +34,15 @@ import keras
 import numpy as np
 
 from transferkit import artifacts, backend, runs
+from transferkit.augment_spec import describe_augment, parse_augment
+from transferkit.augmentation import augment_inputs, mix_batches
 from transferkit.backbones import (
     backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter,
 )
 from transferkit.backup import Backup, BackupCallback
 from transferkit.bases import base_blocks, base_inputs, load_body
 from transferkit.bases import describe as describe_base
+from transferkit.class_weights import resolve_class_weight
 from transferkit.defaults import describe_chosen, resolve_finetune
 from transferkit.data import Data, Split, as_array, pipeline, split_data
 from transferkit.errors import SettingsError
@@ -97,6 +100,7 @@ class Plan:
     phases: list[Phase] = dataclasses.field(default_factory=list)
     chosen: dict[str, Any] = dataclasses.field(default_factory=dict)  # settings resolved by transferkit.defaults
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # the run's settings as given (backups)
+    class_weight: dict[int, float] | None = None  # per-class loss weights for fit (--class-weight)
 
     @property
     def labeled(self) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +146,11 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     encoder_manifest = artifacts.read_manifest(recipe.from_, ("encoder",)) if recipe.from_ else None
     data = runs.load_recipe_data(recipe)
     runs.require_labels(data)
+    if recipe.mixes and len(data.input_shape) != 3:
+        raise SettingsError(f"--mixup and --cutmix need image inputs (height, width, channels); the data's inputs "
+                            f"have shape {data.input_shape}. Received: mixup={recipe.mixup}, cutmix={recipe.cutmix}")
     split = _split_for(recipe, data, encoder_manifest)
+    class_weight = resolve_class_weight(recipe.class_weight, data.y[split.labeled], _class_names(data))
     keras.utils.set_random_seed(recipe.seed)
     runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
     settings = recipe.run_settings()  # as given: what is chosen from them follows
@@ -150,7 +158,7 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     recipe, chosen = resolve_finetune(recipe, len(split.labeled), len(clf.blocks),
                                       "encoder" if clf.info["kind"] == "encoder" else "backbone")
     plan = Plan(recipe, data, split, clf, plan_stages(recipe, clf.blocks), runs.out_dir(recipe, "classifier"),
-                replicas, chosen=chosen, settings=settings)
+                replicas, chosen=chosen, settings=settings, class_weight=class_weight)
     check_pool(recipe.semi_supervised, plan.unlabeled)
     plan.phases = plan_phases(plan)
     return plan
@@ -198,6 +206,8 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
     total_epochs = sum(s.epochs for phase in plan.phases for s in phase.stages)
     x_val, y_val = data.x[split.val], data.y[split.val]
     semi = recipe.semi_supervised
+    # augmented or mixed inputs differ every epoch: no head stage can reuse one pass of the base over them
+    random_inputs = bool(parse_augment(recipe.augment)) or recipe.mixes
     runs.print_line(describe_chosen("finetune", plan.chosen), verbose)
     runs.print_line(f"finetune: {clf.info['description']} on {len(split.labeled)} labeled examples "
                     f"({recipe.label_fraction:g} of {len(split.train)}), {data.num_classes} classes; "
@@ -236,7 +246,8 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 continue
             unfrozen = freeze_all_but_top(clf.base, clf.blocks, stage.top, recipe.train_batchnorm)
             factors = _lr_factors(clf.blocks, stage.top, recipe.lr_decay)
-            cached = stage.top == 0 and recipe.cache_features and plan.replicas == 1 and can_cache(clf.features)
+            cached = (stage.top == 0 and recipe.cache_features and plan.replicas == 1 and not random_inputs
+                      and can_cache(clf.features))
             trained = clf.head if cached else clf.model
             started = time.perf_counter()
             if state and start <= resume_at:  # the weights the interrupted run had at resume_at
@@ -246,7 +257,10 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 if phase.round:
                     pseudo_counts[phase.name] = len(examples.rows) - len(split.labeled)
             x, y = data.x[examples.rows], examples.y
-            y_check = np.eye(data.num_classes, dtype="float32")[y_val] if examples.soft else y_val
+            soft = examples.soft or recipe.mixes  # mixed batches mix one-hot targets
+            if recipe.mixes and not examples.soft:
+                y = np.eye(data.num_classes, dtype="float32")[y]
+            y_check = np.eye(data.num_classes, dtype="float32")[y_val] if soft else y_val
             inputs = {"train": x, "val": x_val if len(x_val) else None}
             if cached:
                 caching = time.perf_counter()
@@ -258,7 +272,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 inputs = {"train": outputs[phase.name], "val": outputs[None]}
                 record["caching_seconds"] = round(time.perf_counter() - caching, 3)
             reuse = None  # used by the first stage, or not at all: free it
-            loss, accuracy = _loss_and_metric(examples.soft, recipe.label_smoothing)
+            loss, accuracy = _loss_and_metric(soft, recipe.label_smoothing)
             if recipe.lr == "auto":
                 trained.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
                 lr = runs.find_learning_rate(trained, inputs["train"], y, recipe, verbose)
@@ -266,20 +280,24 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 lr = plan.stage_lr(stage)
             per_epoch = runs.steps_per_epoch(len(y), plan.batch_size)
             steps = stage.epochs * per_epoch
-            callbacks = runs.compile_stage(trained, recipe, lr, steps, loss, accuracy, lr_factors=factors)
+            callbacks = runs.compile_stage(trained, recipe, lr, steps, loss, accuracy, lr_factors=factors,
+                                           ema=recipe.ema)
             if state and start < resume_at:  # mid-stage: the optimizer's state too (its step drives the schedule)
                 backup.restore(clf.model, trained, clf.head)
             first = max(start, resume_at)
+            uncached_for_augment = stage.top == 0 and recipe.cache_features and random_inputs
+            record["cached"] = bool(cached)
             runs.print_line(f"stage {stage.name}{'' if phase.name == 'labeled' else f' ({phase.name})'}: epochs "
                             f"{first + 1}-{epoch} on {len(y)} examples, {recipe.schedule} learning rate {lr:.3g}"
-                            f"{', on cached base outputs' if cached else ''}; trainable: "
+                            f"{', on cached base outputs' if cached else ''}"
+                            f"{', uncached: its inputs change every epoch' if uncached_for_augment else ''}; trainable: "
                             f"{', '.join(unfrozen) or 'no block'} + head", verbose)
             runs.print_line(format_audit(audit(clf.model, factors, clf.blocks)), verbose)
             guards, stopping = runs.stage_guards(
                 stage.name if phase.name == "labeled" else f"{stage.name} ({phase.name})",
                 recipe.head_stage_patience if stage.top == 0 else recipe.patience,
                 # val_loss where validation has an example of every class; else the training loss
-                validated=len(x_val) >= data.num_classes, learning_rate=lr)
+                validated=len(x_val) >= data.num_classes, learning_rate=lr, ema=bool(recipe.ema))
             if stopping is not None and state and start < resume_at and backup.stopping() is not None:
                 stopping.load_state(backup.stopping())
             keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every, final_epoch=total_epochs,
@@ -288,11 +306,13 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                                      log_dir=recipe.tensorboard, initial_step=first * per_epoch)
                       ] if recipe.health_steps else []
             backend.build_compiled(trained, pipeline(inputs["train"], y, plan.batch_size))
+            batches = pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed)
             fit = trained.fit(
-                pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed),
+                mix_batches(batches, recipe.mixup, recipe.cutmix, seed=recipe.seed + index) if recipe.mixes
+                else batches,
                 validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_check, plan.batch_size),
                 initial_epoch=first, epochs=epoch,
-                callbacks=[*callbacks, *guards, keep, *health],
+                callbacks=[*callbacks, *guards, keep, *health], class_weight=plan.class_weight,
                 shuffle=False, verbose=2 if verbose else 0)
             runs.merge_history(history, fit)
             if stage.top:  # the base has trained: a later head stage needs its new outputs
@@ -317,6 +337,11 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
         blocks=[name for name, _ in clf.blocks],
         stages=done,
         semi_supervised=_semi_record(plan, pseudo_counts),
+        augment=describe_augment(parse_augment(recipe.augment)),
+        mixup=recipe.mixup,
+        cutmix=recipe.cutmix,
+        class_weight=_class_weight_record(plan),
+        ema=recipe.ema,
         metrics=metrics,
     )
     runs.save_run(out, clf.model, recipe, manifest, split, history)
@@ -335,6 +360,19 @@ def _loss_and_metric(soft: bool, label_smoothing: float = 0.0) -> tuple[Any, lis
     if label_smoothing:
         return SparseCategoricalCrossentropyWithSmoothing(label_smoothing), ["accuracy"]
     return "sparse_categorical_crossentropy", ["accuracy"]
+
+
+def _class_names(data: Data) -> list[str]:
+    """The classes' names in index order: the data's, else the class numbers as text."""
+    return [str(n) for n in data.class_names] if data.class_names else [str(i) for i in range(data.num_classes)]
+
+
+def _class_weight_record(plan: Plan) -> dict[str, Any]:
+    """What the manifest says of the class weights: the setting, and each class's weight by name."""
+    weights = plan.class_weight
+    names = _class_names(plan.data)
+    return {"setting": plan.recipe.class_weight,
+            "weights": None if weights is None else {names[c]: w for c, w in sorted(weights.items())}}
 
 
 def _examples(plan: Plan, phase: Phase, propagated: np.ndarray | None, backup: Backup) -> Examples:
@@ -437,6 +475,7 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any
     The base: the encoder `from_`, the Keras Applications `backbone`, or the body of the model file `base`.
     """
     inputs = keras.Input(data.input_shape, name="inputs")
+    augmented = augment_inputs(inputs, recipe.augment, data.value_range)  # `inputs` itself without --augment
     if encoder_manifest is not None:
         if tuple(encoder_manifest["input_shape"]) != data.input_shape:
             raise SettingsError(
@@ -444,7 +483,7 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any
                 f"takes {tuple(encoder_manifest['input_shape'])}."
             )
         base = with_dtype_policy(artifacts.load_model(recipe.from_), recipe.precision)
-        x = base(inputs)
+        x = base(augmented)
         blocks = blocks_of(base)
         info = {"from": str(recipe.from_), "kind": "encoder", "description": f"encoder {recipe.from_}"}
     elif recipe.base:
@@ -460,7 +499,7 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any
             raise SettingsError(f"Backbone {recipe.backbone!r} takes images; the data's inputs have shape "
                                 f"{data.input_shape}.")
         side = backbone_input_size(entry, *data.input_shape[:2], recipe.image_size)
-        x = image_adapter(inputs, data.value_range, side, entry.preprocess)
+        x = image_adapter(augmented, data.value_range, side, entry.preprocess)
         base = build_backbone(recipe.backbone, recipe.weights, (side, side, 3))
         x = base(x)
         blocks = blocks_of(base, entry.blocks)

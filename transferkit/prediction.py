@@ -24,18 +24,24 @@ import keras
 import numpy as np
 
 from transferkit import artifacts, runs
+from transferkit.augmentation import tta_augmentation, tta_batch
 from transferkit.data import SCHEMES, batches_of
 from transferkit.image_files import ImageFiles
 from transferkit.images import check_images
 from transferkit.errors import SettingsError
+from transferkit.evaluation import check_tta
 from transferkit.uncertainty import deterministic_model, has_dropout, mc_predict, monte_carlo_model
 
 OUTPUT_FORMATS = (".csv", ".json")
 
 
 def run_predict(model_dir: str | Path, inputs: list[str], mc_samples: int = 0, output: str | Path | None = None,
-                batch_size: int = 256, verbose: bool = True) -> list[dict[str, Any]]:
-    """One row per input: its name, the predicted class, its probability (and MC figures).
+                batch_size: int = 256, tta: int = 1, verbose: bool = True) -> list[dict[str, Any]]:
+    """One row per input: its name, the predicted class, its probability (and MC figures, and TTA's).
+
+    With `tta` > 1 each row also has `tta_class` and `tta_probability`: from the
+    mean probabilities over the input and `tta - 1` augmented copies (the
+    model's own augmentation, else horizontal flips; dropout off).
 
     `inputs` are image files, or one data spec (`npz:PATH`, `dir:PATH`, ...). Rows
     are printed as CSV, or written to `output` (`.csv` or `.json`) through a
@@ -45,6 +51,7 @@ def run_predict(model_dir: str | Path, inputs: list[str], mc_samples: int = 0, o
     """
     model_dir = Path(model_dir)
     manifest = artifacts.read_manifest(model_dir, ("classifier",))
+    check_tta(tta, manifest)
     if output is not None and Path(output).suffix not in OUTPUT_FORMATS:
         raise SettingsError(f"--output must end in .csv or .json. Received: output={str(output)!r}")
     if output is not None and not Path(output).parent.is_dir():
@@ -54,13 +61,19 @@ def run_predict(model_dir: str | Path, inputs: list[str], mc_samples: int = 0, o
     classes = manifest["data"].get("class_names") or [str(i) for i in range(manifest["num_classes"])]
     if mc_samples and not has_dropout(model):
         raise SettingsError(f"--mc-samples needs a model with dropout; {str(model_dir)!r} has none.")
+    augmentation = tta_augmentation(model, tta) if tta > 1 else None
+    served = deterministic_model(model)
     # deterministic: MC dropout off; MC: every dropout on (both share the model's weights)
-    model = monte_carlo_model(model) if mc_samples else deterministic_model(model)
+    model = monte_carlo_model(model) if mc_samples else served
     rows: list[dict[str, Any]] = []
     with _row_writer(output, verbose) as write:
         for start, batch in zip(range(0, len(x), batch_size), batches_of(x, batch_size, desc="predicting")):
+            averaged = None if augmentation is None else tta_batch(served, batch, tta, augmentation)
             for i, row in enumerate(_predict_rows(model, batch, mc_samples, classes)):
                 row = {"input": names[start + i], **row}
+                if averaged is not None:
+                    best = int(averaged[i].argmax())
+                    row.update(tta_class=classes[best], tta_probability=float(averaged[i, best]))
                 rows.append(row)
                 write(row)
     return rows

@@ -19,6 +19,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from transferkit.augment_spec import parse_augment
+from transferkit.class_weights import check_class_weight_setting
 from transferkit.errors import SettingsError
 from transferkit.runtime import DEVICES, PRECISIONS, STRATEGIES
 
@@ -91,6 +93,11 @@ class Recipe:
     gradual: bool = False
     finetune_lr_factor: float | None = None  # None: 0.1 on an encoder, 0.01 on a backbone
     label_smoothing: float = 0.0
+    augment: str = "none"  # random image augmentation inside the model, in training only (transferkit.augment_spec)
+    mixup: float = 0.0  # MixUp's alpha (0: off)
+    cutmix: float = 0.0  # CutMix's factor (0: off)
+    class_weight: str = "none"  # none, balanced, or a JSON file of class name -> weight
+    ema: float | None = None  # decay of an exponential moving average of the weights (None: off)
     lr_decay: float = 1.0
     train_batchnorm: bool = False
     cache_features: bool = True
@@ -156,6 +163,12 @@ class Recipe:
         _check(self.pseudo_threshold is None or 0 < self.pseudo_threshold < 1, "pseudo_threshold",
                self.pseudo_threshold, "a number in (0, 1)")
         _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "a number in [0, 1)")
+        parse_augment(self.augment)
+        _check(0 <= self.mixup < math.inf, "mixup", self.mixup, "a number >= 0 (MixUp's alpha; 0: off)")
+        _check(0 <= self.cutmix <= 1, "cutmix", self.cutmix, "a number in [0, 1] (CutMix's factor; 0: off)")
+        check_class_weight_setting(self.class_weight)
+        _check(self.ema is None or 0 < self.ema < 1, "ema", self.ema,
+               "a number in (0, 1), the decay of the weights' moving average (0.999 is common)")
         _check(self.finetune_lr_factor is None or self.finetune_lr_factor > 0, "finetune_lr_factor",
                self.finetune_lr_factor, "a positive number")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
@@ -181,6 +194,11 @@ class Recipe:
         _check(self.preprocess is None or self.preprocess in PREPROCESS, "preprocess", self.preprocess,
                f"one of {', '.join(PREPROCESS)}")
         return self
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed (MixUp or CutMix): the targets are then probabilities."""
+        return bool(self.mixup or self.cutmix)
 
     @property
     def health_steps(self) -> int:

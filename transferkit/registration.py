@@ -25,7 +25,8 @@ import warnings
 # Modules whose classes (layers, schedules, optimizers) saved models may name. Registering may run in the middle
 # of another transferkit module's import (the first `import keras` can be any module's), so these modules import
 # from transferkit only modules that never import Keras: none of them can then meet a half-initialized module.
-KERAS_OBJECT_MODULES = ("layers", "schedules", "discriminative", "backbones", "tied", "pretext_layers", "losses")
+KERAS_OBJECT_MODULES = ("layers", "schedules", "discriminative", "backbones", "tied", "pretext_layers", "losses",
+                        "augmentation")
 
 
 def register_keras_objects() -> None:

@@ -141,13 +141,18 @@ def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: 
     return out
 
 
-def make_optimizer(recipe: Recipe, learning_rate: Any):
-    """The recipe's optimizer at `learning_rate` (a float or a schedule), with its clipping."""
+def make_optimizer(recipe: Recipe, learning_rate: Any, ema: float | None = None):
+    """The recipe's optimizer at `learning_rate` (a float or a schedule), with its clipping.
+
+    `ema`: keep an exponential moving average of the weights with this decay
+    (Keras's `use_ema=True, ema_momentum=ema`); `fit` ends with the average in the model.
+    """
     from transferkit.optimizers import optimizer
 
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
     try:
         return optimizer(recipe.optimizer, learning_rate=learning_rate, clipnorm=recipe.clipnorm,
-                         clipvalue=recipe.clipvalue)
+                         clipvalue=recipe.clipvalue, **averaging)
     except ValueError as err:
         raise SettingsError(str(err)) from None
 
@@ -177,32 +182,39 @@ def schedule_options(recipe: Recipe) -> dict[str, Any]:
 
 
 def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int, loss: Any,
-                  metrics: list | None = None, lr_factors: dict[str, float] | None = None) -> list:
+                  metrics: list | None = None, lr_factors: dict[str, float] | None = None,
+                  ema: float | None = None) -> list:
     """Compile `model` with the recipe's optimizer on its schedule over `total_steps`; return the callbacks.
 
     `learning_rate` is the peak rate for onecycle and the starting rate otherwise;
     each call starts the schedule afresh. `lr_factors` gives variables their own
-    rate factors (discriminative fine-tuning).
+    rate factors (discriminative fine-tuning). `ema`: the optimizer keeps a moving
+    average of the weights with this decay, which `keras.callbacks.SwapEMAWeights`
+    (among the callbacks) swaps in for validation and `fit` leaves in the model.
     """
+    import keras
+
     from transferkit.discriminative import with_learning_rate_factors
     from transferkit.schedules import make_schedule, schedule_callbacks
 
     options = schedule_options(recipe)
     rate = make_schedule(recipe.schedule, learning_rate, max(1, total_steps), **options)
-    opt = make_optimizer(recipe, rate)
+    opt = make_optimizer(recipe, rate, ema)
     if lr_factors:
         opt = with_learning_rate_factors(opt, lr_factors)
     model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=recipe.jit_compile)
-    return schedule_callbacks(recipe.schedule, rate, optimizer=opt, **options)
+    averaging = [keras.callbacks.SwapEMAWeights()] if ema else []
+    return schedule_callbacks(recipe.schedule, rate, optimizer=opt, **options) + averaging
 
 
 def stage_guards(stage: str, patience: int, validated: bool, learning_rate: float | None = None,
-                 monitor: str | None = None) -> tuple[list, Any]:
+                 monitor: str | None = None, ema: bool = False) -> tuple[list, Any]:
     """The callbacks every stage trains under: the divergence stop, then early stopping with the best weights.
 
     Early stopping watches `val_loss` when `validated` (a validation set the
     stage can judge on), else the training `loss`; `patience` 0 turns it off
-    (then the second value is None). Place them before any callback that saves.
+    (then the second value is None). With `ema` the best weights it keeps are the
+    optimizer's moving average. Place them before any callback that saves.
     """
     from transferkit.callbacks import ResumableEarlyStopping, StopOnDivergence
 
@@ -210,7 +222,7 @@ def stage_guards(stage: str, patience: int, validated: bool, learning_rate: floa
     stopping = None
     if patience:
         stopping = ResumableEarlyStopping(monitor=monitor or ("val_loss" if validated else "loss"),
-                                          patience=patience)
+                                          patience=patience, ema=ema)
         guards.append(stopping)
     return guards, stopping
 
