@@ -151,3 +151,22 @@ def test_the_first_line_says_what_was_chosen(encoder_dir, tmp_path):
     assert done.exit_code == 0, done.output[-1500:]
     assert done.stdout.splitlines()[0] == ("finetune: chosen automatically (set them to change): "
                                            "--lr 0.01 --unfreeze-top 3 --finetune-lr-factor 0.1")
+
+
+def test_tensorboard_gets_the_curves_of_every_stage(encoder_dir, tmp_path):
+    import tensorflow as tf
+
+    logs = tmp_path / "tb"
+    result = tk.finetune(from_=str(encoder_dir), label_fraction=0.2, head_epochs=2, epochs=1, unfreeze_top=1, lr=0.01,
+                         patience=0, tensorboard=str(logs), out=str(tmp_path / "clf"), verbose=False)
+    losses = {}
+    for part in ("train", "validation"):
+        for path in (logs / part).glob("events.out.tfevents.*"):
+            for event in tf.compat.v1.train.summary_iterator(str(path)):
+                for value in event.summary.value:
+                    if value.tag == "epoch_loss":
+                        losses.setdefault(part, {})[event.step] = float(tf.make_ndarray(value.tensor))
+    # one point per epoch of both stages, on one axis, equal to the history's
+    assert sorted(losses["train"]) == [0, 1, 2]
+    np.testing.assert_allclose([losses["train"][e] for e in range(3)], result.history["loss"], rtol=1e-6)
+    np.testing.assert_allclose([losses["validation"][e] for e in range(3)], result.history["val_loss"], rtol=1e-6)

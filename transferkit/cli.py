@@ -62,7 +62,8 @@ def _common_options(f: Callable) -> Callable:
         click.option("--health-every", type=int,
                      help="Check gradients and activations every N steps; warn once per problem (0: off)."),
         click.option("--tensorboard", type=click.Path(file_okay=False),
-                     help="Write the training-health figures for TensorBoard here (checks every 50 steps)."),
+                     help="Write the training curves, and the training-health figures (checked every 50 steps), "
+                          "for TensorBoard here."),
         click.option("--backup-every", type=int, help="Also back up every N steps (always at each epoch end)."),
         click.option("--restart/--resume", default=None,
                      help="Discard a backup of an interrupted run instead of continuing it."),

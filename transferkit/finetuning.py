@@ -312,7 +312,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 else batches,
                 validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_check, plan.batch_size),
                 initial_epoch=first, epochs=epoch,
-                callbacks=[*callbacks, *guards, keep, *health], class_weight=plan.class_weight,
+                callbacks=[*callbacks, *guards, keep, *health, *runs.curves(recipe)], class_weight=plan.class_weight,
                 shuffle=False, verbose=2 if verbose else 0)
             runs.merge_history(history, fit)
             if stage.top:  # the base has trained: a later head stage needs its new outputs

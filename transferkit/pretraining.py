@@ -374,6 +374,7 @@ def fit_task(job: Job, model: keras.Model, x: Any, y: Any, loss: Any, validation
         callbacks.append(TrainingHealth(pipeline(x, y, recipe.batch_size), every=recipe.health_steps,
                                         log_dir=recipe.tensorboard, loss=loss,
                                         initial_step=max(start, job.resume_at) * steps))
+    callbacks.extend(runs.curves(recipe))
     return fit_resumable(job, model, (x, y), history, start=start, stage=stage, kept=kept, validation=val,
                          callbacks=callbacks, stopping=stopping, epoch_values=epoch_values)
 

@@ -227,6 +227,18 @@ def stage_guards(stage: str, patience: int, validated: bool, learning_rate: floa
     return guards, stopping
 
 
+def curves(recipe: Recipe) -> list:
+    """Keras's TensorBoard callback writing each stage's training curves to `recipe.tensorboard` (none if unset).
+
+    Stages continue the epoch count, so the curves of a run follow on one axis.
+    """
+    if not recipe.tensorboard:
+        return []
+    import keras
+
+    return [keras.callbacks.TensorBoard(log_dir=recipe.tensorboard, write_graph=False)]
+
+
 def find_learning_rate(model, x, y, recipe: Recipe, verbose: bool) -> float:
     """Run the LR finder on the compiled `model` as it stands; its `valley` suggestion."""
     from transferkit.lr_finder import lr_find
