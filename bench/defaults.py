@@ -42,8 +42,11 @@ TUNED_VGG = dict(OLD_DEFAULTS, head_epochs=200, lr=0.01)
 def logistic_score(data, split) -> float:
     from sklearn.linear_model import LogisticRegression
 
+    from transferkit.data import as_array
+
     lo, hi = data.value_range
-    x = (data.x.reshape(len(data.x), -1) - lo) / (hi - lo)
+    x = as_array(data.x)  # a folder streams: decode it here (1,797 small images)
+    x = (x.reshape(len(x), -1) - lo) / (hi - lo)
     model = LogisticRegression(max_iter=5000).fit(x[split.labeled], data.y[split.labeled])
     return float(model.score(x[split.test], data.y[split.test]))
 
@@ -96,8 +99,9 @@ def run_seed(seed: int, options: dict) -> dict:
     if options["digits"]:
         record("pretrain (defaults)", "pretrain", timed(tk.pretrain, data="digits", seed=seed,
                                                         out=str(default_encoder)), True)
-        tk.pretrain(data="digits", seed=seed, out=str(tuned_encoder), verbose=False,
-                    **{**PRETRAIN, "task": "denoising", **TASK_SETTINGS["denoising"]})
+        if options["tuned"]:
+            tk.pretrain(data="digits", seed=seed, out=str(tuned_encoder), verbose=False,
+                        **{**PRETRAIN, "task": "denoising", **TASK_SETTINGS["denoising"]})
     for fraction in options["fractions"]:
         column = f"{fraction:g}"
         split = split_data(data, seed=seed, label_fraction=fraction, label_seed=seed)
@@ -106,9 +110,10 @@ def run_seed(seed: int, options: dict) -> dict:
         record("defaults", column, timed(tk.finetune, from_=str(default_encoder), **common), True)
         record("defaults + propagate", column, timed(tk.finetune, from_=str(default_encoder),
                                                      semi_supervised="propagate", **common), True)
-        record("tuned", column, timed(tk.finetune, from_=str(tuned_encoder), **TUNED_FINETUNE, **common))
-        record("tuned + propagate", column, timed(tk.finetune, from_=str(tuned_encoder), **TUNED_FINETUNE,
-                                                  semi_supervised="propagate", propagate_on="inputs", **common))
+        if options["tuned"]:
+            record("tuned", column, timed(tk.finetune, from_=str(tuned_encoder), **TUNED_FINETUNE, **common))
+            record("tuned + propagate", column, timed(tk.finetune, from_=str(tuned_encoder), **TUNED_FINETUNE,
+                                                      semi_supervised="propagate", propagate_on="inputs", **common))
         print(f"  seed {seed}, {fraction:g}: " + ", ".join(f"{n} {s[column]:.3f}" for n, s in scores.items()
                                                             if column in s), flush=True)
     if options["vgg"]:
@@ -135,13 +140,15 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.01,0.05,0.1")
     parser.add_argument("--no-vgg", dest="vgg", action="store_false", help="Skip the VGG16 folder runs.")
     parser.add_argument("--no-digits", dest="digits", action="store_false", help="Only the VGG16 folder runs.")
+    parser.add_argument("--no-digits-tuned", dest="tuned", action="store_false",
+                        help="Skip the tuned digits rows (they do not depend on the defaults).")
     parser.add_argument("--first-seed", type=int, default=0, help="Seeds first-seed..first-seed+seeds-1.")
     parser.add_argument("--jobs", type=int, default=1, help="Seeds run in parallel processes (one thread each).")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="tk-defaults-"))
     options = {"fractions": [float(f) for f in args.fractions.split(",")], "work": str(work), "vgg": args.vgg,
-               "digits": args.digits,
+               "digits": args.digits, "tuned": args.tuned,
                "folder": str(digits_folder(work)) if args.vgg else None}
     started = time.perf_counter()
     seeds = range(args.first_seed, args.first_seed + args.seeds)
