@@ -170,3 +170,19 @@ def test_tensorboard_gets_the_curves_of_every_stage(encoder_dir, tmp_path):
     assert sorted(losses["train"]) == [0, 1, 2]
     np.testing.assert_allclose([losses["train"][e] for e in range(3)], result.history["loss"], rtol=1e-6)
     np.testing.assert_allclose([losses["validation"][e] for e in range(3)], result.history["val_loss"], rtol=1e-6)
+
+
+def test_a_base_whose_features_do_not_vary_is_named(encoder_dir, tmp_path, capsys):
+    from transferkit.feature_cache import compute_features
+    from transferkit.finetuning import plan_finetune
+
+    # a random MobileNetV2 keeps BatchNorm's initial statistics: its features vanish for every input
+    settings = dict(backbone="mobilenetv2", weights="none", label_fraction=0.05)
+    plan = plan_finetune(Recipe(**settings))
+    features = compute_features(plan.clf.features, plan.data.x[plan.split.labeled], 32)
+    assert np.std(features, axis=0).max() < 1e-6  # computed here: the premise holds
+    tk.finetune(**settings, head_epochs=1, epochs=0, lr=0.01, out=str(tmp_path / "flat"), verbose=False)
+    assert "warning: the features of mobilenetv2 (weights none)" in capsys.readouterr().err
+    tk.finetune(from_=str(encoder_dir), label_fraction=0.05, head_epochs=1, epochs=0, lr=0.01,
+                out=str(tmp_path / "fine"), verbose=False)
+    assert "warning" not in capsys.readouterr().err

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,8 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                         outputs[key] = compute_features(clf.features, rows, plan.batch_size) if len(rows) else None
                 inputs = {"train": outputs[phase.name], "val": outputs[None]}
                 record["caching_seconds"] = round(time.perf_counter() - caching, 3)
+                if index == 0 and isinstance(inputs["train"], np.ndarray):
+                    warn_if_constant(inputs["train"], clf.info["description"])
             reuse = None  # used by the first stage, or not at all: free it
             loss, accuracy = _loss_and_metric(soft, recipe.label_smoothing)
             if recipe.lr == "auto":
@@ -349,6 +352,25 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
     runs.print_line(f"test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(split.test)} "
                     f"held-out examples; classifier saved to {out}", verbose)
     return runs.Result(model=clf.model, history=history, metrics=metrics, artifact=out, manifest=manifest)
+
+
+FLAT_FEATURES = 1e-6  # the largest spread across examples of any feature, below which the head has nothing
+
+
+def warn_if_constant(features: np.ndarray, description: str) -> bool:
+    """Warn on stderr, once, when no feature of the base varies across the examples: the head can only guess.
+
+    A backbone with random weights (`--weights none`) keeps BatchNorm's initial
+    statistics, and a deep one can then output the same (near-zero) features for
+    every input. Returns whether it warned.
+    """
+    spread = float(np.std(features.reshape(len(features), -1), axis=0).max()) if len(features) > 1 else 1.0
+    if spread >= FLAT_FEATURES:
+        return False
+    print(f"warning: the features of {description} do not vary across the training examples (largest spread "
+          f"{spread:.2g}): the head can only guess. Use pretrained weights (--weights imagenet or a weights file) "
+          "or another base.", file=sys.stderr, flush=True)
+    return True
 
 
 def _loss_and_metric(soft: bool, label_smoothing: float = 0.0) -> tuple[Any, list]:
