@@ -218,9 +218,9 @@ class StopOnDivergence(keras.callbacks.Callback):
             self.first_loss = loss
 
     def on_epoch_end(self, epoch, logs=None):
-        import numpy as np
-
-        broken = sum(int(np.size(w) - np.isfinite(w).sum()) for w in self.model.get_weights())
+        ops = keras.ops  # counted where the weights are: no copy of the whole model every epoch
+        broken = sum(int(ops.convert_to_numpy(ops.sum(ops.cast(ops.logical_not(ops.isfinite(w)), "int32"))))
+                     for w in self.model.weights)
         if broken:
             self._fail(f"{broken} weights became NaN or infinite", "its end")
         loss = (logs or {}).get("loss")
@@ -299,8 +299,8 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         best = None if self.best is None else float(self.best)
         return {"best": best, "best_epoch": int(self.best_epoch), "wait": int(self.wait)}, self.best_weights
 
-    def load_state(self, state: tuple[dict, list | None]) -> None:
-        """Continue from `state()` of an interrupted run: applied when training begins."""
+    def load_state(self, state: tuple[dict, list | None] | None) -> None:
+        """Continue from `state()` of an interrupted run: applied when training begins (None: start afresh)."""
         self._loaded = state
 
 

@@ -301,7 +301,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 recipe.head_stage_patience if stage.top == 0 else recipe.patience,
                 # val_loss where validation has an example of every class; else the training loss
                 validated=len(x_val) >= data.num_classes, learning_rate=lr, ema=bool(recipe.ema))
-            if stopping is not None and state and start < resume_at and backup.stopping() is not None:
+            if stopping is not None and state and start < resume_at:
                 stopping.load_state(backup.stopping())
             keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every, final_epoch=total_epochs,
                                   head=clf.head if cached else None, stopping=stopping)

@@ -406,7 +406,7 @@ def fit_resumable(job: Job, model: keras.Model, data: tuple[Any, ...], history: 
     training = [*optimizers, *random_state(model)]
     if job.state and job.state["stage"] == stage:
         job.backup.restore_training(training)
-        if stopping is not None and job.backup.stopping() is not None:
+        if stopping is not None:
             stopping.load_state(job.backup.stopping())
     callbacks = list(callbacks or [])
     if job.backup is not None:
