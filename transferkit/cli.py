@@ -7,6 +7,7 @@ line on stderr (`--debug` shows the traceback).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -17,62 +18,57 @@ import click
 
 from transferkit.diagnose_cli import diagnose
 from transferkit.errors import SettingsError, TransferkitError
-from transferkit.optimizers import OPTIMIZERS
-from transferkit.recipe import GRAPHS, NOISE_KINDS, PREPROCESS, RESIZE_MODES, SCHEDULES, SEMI_SUPERVISED, TASKS
-from transferkit.runtime import BACKENDS, DEVICES, PRECISIONS, STRATEGIES, choose_backend
+from transferkit.recipe import Recipe
+from transferkit.runtime import BACKENDS, choose_backend
+from transferkit.settings import Setting, describe, flag_name
 
 
-def _common_options(f: Callable) -> Callable:
-    options = [
-        click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe TOML file; flags override it."),
-        click.option("--data", help="Data spec: digits, npz:PATH, dir:PATH or tfds:NAME[:SPLIT]."),
-        click.option("--seed", type=int, help="Seed of initialization, shuffling and the label subset."),
-        click.option("--split-seed", type=int, help="Seed of the train/validation/test split."),
-        click.option("--label-fraction", type=float, help="Fraction of training examples whose labels are kept."),
-        click.option("--image-size", type=int, help="Resize dir: and tfds: images to this square size "
-                                                    "(for dir: images of mixed sizes, the median size by default)."),
-        click.option("--resize", type=click.Choice(RESIZE_MODES),
-                     help="How images of another aspect ratio reach the size: stretch, crop (the center) "
-                          "or pad (with black)."),
-        click.option("--skip-bad-files/--no-skip-bad-files", default=None,
-                     help="Skip dir: files that cannot be decoded, counted and listed, instead of stopping."),
-        click.option("--epochs", type=int, help="Most epochs of training (finetune: of each unfreezing stage); "
-                                                "early stopping may end it sooner."),
-        click.option("--patience", type=int, help="Stop a stage once its loss (val_loss when the validation part "
-                                                  "has an example of every class) has not improved for N epochs, "
-                                                  "keeping its best epoch's weights (0: off)."),
-        click.option("--batch-size", type=int),
-        click.option("--lr", help="Learning rate (the peak, for onecycle), or auto: the LR finder's valley."),
-        click.option("--schedule", type=click.Choice(SCHEDULES), help="Learning-rate schedule."),
-        click.option("--plateau-factor", type=float, help="--schedule plateau: multiply the rate by this."),
-        click.option("--plateau-patience", type=int, help="--schedule plateau: epochs without progress."),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="The optimizer (Keras's, by its name)."),
-        click.option("--activation", help="selu, relu, elu, gelu, swish, mish, tanh, ..."),
-        click.option("--batchnorm", type=click.Choice(["none", "before", "after"])),
-        click.option("--dropout", type=float, help="Dropout rate (alpha dropout for SELU)."),
-        click.option("--mc-dropout/--no-mc-dropout", default=None, help="Dropout that stays on at inference."),
-        click.option("--max-norm", type=float, help="Max-norm constraint on each kernel."),
-        click.option("--clipnorm", type=float, help="Clip each gradient to this norm."),
-        click.option("--clipvalue", type=float, help="Clip each gradient component to [-v, v]."),
-        click.option("--device", type=click.Choice(DEVICES), help="Where to train."),
-        click.option("--strategy", type=click.Choice(STRATEGIES),
-                     help="tf.distribute strategy (auto: TPU if found, mirrored with 2+ GPUs, else default)."),
-        click.option("--precision", type=click.Choice(PRECISIONS), help="float32 or mixed precision."),
-        click.option("--jit-compile/--no-jit-compile", default=None, help="XLA-compile the training step."),
-        click.option("--health-every", type=int,
-                     help="Check gradients and activations every N steps; warn once per problem (0: off)."),
-        click.option("--tensorboard", type=click.Path(file_okay=False),
-                     help="Write the training curves, and the training-health figures (checked every 50 steps), "
-                          "for TensorBoard here."),
-        click.option("--backup-every", type=int, help="Also back up every N steps (always at each epoch end)."),
-        click.option("--restart/--resume", default=None,
-                     help="Discard a backup of an interrupted run instead of continuing it."),
-        click.option("--out", type=click.Path(file_okay=False), help="Artifact folder."),
-        click.option("--name", help="Artifact name under saved_models/."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+def recipe_options(command: str) -> Callable[[Callable], Callable]:
+    """Click options for every Recipe setting `command` takes, generated from the fields' `Setting` metadata.
+
+    Each option's default stays `None` (a flag not given leaves the recipe file's
+    value or the Recipe's default); `--help` shows the Recipe's default, or what
+    an unset one becomes. `--recipe FILE` comes first.
+    """
+
+    def decorate(f: Callable) -> Callable:
+        options = [click.option("--recipe", type=click.Path(dir_okay=False),
+                                help="Recipe TOML file; flags override it.")]
+        options += [_option(field) for field in dataclasses.fields(Recipe) if command in describe(field).commands]
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _option(field: dataclasses.Field) -> Callable:
+    meta, flag = describe(field), flag_name(field)
+    default = field.default
+    shown = meta.auto if default is None else _shown(default, flag, meta)
+    kwargs: dict[str, Any] = {"help": meta.help, "show_default": shown or False}
+    if isinstance(default, bool):
+        off = meta.off or "--no-" + flag[2:]
+        return click.option(f"{flag}/{off}", field.name, default=None, **kwargs)
+    if meta.choices is not None:
+        kwargs["type"] = click.Choice(meta.choices)
+    elif meta.kind in ("path", "folder"):
+        kwargs["type"] = click.Path(dir_okay=meta.kind == "folder", file_okay=meta.kind == "path")
+    elif meta.kind == "list":
+        kwargs["metavar"] = "N,N,..."
+    elif isinstance(default, int) or field.type in ("int | None", "int"):
+        kwargs["type"] = int
+    elif isinstance(default, float) or field.type in ("float | None", "float"):
+        kwargs["type"] = float
+    return click.option(flag, field.name, **kwargs)
+
+
+def _shown(default: Any, flag: str, meta: Setting) -> str:
+    if isinstance(default, bool):
+        return (flag if default else meta.off or "--no-" + flag[2:]).lstrip("-")
+    if isinstance(default, tuple):
+        return ",".join(str(v) for v in default)
+    return str(default)
 
 
 def _handle_errors(f: Callable) -> Callable:
@@ -117,14 +113,7 @@ def cli(ctx: click.Context, debug: bool, backend: str | None) -> None:
 
 
 @cli.command()
-@_common_options
-@click.option("--task", type=click.Choice(TASKS), help="Pretraining task.")
-@click.option("--arch", type=click.Choice(["dense", "conv"]), help="Encoder architecture.")
-@click.option("--units", help="Dense units per block, bottom to top, e.g. 128,64,32.")
-@click.option("--filters", help="Conv filters per block, e.g. 16,32,32.")
-@click.option("--noise", type=float, help="Denoising noise: std as a fraction of the data's (gaussian), or rate.")
-@click.option("--noise-kind", type=click.Choice(NOISE_KINDS), help="Denoising noise: gaussian or dropout.")
-@click.option("--tied-weights/--no-tied-weights", default=None, help="Dense decoder reuses the encoder's kernels.")
+@recipe_options("pretrain")
 @_handle_errors
 def pretrain(recipe: str | None, **settings: Any) -> None:
     """Pretrain an encoder on unlabeled inputs and save it."""
@@ -133,65 +122,8 @@ def pretrain(recipe: str | None, **settings: Any) -> None:
     run(recipe, **settings)
 
 
-def _finetune_options(f: Callable) -> Callable:
-    options = [
-        click.option("--from", "from_", type=click.Path(file_okay=False), help="A saved encoder artifact."),
-        click.option("--backbone", help="A Keras Applications backbone: mobilenetv2, efficientnetb0, resnet50, densenet121, vgg16, "
-                                               "convnexttiny, ... (transferkit.BACKBONES)."),
-        click.option("--weights", help="Backbone weights: imagenet, none or a weights file."),
-        click.option("--base", type=click.Path(dir_okay=False),
-                     help="Any Keras model file (.keras, or a legacy .h5) as the base, cut before its classifier."),
-        click.option("--cut", help="--base: the layer its body ends with, by name or negative index "
-                                   "(-2: all but the last layer)."),
-        click.option("--preprocess", type=click.Choice(PREPROCESS),
-                     help="--base: what its weights expect of 0..255 pixels: none, scale:1/255 (to [0, 1]), "
-                          "tf (to [-1, 1]), imagenet-caffe (BGR minus the means), imagenet-torch (standardized)."),
-        click.option("--head-epochs", type=int, help="Most epochs of stage 1 (head only, base frozen)."),
-        click.option("--head-patience", type=int, help="The older name of --patience, for head-only stages."),
-        click.option("--unfreeze-top", type=int, help="Blocks of the base to unfreeze in stage 2 (0: head only)."),
-        click.option("--unfreeze-schedule", help="Stages KEYWORD:EPOCHS, e.g. head:2,top2:3,top4:3,all:5."),
-        click.option("--gradual/--no-gradual", default=None,
-                     help="ULMFiT's gradual unfreezing: one more block per stage (of --epochs each), top first."),
-        click.option("--finetune-lr-factor", type=float, help="Learning rate of unfreezing stages = lr x this."),
-        click.option("--label-smoothing", type=float,
-                     help="Spread this much of each target's probability over every class (Szegedy et al. 2016)."),
-        click.option("--lr-decay", type=float, help="Each block below the top one learns at 1/D of the one above "
-                                                    "(discriminative fine-tuning; ULMFiT uses 2.6)."),
-        click.option("--train-batchnorm/--freeze-batchnorm", default=None,
-                     help="Let BatchNorm in unfrozen blocks train (frozen: in inference mode)."),
-        click.option("--cache-features/--no-cache-features", default=None,
-                     help="Train head-only stages on base outputs computed once (not with --augment, --mixup or "
-                          "--cutmix, which change the inputs every epoch: those run the base every epoch)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
 @cli.command()
-@_common_options
-@_finetune_options
-@click.option("--semi-supervised", type=click.Choice(SEMI_SUPERVISED),
-              help="Learn from the unlabeled training examples too: self-training (pseudo) or label "
-                   "propagation over the base's features (propagate).")
-@click.option("--propagate-on", type=click.Choice(GRAPHS),
-              help="The kNN graph of propagate: on the base's features or the raw inputs.")
-@click.option("--pseudo-rounds", type=int, help="Rounds of pseudo-labeling.")
-@click.option("--pseudo-threshold", type=float,
-              help="Keep only pseudo-labels at least this probable, in (0, 1) (default: top-k alone).")
-@click.option("--augment", help="Random image augmentation inside the model, in training only (serve and "
-                                "predict never see it): light (rotate:10,zoom:0.1,translate:0.1), medium "
-                                "(flip,rotate:15,zoom:0.15,translate:0.1,contrast:0.2) or a comma list of flip, "
-                                "rotate:DEG, zoom:F, translate:F, contrast:F, randaugment. Head stages then run "
-                                "the frozen base every epoch instead of on cached outputs.")
-@click.option("--mixup", type=float, help="MixUp each training batch with this alpha (Beta(alpha, alpha) "
-                                          "weights; 0: off; images only; also uncaches head stages).")
-@click.option("--cutmix", type=float, help="CutMix each training batch: its factor in [0, 1] (0: off; images "
-                                           "only; with --mixup each batch gets one of the two).")
-@click.option("--class-weight", help="Per-class loss weights: balanced (n / (classes x n_class)), none, or a JSON "
-                                     "file of class name -> weight.")
-@click.option("--ema", type=float, help="Keep an exponential moving average of the weights with this decay, e.g. "
-                                        "0.999; it is validated and saved instead of the last weights.")
+@recipe_options("finetune")
 @_handle_errors
 def finetune(recipe: str | None, **settings: Any) -> None:
     """Fine-tune a new head (then the top blocks) on a few labels; print the test accuracy."""
@@ -201,8 +133,7 @@ def finetune(recipe: str | None, **settings: Any) -> None:
 
 
 @cli.command("lr-find")
-@_common_options
-@_finetune_options
+@recipe_options("lr-find")
 @click.option("--stage", "stage_name", help="The stage to test, e.g. head or top2 (default: the first).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the loss curve with the suggestions (PNG).")
 @click.option("--start-lr", type=float, default=1e-7, show_default=True)
@@ -219,8 +150,7 @@ def lr_find(recipe: str | None, stage_name: str | None, plot: str | None, start_
 
 
 @cli.command()
-@_common_options
-@_finetune_options
+@recipe_options("schedule")
 @click.option("--for", "command", type=click.Choice(["finetune", "pretrain"]), default="finetune",
               show_default=True, help="Which command's schedule to draw.")
 @click.option("--plot", type=click.Path(dir_okay=False), required=True, help="PNG to write.")
@@ -312,47 +242,7 @@ def inspect(model_dir: str | None, base: str | None, cut: str | None) -> None:
 
 
 
-# what an unset setting becomes (transferkit.defaults), for --help
-_AUTO = {
-    "epochs": "auto: about 1500 optimizer steps to pretrain, 300 per unfreezing stage, at least 5 epochs",
-    "head_epochs": "auto: about 600 optimizer steps, at least 5 epochs",
-    "lr": "0.01 to fine-tune, 0.001 to pretrain, 0.0002 for --task gan",
-    "unfreeze_top": "every block",
-    "finetune_lr_factor": "0.1 on an encoder, 0.01 on a backbone",
-    "split_seed": "--seed, or the encoder's with --from",
-    "head_patience": "--patience",
-    "cut": "after the last global pooling or Flatten layer, else before the last Dense",
-    "preprocess": "none: the base takes 0..255 pixels",
-    "ema": "off",
-    "out": "saved_models/NAME",
-    "name": "from the data spec",
-}
-
-
-def _show_recipe_defaults(group: click.Group) -> None:
-    """Show each setting's default in --help: the Recipe's value, or what an unset one becomes."""
-    import dataclasses
-
-    from transferkit.recipe import Recipe
-
-    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
-    for command in group.commands.values():
-        for param in command.params:
-            if not isinstance(param, click.Option) or param.name not in defaults or param.show_default:
-                continue
-            value = defaults[param.name]
-            if param.name in _AUTO:
-                param.show_default = _AUTO[param.name]
-            elif isinstance(value, bool):
-                param.show_default = param.opts[0].lstrip("-") if value else param.secondary_opts[0].lstrip("-")
-            elif isinstance(value, tuple):
-                param.show_default = ",".join(str(v) for v in value)
-            elif value is not None:
-                param.show_default = str(value)
-
-
 cli.add_command(diagnose)
-_show_recipe_defaults(cli)
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,9 @@ from typing import Any
 from transferkit.augment_spec import parse_augment
 from transferkit.class_weights import check_class_weight_setting
 from transferkit.errors import SettingsError
+from transferkit.optimizers import OPTIMIZERS
 from transferkit.runtime import DEVICES, PRECISIONS, STRATEGIES
+from transferkit.settings import BASE, FINETUNE, PRETRAIN, at_least, describe, in_range, setting
 
 TASKS = ("autoencoder", "denoising", "stacked", "rotation", "pairs", "gan")
 NOISE_KINDS = ("gaussian", "dropout")
@@ -36,89 +37,193 @@ RESIZE_MODES = ("stretch", "crop", "pad")  # keras.layers.Resizing: stretch, cro
 PREPROCESS = ("none", "scale:1/255", "tf", "imagenet-caffe", "imagenet-torch")  # --base: see transferkit.bases
 
 
+def _positive_integers(values: tuple[int, ...]) -> bool:
+    return bool(values) and all(v >= 1 for v in values)
+
+
+def _augment_spec(spec: str) -> bool:
+    parse_augment(spec)  # raises SettingsError naming the bad word
+    return True
+
+
+def _class_weight(value: str) -> bool:
+    check_class_weight_setting(value)  # raises SettingsError naming a missing file
+    return True
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Every setting of `pretrain` and `finetune`, with the defaults of the demo.
 
     Field names are the CLI flags with `-` written `_` (`--label-fraction` is
     `label_fraction`); `--from` is `from_` because `from` is a Python keyword
-    (the TOML key is `from`).
+    (the TOML key is `from`). Each field's help, choices and check are its
+    `transferkit.settings.Setting`; the CLI's options are generated from them.
     """
 
     # data and split
-    data: str = "digits"
-    seed: int = 0
-    split_seed: int | None = None
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1
-    label_fraction: float = 1.0
-    image_size: int | None = None
-    resize: str = "stretch"
-    skip_bad_files: bool = False
+    data: str = setting("digits", "Data spec: digits, npz:PATH, dir:PATH or tfds:NAME[:SPLIT].")
+    seed: int = setting(0, "Seed of initialization, shuffling and the label subset.")
+    split_seed: int | None = setting(None, "Seed of the train/validation/test split.",
+                                     auto="--seed, or the encoder's with --from")
+    test_fraction: float = setting(0.2, "Fraction of the examples held out for the test.",
+                                   check=in_range(0, 1, low_open=True, high_open=True), expected="a number in (0, 1)")
+    val_fraction: float = setting(0.1, "Fraction of the examples held out for validation (early stopping).",
+                                  check=in_range(0, 1, high_open=True), expected="a number in [0, 1)")
+    label_fraction: float = setting(1.0, "Fraction of training examples whose labels are kept.",
+                                    check=in_range(0, 1, low_open=True), expected="a number in (0, 1]")
+    image_size: int | None = setting(None, "Resize dir: and tfds: images to this square size.",
+                                     check=at_least(1), expected="an integer >= 1",
+                                     auto="the backbone's size; for dir: images of mixed sizes, the median size")
+    resize: str = setting("stretch", "How images of another aspect ratio reach the size: stretch, crop (the "
+                                     "center) or pad (with black).", choices=RESIZE_MODES)
+    skip_bad_files: bool = setting(False, "Skip dir: files that cannot be decoded, counted and listed, instead of "
+                                          "stopping.")
     # training
-    epochs: int | None = None  # None: from a step budget (transferkit.defaults)
-    batch_size: int = 32
-    lr: float | str | None = None  # None: 1e-2 to fine-tune, 1e-3 to pretrain (2e-4 for gan)
-    patience: int = 20
-    optimizer: str = "nadam"
-    schedule: str = "onecycle"
-    plateau_factor: float = 0.1
-    plateau_patience: int = 10
-    activation: str = "selu"
-    batchnorm: str = "none"
-    dropout: float = 0.0
-    mc_dropout: bool = False
-    max_norm: float | None = None
-    clipnorm: float | None = None
-    clipvalue: float | None = None
+    epochs: int | None = setting(None, "Most epochs of training (finetune: of each unfreezing stage); early "
+                                       "stopping may end it sooner.", check=at_least(0), expected="an integer >= 0",
+                                 auto="auto: about 1500 optimizer steps to pretrain, 300 per unfreezing stage, "
+                                      "at least 5 epochs")
+    batch_size: int = setting(32, "Examples per optimizer step.", check=at_least(1), expected="an integer >= 1")
+    lr: float | str | None = setting(None, "Learning rate (the peak, for onecycle), or auto: the LR finder's "
+                                           "valley.", check=lambda v: v == "auto" or at_least(0, strictly=True)(v),
+                                     expected="a positive number or auto",
+                                     auto="0.01 to fine-tune, 0.001 to pretrain, 0.0002 for --task gan")
+    patience: int = setting(20, "Stop a stage once its loss (val_loss when the validation part has an example of "
+                                "every class) has not improved for N epochs, keeping its best epoch's weights "
+                                "(0: off).", check=at_least(0), expected="an integer >= 0")
+    optimizer: str = setting("nadam", "The optimizer (Keras's, by its name).", choices=OPTIMIZERS)
+    schedule: str = setting("onecycle", "Learning-rate schedule.", choices=SCHEDULES)
+    plateau_factor: float = setting(0.1, "--schedule plateau: multiply the rate by this.",
+                                    check=in_range(0, 1, low_open=True, high_open=True), expected="a number in (0, 1)")
+    plateau_patience: int = setting(10, "--schedule plateau: epochs without progress.", check=at_least(0),
+                                    expected="an integer >= 0")
+    activation: str = setting("selu", "Activation of the encoder and head: selu, relu, elu, gelu, swish, mish, "
+                                      "tanh, ... (with its matching initializer).")
+    batchnorm: str = setting("none", "BatchNorm in the encoder and head: none, before or after the activation.",
+                             choices=BATCHNORM)
+    dropout: float = setting(0.0, "Dropout rate (alpha dropout for SELU).", check=in_range(0, 1, high_open=True),
+                             expected="a number in [0, 1)")
+    mc_dropout: bool = setting(False, "Dropout that stays on at inference.")
+    max_norm: float | None = setting(None, "Max-norm constraint on each kernel.", check=at_least(0, strictly=True),
+                                     expected="a positive number", auto="none")
+    clipnorm: float | None = setting(None, "Clip each gradient to this norm.", check=at_least(0, strictly=True),
+                                     expected="a positive number", auto="none")
+    clipvalue: float | None = setting(None, "Clip each gradient component to [-v, v].",
+                                      check=at_least(0, strictly=True), expected="a positive number", auto="none")
     # pretrain
-    task: str = "denoising"
-    arch: str = "dense"
-    units: tuple[int, ...] = (128, 64, 32)
-    filters: tuple[int, ...] = (16, 32, 32)
-    noise: float = 0.3
-    noise_kind: str = "gaussian"
-    tied_weights: bool = False
-    # finetune
-    from_: str | None = None
-    backbone: str | None = None
-    weights: str = "none"
-    base: str | None = None  # a Keras model file
-    cut: str | None = None  # None: before the base's classifier (transferkit.bases)
-    preprocess: str | None = None  # None: none (the base takes 0..255 pixels)
-    head_epochs: int | None = None  # None: from a step budget
-    head_patience: int | None = None  # the older name of `patience`, for head-only stages
-    unfreeze_top: int | None = None  # None: every block of the base
-    unfreeze_schedule: str | None = None
-    gradual: bool = False
-    finetune_lr_factor: float | None = None  # None: 0.1 on an encoder, 0.01 on a backbone
-    label_smoothing: float = 0.0
-    augment: str = "none"  # random image augmentation inside the model, in training only (transferkit.augment_spec)
-    mixup: float = 0.0  # MixUp's alpha (0: off)
-    cutmix: float = 0.0  # CutMix's factor (0: off)
-    class_weight: str = "none"  # none, balanced, or a JSON file of class name -> weight
-    ema: float | None = None  # decay of an exponential moving average of the weights (None: off)
-    lr_decay: float = 1.0
-    train_batchnorm: bool = False
-    cache_features: bool = True
-    semi_supervised: str = "none"
-    pseudo_rounds: int = 5
-    pseudo_threshold: float | None = None
-    propagate_on: str = "features"
+    task: str = setting("denoising", "Pretraining task.", commands=PRETRAIN, choices=TASKS)
+    arch: str = setting("dense", "Encoder architecture.", commands=PRETRAIN, choices=ARCHS)
+    units: tuple[int, ...] = setting((128, 64, 32), "Dense units per block, bottom to top, e.g. 128,64,32.",
+                                     commands=PRETRAIN, kind="list", check=_positive_integers,
+                                     expected="positive integers")
+    filters: tuple[int, ...] = setting((16, 32, 32), "Conv filters per block, e.g. 16,32,32.", commands=PRETRAIN,
+                                       kind="list", check=_positive_integers, expected="positive integers")
+    noise: float = setting(0.3, "Denoising noise: std as a fraction of the data's (gaussian), or rate.",
+                           commands=PRETRAIN, check=in_range(0, 1), expected="a number in [0, 1] (a fraction of "
+                                                                             "the data's std)")
+    noise_kind: str = setting("gaussian", "Denoising noise: gaussian or dropout.", commands=PRETRAIN,
+                              choices=NOISE_KINDS)
+    tied_weights: bool = setting(False, "Dense decoder reuses the encoder's kernels.", commands=PRETRAIN)
+    # finetune: the base
+    from_: str | None = setting(None, "A saved encoder artifact.", commands=BASE, kind="folder",
+                                auto="none: the base is one of --from, --backbone, --base")
+    backbone: str | None = setting(None, "A Keras Applications backbone: mobilenetv2, efficientnetb0, resnet50, "
+                                         "densenet121, vgg16, convnexttiny, ... (transferkit.BACKBONES).",
+                                   commands=BASE, auto="none")
+    weights: str = setting("none", "Backbone weights: imagenet, none or a weights file.", commands=BASE)
+    base: str | None = setting(None, "Any Keras model file (.keras, or a legacy .h5) as the base, cut before its "
+                                     "classifier.", commands=BASE, kind="path", auto="none")
+    cut: str | None = setting(None, "--base: the layer its body ends with, by name or negative index (-2: all but "
+                                    "the last layer).", commands=BASE,
+                              check=lambda v: not str(v).lstrip("+").isdigit(),
+                              expected="a layer name or a negative index",
+                              auto="after the last global pooling or Flatten layer, else before the last Dense")
+    preprocess: str | None = setting(None, "--base: what its weights expect of 0..255 pixels: none, scale:1/255 (to "
+                                           "[0, 1]), tf (to [-1, 1]), imagenet-caffe (BGR minus the means), "
+                                           "imagenet-torch (standardized).", commands=BASE, choices=PREPROCESS,
+                                     auto="none: the base takes 0..255 pixels")
+    # finetune: the stages
+    head_epochs: int | None = setting(None, "Most epochs of stage 1 (head only, base frozen).", commands=BASE,
+                                      check=at_least(0), expected="an integer >= 0",
+                                      auto="auto: about 600 optimizer steps, at least 5 epochs")
+    head_patience: int | None = setting(None, "The older name of --patience, for head-only stages.", commands=BASE,
+                                        check=at_least(0), expected="an integer >= 0", auto="--patience")
+    unfreeze_top: int | None = setting(None, "Blocks of the base to unfreeze in stage 2 (0: head only).",
+                                       commands=BASE, check=at_least(0), expected="an integer >= 0",
+                                       auto="every block")
+    unfreeze_schedule: str | None = setting(None, "Stages KEYWORD:EPOCHS, e.g. head:2,top2:3,top4:3,all:5.",
+                                            commands=BASE, auto="head for --head-epochs, then topN (N: "
+                                                                "--unfreeze-top) for --epochs")
+    gradual: bool = setting(False, "ULMFiT's gradual unfreezing: one more block per stage (of --epochs each), top "
+                                   "first.", commands=BASE)
+    finetune_lr_factor: float | None = setting(None, "Learning rate of unfreezing stages = lr x this.",
+                                               commands=BASE, check=at_least(0, strictly=True),
+                                               expected="a positive number",
+                                               auto="0.1 on an encoder, 0.01 on a backbone")
+    label_smoothing: float = setting(0.0, "Spread this much of each target's probability over every class "
+                                          "(Szegedy et al. 2016).", commands=BASE,
+                                     check=in_range(0, 1, high_open=True), expected="a number in [0, 1)")
+    lr_decay: float = setting(1.0, "Each block below the top one learns at 1/D of the one above (discriminative "
+                                   "fine-tuning; ULMFiT uses 2.6).", commands=BASE, check=at_least(1),
+                              expected="a number >= 1 (ULMFiT uses 2.6)")
+    train_batchnorm: bool = setting(False, "Let BatchNorm in unfrozen blocks train (frozen: in inference mode).",
+                                    commands=BASE, off="--freeze-batchnorm")
+    cache_features: bool = setting(True, "Train head-only stages on base outputs computed once (not with "
+                                         "--augment, --mixup or --cutmix, which change the inputs every epoch: "
+                                         "those run the base every epoch).", commands=BASE)
+    # finetune: what it adds
+    augment: str = setting("none", "Random image augmentation inside the model, in training only (serve and "
+                                   "predict never see it): light (rotate:10,zoom:0.1,translate:0.1), medium "
+                                   "(flip,rotate:15,zoom:0.15,translate:0.1,contrast:0.2) or a comma list of flip, "
+                                   "rotate:DEG, zoom:F, translate:F, contrast:F, randaugment. Head stages then run "
+                                   "the frozen base every epoch instead of on cached outputs.", commands=FINETUNE,
+                           check=_augment_spec, expected="none, light, medium or a comma list of flip, rotate:DEG, "
+                                                         "zoom:F, translate:F, contrast:F, randaugment")
+    mixup: float = setting(0.0, "MixUp each training batch with this alpha (Beta(alpha, alpha) weights; 0: off; "
+                                "images only; also uncaches head stages).", commands=FINETUNE, check=at_least(0),
+                           expected="a number >= 0 (MixUp's alpha; 0: off)")
+    cutmix: float = setting(0.0, "CutMix each training batch: its factor in [0, 1] (0: off; images only; with "
+                                 "--mixup each batch gets one of the two).", commands=FINETUNE, check=in_range(0, 1),
+                            expected="a number in [0, 1] (CutMix's factor; 0: off)")
+    class_weight: str = setting("none", "Per-class loss weights: balanced (n / (classes x n_class)), none, or a "
+                                        "JSON file of class name -> weight.", commands=FINETUNE,
+                                check=_class_weight, expected="balanced, none or an existing JSON file of "
+                                                              "per-class weights")
+    ema: float | None = setting(None, "Keep an exponential moving average of the weights with this decay, e.g. "
+                                      "0.999; it is validated and saved instead of the last weights.",
+                                commands=FINETUNE, check=in_range(0, 1, low_open=True, high_open=True),
+                                expected="a number in (0, 1), the decay of the weights' moving average (0.999 is "
+                                         "common)", auto="off")
+    semi_supervised: str = setting("none", "Learn from the unlabeled training examples too: self-training (pseudo) "
+                                           "or label propagation over the base's features (propagate).",
+                                   commands=FINETUNE, choices=SEMI_SUPERVISED)
+    pseudo_rounds: int = setting(5, "Rounds of pseudo-labeling.", commands=FINETUNE, check=at_least(1),
+                                 expected="an integer >= 1")
+    pseudo_threshold: float | None = setting(None, "Keep only pseudo-labels at least this probable, in (0, 1).",
+                                             commands=FINETUNE, check=in_range(0, 1, low_open=True, high_open=True),
+                                             expected="a number in (0, 1)", auto="the top-k alone")
+    propagate_on: str = setting("features", "The kNN graph of propagate: on the base's features or the raw "
+                                            "inputs.", commands=FINETUNE, choices=GRAPHS)
     # where it runs
-    device: str = "auto"
-    strategy: str = "auto"
-    precision: str = "float32"
-    jit_compile: bool = False
+    device: str = setting("auto", "Where to train.", choices=DEVICES)
+    strategy: str = setting("auto", "Distribution strategy (auto: TPU if found, mirrored with 2+ GPUs, else "
+                                    "default).", choices=STRATEGIES)
+    precision: str = setting("float32", "float32 or mixed precision.", choices=PRECISIONS)
+    jit_compile: bool = setting(False, "XLA-compile the training step.")
     # training health
-    health_every: int = 0
-    tensorboard: str | None = None
+    health_every: int = setting(0, "Check gradients and activations every N steps; warn once per problem (0: off).",
+                                check=at_least(0), expected="an integer >= 0 (0: off)")
+    tensorboard: str | None = setting(None, "Write the training curves, and the training-health figures (checked "
+                                            "every 50 steps), for TensorBoard here.", kind="folder", auto="off")
     # resume after a crash
-    backup_every: int | None = None
-    restart: bool = False
+    backup_every: int | None = setting(None, "Also back up every N steps (always at each epoch end).",
+                                       check=at_least(1), expected="an integer >= 1", auto="each epoch end only")
+    restart: bool = setting(False, "Discard a backup of an interrupted run instead of continuing it.",
+                            off="--resume")
     # output
-    out: str | None = None
-    name: str | None = None
+    out: str | None = setting(None, "Artifact folder.", kind="folder", auto="saved_models/NAME")
+    name: str | None = setting(None, "Artifact name under saved_models/.", auto="from the data spec")
 
     def replace(self, **overrides: Any) -> "Recipe":
         """A copy with `overrides` applied; `None` values leave a field as it is."""
@@ -131,68 +236,22 @@ class Recipe:
         return dataclasses.replace(self, **given).validate()
 
     def validate(self) -> "Recipe":
-        """Check every value; raise `SettingsError` naming the first bad one."""
-        _check(0 < self.label_fraction <= 1, "label_fraction", self.label_fraction, "a number in (0, 1]")
-        _check(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in (0, 1)")
-        _check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "a number in [0, 1)")
+        """Check every value (each field's `Setting`, then the rules between fields); raise `SettingsError`."""
+        for field in dataclasses.fields(self):
+            message = describe(field).error(field.name, getattr(self, field.name))
+            if message:
+                raise SettingsError(message)
         _check(self.test_fraction + self.val_fraction < 1, "val_fraction", self.val_fraction,
                f"val_fraction + test_fraction < 1 (test_fraction={self.test_fraction})")
-        _check(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
-        _check(0 <= self.noise <= 1, "noise", self.noise, "a number in [0, 1] (a fraction of the data's std)")
-        _check(self.lr is None or self.lr == "auto" or (not isinstance(self.lr, str) and 0 < self.lr < math.inf),
-               "lr", self.lr, "a positive number or auto")
-        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
-        _check(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "a number in (0, 1)")
-        _check(self.plateau_patience >= 0, "plateau_patience", self.plateau_patience, "an integer >= 0")
-        for key, choices in (("device", DEVICES), ("strategy", STRATEGIES), ("precision", PRECISIONS)):
-            _check(getattr(self, key) in choices, key, getattr(self, key), f"one of {', '.join(choices)}")
-        _check(self.noise_kind in NOISE_KINDS, "noise_kind", self.noise_kind, f"one of {', '.join(NOISE_KINDS)}")
-        _check(self.health_every >= 0, "health_every", self.health_every, "an integer >= 0 (0: off)")
-        _check(self.backup_every is None or self.backup_every >= 1, "backup_every", self.backup_every,
-               "an integer >= 1")
-        for key in ("max_norm", "clipnorm", "clipvalue"):
-            value = getattr(self, key)
-            _check(value is None or value > 0, key, value, "a positive number")
-        _check(self.lr_decay >= 1, "lr_decay", self.lr_decay, "a number >= 1 (ULMFiT uses 2.6)")
         _check(not (self.gradual and self.unfreeze_schedule), "gradual", self.gradual,
                "either --gradual or --unfreeze-schedule, not both")
-        _check(self.semi_supervised in SEMI_SUPERVISED, "semi_supervised", self.semi_supervised,
-               f"one of {', '.join(SEMI_SUPERVISED)}")
-        _check(self.propagate_on in GRAPHS, "propagate_on", self.propagate_on, f"one of {', '.join(GRAPHS)}")
-        _check(self.pseudo_rounds >= 1, "pseudo_rounds", self.pseudo_rounds, "an integer >= 1")
-        _check(self.pseudo_threshold is None or 0 < self.pseudo_threshold < 1, "pseudo_threshold",
-               self.pseudo_threshold, "a number in (0, 1)")
-        _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "a number in [0, 1)")
-        parse_augment(self.augment)
-        _check(0 <= self.mixup < math.inf, "mixup", self.mixup, "a number >= 0 (MixUp's alpha; 0: off)")
-        _check(0 <= self.cutmix <= 1, "cutmix", self.cutmix, "a number in [0, 1] (CutMix's factor; 0: off)")
-        check_class_weight_setting(self.class_weight)
-        _check(self.ema is None or 0 < self.ema < 1, "ema", self.ema,
-               "a number in (0, 1), the decay of the weights' moving average (0.999 is common)")
-        _check(self.finetune_lr_factor is None or self.finetune_lr_factor > 0, "finetune_lr_factor",
-               self.finetune_lr_factor, "a positive number")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        for key in ("epochs", "head_epochs", "patience", "head_patience", "unfreeze_top"):
-            value = getattr(self, key)
-            _check(value is None or value >= 0, key, value, "an integer >= 0")
-        _check(self.image_size is None or self.image_size >= 1, "image_size", self.image_size, "an integer >= 1")
-        _check(self.resize in RESIZE_MODES, "resize", self.resize, f"one of {', '.join(RESIZE_MODES)}")
-        _check(self.task in TASKS, "task", self.task, f"one of {', '.join(TASKS)}")
-        _check(self.arch in ARCHS, "arch", self.arch, f"one of {', '.join(ARCHS)}")
-        _check(self.batchnorm in BATCHNORM, "batchnorm", self.batchnorm, f"one of {', '.join(BATCHNORM)}")
-        _check(all(u >= 1 for u in self.units) and self.units, "units", self.units, "positive integers")
-        _check(all(f >= 1 for f in self.filters) and self.filters, "filters", self.filters, "positive integers")
         bases = {flag: value for flag, value in (("from", self.from_), ("backbone", self.backbone),
                                                  ("base", self.base)) if value}
         if len(bases) > 1:
             raise SettingsError("The base must be exactly one of --from, --backbone, --base. Received: "
                                 + ", ".join(f"{flag}={value!r}" for flag, value in bases.items()))
         _check(self.cut is None or self.base, "cut", self.cut, "given with --base FILE")
-        _check(self.cut is None or not str(self.cut).lstrip("+").isdigit(), "cut", self.cut,
-               "a layer name or a negative index")
         _check(self.preprocess is None or self.base, "preprocess", self.preprocess, "given with --base FILE")
-        _check(self.preprocess is None or self.preprocess in PREPROCESS, "preprocess", self.preprocess,
-               f"one of {', '.join(PREPROCESS)}")
         return self
 
     @property
