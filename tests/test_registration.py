@@ -22,47 +22,61 @@ def run_python(code: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def module_name(path: Path) -> str:
+    return "transferkit." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
+def module_path(name: str) -> Path:
+    return PACKAGE.joinpath(*name.split(".")[1:]).with_suffix(".py")
+
+
 def modules_that_register() -> list[str]:
     """Every transferkit module whose source registers a Keras class (read from the files, not the code under test)."""
-    return sorted(f"transferkit.{p.stem}" for p in PACKAGE.glob("*.py")
+    return sorted(module_name(p) for p in PACKAGE.rglob("*.py")
                   if re.search(r"register_keras_serializable\(", p.read_text()) and p.stem != "registration")
+
+
+def registered_on_import() -> set[str]:
+    """The modules `registration.register_keras_objects` imports, read from its source."""
+    tree = ast.parse((PACKAGE / "registration.py").read_text())
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "register_keras_objects")
+    return {f"{node.module}.{a.name}" for node in ast.walk(function) if isinstance(node, ast.ImportFrom)
+            for a in node.names}
 
 
 def transferkit_imports(module: str) -> set[str]:
     """The transferkit modules that `module`'s source imports at its top level."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    tree = ast.parse(module_path(module).read_text())
     names = set()
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("transferkit"):
-            names |= {node.module} if node.module != "transferkit" else {f"transferkit.{a.name}" for a in node.names}
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
         elif isinstance(node, ast.Import):
             names |= {a.name for a in node.names if a.name.startswith("transferkit.")}
-    return {name.split(".")[1] for name in names if (PACKAGE / f"{name.split('.')[1]}.py").is_file()}
+    return {name for name in names if module_path(name).is_file()}
 
 
 def imports_keras(module: str) -> bool:
-    source = (PACKAGE / f"{module}.py").read_text()
+    source = module_path(module).read_text()
     return bool(re.search(r"^(import keras|from keras)", source, re.M)) or any(
         imports_keras(m) for m in transferkit_imports(module))
 
 
 def test_registering_modules_import_no_transferkit_module_that_imports_keras():
     # registering can run mid-import of any module that imports keras; such a module must not be imported then
-    from transferkit.registration import KERAS_OBJECT_MODULES
-
-    assert {m.removeprefix("transferkit.") for m in modules_that_register()} <= set(KERAS_OBJECT_MODULES)
-    for module in KERAS_OBJECT_MODULES:
+    assert set(modules_that_register()) <= registered_on_import()
+    for module in registered_on_import():
         assert [m for m in transferkit_imports(module) if imports_keras(m)] == [], module
 
 
 @pytest.mark.parametrize("imports", [
     "import transferkit; import keras",
     "import keras; import transferkit",
-    "import transferkit.pretraining",  # keras is first imported half-way through it
+    "import transferkit.pretrain.train",  # keras is first imported half-way through it
 ])
 def test_import_transferkit_registers_every_serializable_class(imports):
     modules = modules_that_register()
-    assert {"transferkit.layers", "transferkit.schedules", "transferkit.discriminative"} <= set(modules)
+    assert {"transferkit.pieces.layers", "transferkit.pieces.schedules", "transferkit.pieces.discriminative"} <= set(modules)
     code = (
         "import warnings; warnings.filterwarnings('error', message='transferkit could not')\n"
         f"{imports}\n"

@@ -69,3 +69,10 @@ def test_a_flag_given_on_the_command_line_reaches_the_recipe(tmp_path):
                                       "--from", "missing"], obj={})
     # --from reaches the recipe: the missing encoder is named (exit 2), after --test-fraction was accepted
     assert result.exit_code == 2 and "missing" in result.output
+
+
+def test_the_recipes_schedule_choices_are_the_schedules_that_exist():
+    from transferkit.pieces.schedules import SCHEDULES
+    from transferkit.recipe import SCHEDULES as RECIPE_SCHEDULES
+
+    assert RECIPE_SCHEDULES == SCHEDULES

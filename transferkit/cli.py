@@ -16,10 +16,9 @@ from typing import Any
 
 import click
 
-from transferkit.diagnose_cli import diagnose
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.recipe import Recipe
-from transferkit.runtime import BACKENDS, choose_backend
+from transferkit.training.runtime import BACKENDS, choose_backend
 from transferkit.settings import Setting, describe, flag_name
 
 
@@ -71,7 +70,7 @@ def _shown(default: Any, flag: str, meta: Setting) -> str:
     return str(default)
 
 
-def _handle_errors(f: Callable) -> Callable:
+def handle_errors(f: Callable) -> Callable:
     """Turn our errors into one line and an exit status: 2 for settings, 1 for failures."""
 
     @functools.wraps(f)
@@ -114,7 +113,7 @@ def cli(ctx: click.Context, debug: bool, backend: str | None) -> None:
 
 @cli.command()
 @recipe_options("pretrain")
-@_handle_errors
+@handle_errors
 def pretrain(recipe: str | None, **settings: Any) -> None:
     """Pretrain an encoder on unlabeled inputs and save it."""
     from transferkit.api import pretrain as run
@@ -124,7 +123,7 @@ def pretrain(recipe: str | None, **settings: Any) -> None:
 
 @cli.command()
 @recipe_options("finetune")
-@_handle_errors
+@handle_errors
 def finetune(recipe: str | None, **settings: Any) -> None:
     """Fine-tune a new head (then the top blocks) on a few labels; print the test accuracy."""
     from transferkit.api import finetune as run
@@ -139,12 +138,12 @@ def finetune(recipe: str | None, **settings: Any) -> None:
 @click.option("--start-lr", type=float, default=1e-7, show_default=True)
 @click.option("--end-lr", type=float, default=10.0, show_default=True)
 @click.option("--num-steps", type=int, default=100, show_default=True)
-@_handle_errors
+@handle_errors
 def lr_find(recipe: str | None, stage_name: str | None, plot: str | None, start_lr: float, end_lr: float,
             num_steps: int, **settings: Any) -> None:
     """The LR range test on the model finetune would train; prints valley, minimum/10 and steep."""
     from transferkit.api import resolve_recipe
-    from transferkit.learning_rates import run_lr_find
+    from transferkit.commands.learning_rates import run_lr_find
 
     run_lr_find(resolve_recipe(recipe, "finetune", settings), stage_name, plot, start_lr, end_lr, num_steps)
 
@@ -154,11 +153,11 @@ def lr_find(recipe: str | None, stage_name: str | None, plot: str | None, start_
 @click.option("--for", "command", type=click.Choice(["finetune", "pretrain"]), default="finetune",
               show_default=True, help="Which command's schedule to draw.")
 @click.option("--plot", type=click.Path(dir_okay=False), required=True, help="PNG to write.")
-@_handle_errors
+@handle_errors
 def schedule(recipe: str | None, command: str, plot: str, **settings: Any) -> None:
     """Draw the learning rate and momentum a recipe would use, step by step, without training."""
     from transferkit.api import resolve_recipe
-    from transferkit.learning_rates import plot_schedule, schedule_curve
+    from transferkit.commands.learning_rates import plot_schedule, schedule_curve
 
     resolved = resolve_recipe(recipe, command, settings)
     curve = schedule_curve(resolved, command)
@@ -177,7 +176,7 @@ _TTA_HELP = ("Test-time augmentation: also average the probabilities over the in
 @click.option("--out", type=click.Path(file_okay=False), help="SavedModel folder (default MODEL_DIR/serving).")
 @click.option("--mc-samples", type=click.IntRange(min=2), default=30, show_default=True,
               help="MC dropout samples per example in the serve_mc endpoint (models with dropout).")
-@_handle_errors
+@handle_errors
 def export(model_dir: str, out: str | None, mc_samples: int) -> None:
     """Export MODEL_DIR as a SavedModel with `serve` (and `serve_mc`), and check it."""
     from transferkit.api import export as run
@@ -194,7 +193,7 @@ def export(model_dir: str, out: str | None, mc_samples: int) -> None:
 @click.option("--plots", type=click.Path(), help="Write confusion.png (and top_losses.png for images) here.")
 @click.option("--output", type=click.Path(), help="Write the whole report to this JSON file.")
 @click.option("--tta", type=int, default=1, show_default=True, help=_TTA_HELP)
-@_handle_errors
+@handle_errors
 def evaluate(model_dir: str, data: str | None, mc_samples: int, top_k: int | None, plots: str | None,
              output: str | None, tta: int) -> None:
     """Accuracy, per-class figures, confusion and calibration of MODEL_DIR on its test split (or on --data)."""
@@ -210,7 +209,7 @@ def evaluate(model_dir: str, data: str | None, mc_samples: int, top_k: int | Non
               help="MC dropout samples per example; adds std, entropy and mutual information.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the rows to a .csv or .json file.")
 @click.option("--tta", type=int, default=1, show_default=True, help=_TTA_HELP)
-@_handle_errors
+@handle_errors
 def predict(model_dir: str, inputs: tuple[str, ...], mc_samples: int, output: str | None, tta: int) -> None:
     """Class and probability for INPUTS: image files, or a data spec (npz:PATH, dir:PATH)."""
     from transferkit.api import predict as run
@@ -223,7 +222,7 @@ def predict(model_dir: str, inputs: tuple[str, ...], mc_samples: int, output: st
 @click.option("--base", type=click.Path(dir_okay=False),
               help="Instead of MODEL_DIR: a Keras model file's layers, its cut and its blocks, as --base sees them.")
 @click.option("--cut", help="With --base: the layer its body ends with, by name or negative index.")
-@_handle_errors
+@handle_errors
 def inspect(model_dir: str | None, base: str | None, cut: str | None) -> None:
     """The freeze audit of MODEL_DIR: per block, what trains, BatchNorm's mode, parameters, lr factor."""
     if (model_dir is None) == (base is None):
@@ -231,18 +230,37 @@ def inspect(model_dir: str | None, base: str | None, cut: str | None) -> None:
     if cut is not None and base is None:
         raise SettingsError(f"--cut {cut!r} goes with --base FILE; expected no --cut with MODEL_DIR.")
     if base is not None:
-        from transferkit.bases import inspect_base
+        from transferkit.finetune.bases import inspect_base
 
         inspect_base(base, cut)
         return
-    from transferkit.freezing import inspect as run
+    from transferkit.pieces.freezing import inspect as run
 
     run(model_dir)
 
 
 
 
-cli.add_command(diagnose)
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--data", help="Data spec (digits, npz:PATH, dir:PATH, tfds:NAME). Default for an artifact: the "
+                             "training split of its data; required for a .keras file.")
+@click.option("--batches", type=int, default=4, show_default=True, help="Batches to run forward and backward.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Examples per batch.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the examples drawn.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write per-layer gradient and activation plots "
+                                                               "to this PNG.")
+@handle_errors
+def diagnose(model: str, data: str | None, batches: int, batch_size: int, seed: int, plot: str | None) -> None:
+    """Per-layer activations and gradients of MODEL (an artifact folder or a .keras file) on a few batches,
+    with verdicts (vanishing/exploding gradients, saturation, dead units, broken self-normalization)
+    and the remedies that apply."""
+    from transferkit.commands.diagnose import diagnose as run
+
+    report = run(model, data, batches=batches, batch_size=batch_size, seed=seed)
+    click.echo(report.format())
+    if plot:
+        click.echo(f"plot written to {report.plot(plot)}")
 
 
 def main() -> None:

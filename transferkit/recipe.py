@@ -18,11 +18,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from transferkit.augment_spec import parse_augment
-from transferkit.class_weights import check_class_weight_setting
+from transferkit.pieces.augment_spec import parse_augment
+from transferkit.finetune.class_weights import check_class_weight_setting
 from transferkit.errors import SettingsError
-from transferkit.optimizers import OPTIMIZERS
-from transferkit.runtime import DEVICES, PRECISIONS, STRATEGIES
+from transferkit.pieces.optimizers import OPTIMIZERS
+from transferkit.training.runtime import DEVICES, PRECISIONS, STRATEGIES
 from transferkit.settings import BASE, FINETUNE, PRETRAIN, at_least, describe, in_range, setting
 
 TASKS = ("autoencoder", "denoising", "stacked", "rotation", "pairs", "gan")
@@ -34,7 +34,7 @@ ARCHS = ("dense", "conv")
 BATCHNORM = ("none", "before", "after")
 COMMANDS = ("pretrain", "finetune")
 RESIZE_MODES = ("stretch", "crop", "pad")  # keras.layers.Resizing: stretch, crop_ or pad_to_aspect_ratio
-PREPROCESS = ("none", "scale:1/255", "tf", "imagenet-caffe", "imagenet-torch")  # --base: see transferkit.bases
+PREPROCESS = ("none", "scale:1/255", "tf", "imagenet-caffe", "imagenet-torch")  # --base: see transferkit.finetune.bases
 
 
 def _positive_integers(values: tuple[int, ...]) -> bool:

@@ -2,7 +2,7 @@
 
 Keras 3 finds a custom class named in a saved config only in its registry:
 `serialization_lib` imports a config's `module` for Keras's own packages only,
-so a model holding an `MCDropout` loads only once `transferkit.layers` has run
+so a model holding an `MCDropout` loads only once `transferkit.pieces.layers` has run
 its `register_keras_serializable` (PITFALLS 14). `import transferkit` must
 therefore register every class, yet must not import Keras (and TensorFlow):
 `transferkit --help` stays instant. So `import transferkit` registers at once
@@ -17,29 +17,21 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import importlib.abc
 import sys
 import warnings
 
-# Modules whose classes (layers, schedules, optimizers) saved models may name. Registering may run in the middle
-# of another transferkit module's import (the first `import keras` can be any module's), so these modules import
-# from transferkit only modules that never import Keras: none of them can then meet a half-initialized module.
-KERAS_OBJECT_MODULES = ("layers", "schedules", "discriminative", "backbones", "tied", "pretext_layers", "losses",
-                        "augmentation")
-
-
-def register_keras_objects() -> None:
+def register_keras_objects() -> tuple:
     """Import every transferkit module that registers Keras objects, so saved models that use them load.
 
-    Imports Keras (and its backend).
+    Imports Keras (and its backend); returns the modules. Registering may run in the middle of another
+    transferkit module's import (the first `import keras` can be any module's), so
+    these modules import from transferkit only modules that never import Keras: none
+    of them can then meet a half-initialized module (tests/test_registration.py).
     """
-    for name in KERAS_OBJECT_MODULES:
-        try:
-            importlib.import_module(f"transferkit.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"transferkit.{name}":
-                raise
+    from transferkit.pieces import augmentation, backbones, discriminative, layers, losses, pretext_layers, schedules, tied
+
+    return augmentation, backbones, discriminative, layers, losses, pretext_layers, schedules, tied
 
 
 def register_with_keras() -> None:
