@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import transferkit as tk
 from transferkit.pieces.augmentation import mix_batches
-from transferkit.finetune.class_weights import resolve_class_weight
+from transferkit.finetuning.class_weights import resolve_class_weight
 from transferkit.cli import cli
 from transferkit.data.sources import load_data
 

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 from sklearn.datasets import make_blobs, make_moons
 
-from transferkit.finetune import train as finetuning
+from transferkit.finetuning import train as finetuning
 from transferkit.cli import cli
 from transferkit.errors import SettingsError
-from transferkit.finetune.semi_supervised import pool_epochs, propagate_labels, pseudo_labels
+from transferkit.finetuning.semi_supervised import pool_epochs, propagate_labels, pseudo_labels
 
 FAST = dict(head_epochs=3, epochs=2, unfreeze_top=1, batch_size=64, verbose=False)
 

@@ -230,7 +230,7 @@ def inspect(model_dir: str | None, base: str | None, cut: str | None) -> None:
     if cut is not None and base is None:
         raise SettingsError(f"--cut {cut!r} goes with --base FILE; expected no --cut with MODEL_DIR.")
     if base is not None:
-        from transferkit.finetune.bases import inspect_base
+        from transferkit.finetuning.bases import inspect_base
 
         inspect_base(base, cut)
         return

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.pieces.augment_spec import parse_augment
-from transferkit.finetune.class_weights import check_class_weight_setting
+from transferkit.finetuning.class_weights import check_class_weight_setting
 from transferkit.errors import SettingsError
 from transferkit.pieces.optimizers import OPTIMIZERS
 from transferkit.training.runtime import DEVICES, PRECISIONS, STRATEGIES
@@ -34,7 +34,7 @@ ARCHS = ("dense", "conv")
 BATCHNORM = ("none", "before", "after")
 COMMANDS = ("pretrain", "finetune")
 RESIZE_MODES = ("stretch", "crop", "pad")  # keras.layers.Resizing: stretch, crop_ or pad_to_aspect_ratio
-PREPROCESS = ("none", "scale:1/255", "tf", "imagenet-caffe", "imagenet-torch")  # --base: see transferkit.finetune.bases
+PREPROCESS = ("none", "scale:1/255", "tf", "imagenet-caffe", "imagenet-torch")  # --base: see transferkit.finetuning.bases
 
 
 def _positive_integers(values: tuple[int, ...]) -> bool:

@@ -16,7 +16,7 @@ base runs every epoch).
 Example:
 
 >>> from transferkit.recipe import Recipe
->>> from transferkit.finetune.train import run_finetune
+>>> from transferkit.finetuning.train import run_finetune
 >>> result = run_finetune(Recipe(from_="saved_models/digits-encoder",
 ...                              label_fraction=0.05, unfreeze_top=2))  # doctest: +SKIP
 """
@@ -42,19 +42,19 @@ from transferkit.pieces.backbones import (
     backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter,
 )
 from transferkit.store.backup import Backup, BackupCallback
-from transferkit.finetune.bases import base_blocks, base_inputs, load_body
-from transferkit.finetune.bases import describe as describe_base
-from transferkit.finetune.class_weights import resolve_class_weight
+from transferkit.finetuning.bases import base_blocks, base_inputs, load_body
+from transferkit.finetuning.bases import describe as describe_base
+from transferkit.finetuning.class_weights import resolve_class_weight
 from transferkit.training.defaults import describe_chosen, resolve_finetune
 from transferkit.data.sources import Data, Split, as_array, pipeline, split_data
 from transferkit.errors import SettingsError
 from transferkit.pieces.discriminative import block_factors
-from transferkit.finetune.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
+from transferkit.finetuning.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
 from transferkit.pieces.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.pieces.health import TrainingHealth
 from transferkit.pieces.losses import SparseCategoricalCrossentropyWithSmoothing
 from transferkit.recipe import Recipe
-from transferkit.finetune.semi_supervised import (
+from transferkit.finetuning.semi_supervised import (
     NEIGHBOURS, SPREAD, check_pool, per_class, pool_epochs, propagate_labels, pseudo_labels, unlabeled_pool,
 )
 from transferkit.pieces.setups import dropout_layer, setup_for

@@ -21,7 +21,7 @@ labeled examples alone: its epochs are scaled down by the pool's size.
 Example:
 
 >>> import numpy as np
->>> from transferkit.finetune.semi_supervised import pseudo_labels
+>>> from transferkit.finetuning.semi_supervised import pseudo_labels
 >>> probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55]])
 >>> pseudo_labels(probs, round_=1, rounds=2, threshold=None)   # k = 1 per class in round 1 of 2
 (array([0, 2]), array([0, 1]))

@@ -13,7 +13,7 @@ the encoder learns to tell them apart from the cosine similarity of its
 Example:
 
 >>> import numpy as np
->>> from transferkit.pretrain.pretext import rotations
+>>> from transferkit.pretraining.pretext import rotations
 >>> x, k = rotations(np.arange(4.0).reshape(1, 2, 2, 1))
 >>> k.tolist(), x[1, ..., 0].tolist()
 ([0, 1, 2, 3], [[1.0, 3.0], [0.0, 2.0]])
@@ -26,7 +26,7 @@ import numpy as np
 from keras import ops
 
 from transferkit.pieces.pretext_layers import PairScores
-from transferkit.pretrain.train import Job, Pretrained, corruption, final_metrics, fit_task, pooled
+from transferkit.pretraining.train import Job, Pretrained, corruption, final_metrics, fit_task, pooled
 
 ANGLES = (0, 90, 180, 270)
 

@@ -8,7 +8,7 @@ past that in a tf.data cache file beside the run.
 
 Example:
 
->>> from transferkit.finetune.feature_cache import can_cache
+>>> from transferkit.finetuning.feature_cache import can_cache
 >>> can_cache(features_model)                                   # doctest: +SKIP
 True
 """

@@ -14,7 +14,7 @@ run goes on exactly as the interrupted one would have.
 Example:
 
 >>> from transferkit.recipe import Recipe
->>> from transferkit.pretrain.train import run_pretrain
+>>> from transferkit.pretraining.train import run_pretrain
 >>> run_pretrain(Recipe(task="gan", arch="conv", epochs=20, out="/tmp/gan-encoder"))   # doctest: +SKIP
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from transferkit.training import backend, runs
 from transferkit.pieces.callbacks import StopOnNaN
-from transferkit.pretrain.train import Job, Pretrained, final_metrics, fit_resumable, pooled
+from transferkit.pretraining.train import Job, Pretrained, final_metrics, fit_resumable, pooled
 from transferkit.recipe import Recipe
 
 LATENT_DIM = 32

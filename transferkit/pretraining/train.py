@@ -27,7 +27,7 @@ would have. `stacked` numbers its epochs on across its blocks.
 Example:
 
 >>> from transferkit.recipe import Recipe
->>> from transferkit.pretrain.train import run_pretrain
+>>> from transferkit.pretraining.train import run_pretrain
 >>> result = run_pretrain(Recipe(task="stacked", epochs=5, out="/tmp/enc"))   # doctest: +SKIP
 >>> sorted(p.name for p in result.artifact.glob("*.png"))                      # doctest: +SKIP
 ['loss.png', 'reconstructions.png']
@@ -58,12 +58,12 @@ from transferkit.pieces.setups import activation_layer, conv_stack, dense_stack,
 
 # task -> "module:function" training it (imported when used: the pretext and GAN modules import this one)
 TASKS: dict[str, str] = {
-    "autoencoder": "transferkit.pretrain.train:train_autoencoder",
-    "denoising": "transferkit.pretrain.train:train_autoencoder",
-    "stacked": "transferkit.pretrain.train:train_stacked",
-    "rotation": "transferkit.pretrain.pretext:train_rotation",
-    "pairs": "transferkit.pretrain.pretext:train_pairs",
-    "gan": "transferkit.pretrain.gan:train_gan",
+    "autoencoder": "transferkit.pretraining.train:train_autoencoder",
+    "denoising": "transferkit.pretraining.train:train_autoencoder",
+    "stacked": "transferkit.pretraining.train:train_stacked",
+    "rotation": "transferkit.pretraining.pretext:train_rotation",
+    "pairs": "transferkit.pretraining.pretext:train_pairs",
+    "gan": "transferkit.pretraining.gan:train_gan",
 }
 DECODER_TASKS = ("autoencoder", "denoising", "stacked")
 _BLOCK = re.compile(r"^encoder_(block\d+)_")
