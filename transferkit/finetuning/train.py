@@ -28,6 +28,7 @@ import functools
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,13 @@ import keras
 import numpy as np
 
 from transferkit.store import artifacts
-from transferkit.training import backend, runs
+from transferkit.training import backend, runner, runs
 from transferkit.pieces.augment_spec import describe_augment, parse_augment
 from transferkit.pieces.augmentation import augment_inputs, mix_batches
 from transferkit.pieces.backbones import (
     backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter,
 )
-from transferkit.store.backup import Backup, BackupCallback
+from transferkit.store.backup import Backup
 from transferkit.finetuning.bases import base_blocks, base_inputs, load_body
 from transferkit.finetuning.bases import describe as describe_base
 from transferkit.finetuning.class_weights import resolve_class_weight
@@ -51,7 +52,6 @@ from transferkit.errors import SettingsError
 from transferkit.pieces.discriminative import block_factors
 from transferkit.finetuning.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
 from transferkit.pieces.freezing import audit, format_audit, freeze_all_but_top
-from transferkit.pieces.health import TrainingHealth
 from transferkit.pieces.losses import SparseCategoricalCrossentropyWithSmoothing
 from transferkit.recipe import Recipe
 from transferkit.finetuning.semi_supervised import (
@@ -218,11 +218,9 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                        if semi != "none" else ""), verbose)
 
     backup = Backup.for_output(out, plan.settings)
-    state = backup.state(restart=recipe.restart)
-    resume_at = state["epoch"] if state else 0
-    history: dict[str, list[float]] = dict(state["history"]) if state else {}
-    if state:
-        runs.print_line(f"resuming from the backup in {backup.folder}: epoch {resume_at + 1} of {total_epochs}",
+    run = runner.Run(recipe, backup, backup.state(restart=recipe.restart), verbose, total_epochs=total_epochs)
+    if run.state:
+        runs.print_line(f"resuming from the backup in {backup.folder}: epoch {run.resume_at + 1} of {total_epochs}",
                         verbose)
     # the base's outputs, per phase (None: validation), while the base's weights stay as they are
     outputs: dict[str | None, Any] = {}
@@ -230,7 +228,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
     if semi == "propagate":  # on the base as given, before any backup
         propagated, graph = _propagate(plan)
     # the graph's features are the first phase's examples, in its order: its first stage may reuse them
-    reuse = graph if graph is not None and not state and graph.nbytes <= MEMORY_LIMIT_BYTES else None
+    reuse = graph if graph is not None and not run.state and graph.nbytes <= MEMORY_LIMIT_BYTES else None
     del graph
     done: list[dict[str, Any]] = []
     pseudo_counts: dict[str, int] = {}
@@ -244,16 +242,15 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
             record = {"name": stage.name, "phase": phase.name, "unfreeze_top": stage.top, "epochs": stage.epochs,
                       "lr": None, "schedule": recipe.schedule, "seconds": 0.0}
             done.append(record)
-            if epoch <= resume_at:  # finished before the interruption
+            if run.finished_before(epoch):
                 continue
             unfrozen = freeze_all_but_top(clf.base, clf.blocks, stage.top, recipe.train_batchnorm)
             factors = _lr_factors(clf.blocks, stage.top, recipe.lr_decay)
             cached = (stage.top == 0 and recipe.cache_features and plan.replicas == 1 and not random_inputs
                       and can_cache(clf.features))
-            trained = clf.head if cached else clf.model
+            trained = clf.model
             started = time.perf_counter()
-            if state and start <= resume_at:  # the weights the interrupted run had at resume_at
-                backup.load_weights(clf.model, clf.head)
+            run.restore_weights(clf.model, start, clf.head)  # the interrupted run's, before its examples
             if examples is None:
                 examples = _examples(plan, phase, propagated, backup)
                 if phase.round:
@@ -265,6 +262,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
             y_check = np.eye(data.num_classes, dtype="float32")[y_val] if soft else y_val
             inputs = {"train": x, "val": x_val if len(x_val) else None}
             if cached:
+                trained = clf.head
                 caching = time.perf_counter()
                 if reuse is not None:
                     outputs.setdefault(phase.name, reuse)
@@ -277,55 +275,37 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                     warn_if_constant(inputs["train"], clf.info["description"])
             reuse = None  # used by the first stage, or not at all: free it
             loss, accuracy = _loss_and_metric(soft, recipe.label_smoothing)
-            if recipe.lr == "auto":
-                trained.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
-                lr = runs.find_learning_rate(trained, inputs["train"], y, recipe, verbose)
-            else:
-                lr = plan.stage_lr(stage)
-            per_epoch = runs.steps_per_epoch(len(y), plan.batch_size)
-            steps = stage.epochs * per_epoch
-            callbacks = runs.compile_stage(trained, recipe, lr, steps, loss, accuracy, lr_factors=factors,
-                                           ema=recipe.ema)
-            if state and start < resume_at:  # mid-stage: the optimizer's state too (its step drives the schedule)
-                backup.restore(clf.model, trained, clf.head)
-            first = max(start, resume_at)
-            uncached_for_augment = stage.top == 0 and recipe.cache_features and random_inputs
-            record["cached"] = bool(cached)
-            runs.print_line(f"stage {stage.name}{'' if phase.name == 'labeled' else f' ({phase.name})'}: epochs "
-                            f"{first + 1}-{epoch} on {len(y)} examples, {recipe.schedule} learning rate {lr:.3g}"
-                            f"{', on cached base outputs' if cached else ''}"
-                            f"{', uncached: its inputs change every epoch' if uncached_for_augment else ''}; trainable: "
-                            f"{', '.join(unfrozen) or 'no block'} + head", verbose)
-            runs.print_line(format_audit(audit(clf.model, factors, clf.blocks)), verbose)
-            guards, stopping = runs.stage_guards(
-                stage.name if phase.name == "labeled" else f"{stage.name} ({phase.name})",
-                recipe.head_stage_patience if stage.top == 0 else recipe.patience,
-                # val_loss where validation has an example of every class; else the training loss
-                validated=len(x_val) >= data.num_classes, learning_rate=lr, ema=bool(recipe.ema))
-            if stopping is not None and state and start < resume_at:
-                stopping.load_state(backup.stopping())
-            keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every, final_epoch=total_epochs,
-                                  head=clf.head if cached else None, stopping=stopping)
-            health = [TrainingHealth(pipeline(inputs["train"], y, plan.batch_size), every=recipe.health_steps,
-                                     log_dir=recipe.tensorboard, initial_step=first * per_epoch)
-                      ] if recipe.health_steps else []
-            backend.build_compiled(trained, pipeline(inputs["train"], y, plan.batch_size))
+            name = stage.name if phase.name == "labeled" else f"{stage.name} ({phase.name})"
+            unshuffled = pipeline(inputs["train"], y, plan.batch_size)
             batches = pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed)
-            fit = trained.fit(
+            say = _stage_line(plan, stage, phase, len(y), cached, unfrozen, run.resume_at, start, epoch, random_inputs)
+
+            def compiled(lr: float, model=trained, line=say, order=unshuffled) -> None:
+                runs.print_line(line(lr), verbose)
+                runs.print_line(format_audit(audit(clf.model, factors, clf.blocks)), verbose)
+                backend.build_compiled(model, order)
+
+            finished = runner.fit_stage(run, runner.Stage(
+                name, trained,
                 mix_batches(batches, recipe.mixup, recipe.cutmix, seed=recipe.seed + index) if recipe.mixes
                 else batches,
-                validation_data=None if inputs["val"] is None else pipeline(inputs["val"], y_check, plan.batch_size),
-                initial_epoch=first, epochs=epoch,
-                callbacks=[*callbacks, *guards, keep, *health, *runs.curves(recipe)], class_weight=plan.class_weight,
-                shuffle=False, verbose=2 if verbose else 0)
-            runs.merge_history(history, fit)
+                start=start, end=epoch, batches_per_epoch=runs.steps_per_epoch(len(y), plan.batch_size),
+                index=index, loss=loss, metrics=accuracy,
+                learning_rate="auto" if recipe.lr == "auto" else plan.stage_lr(stage), lr_data=(inputs["train"], y),
+                patience=recipe.head_stage_patience if stage.top == 0 else recipe.patience,
+                # val_loss where validation has an example of every class; else the training loss
+                validated=len(x_val) >= data.num_classes,
+                validation=None if inputs["val"] is None else pipeline(inputs["val"], y_check, plan.batch_size),
+                lr_factors=factors, ema=recipe.ema, kept=clf.model, head=clf.head if cached else None,
+                class_weight=plan.class_weight, unshuffled=unshuffled, on_compiled=compiled))
             if stage.top:  # the base has trained: a later head stage needs its new outputs
                 outputs.clear()
-            record.update(lr=lr, seconds=round(time.perf_counter() - started, 3))
-            if stopping is not None and stopping.stopped_epoch:
-                record.update(stopped_after=stopping.stopped_epoch + 1, best_epoch=stopping.best_epoch + 1)
-                runs.print_line(f"stage {stage.name}: {stopping.monitor} stopped improving; kept epoch "
-                                f"{stopping.best_epoch + 1}'s weights", verbose)
+            record.update(lr=finished.learning_rate, seconds=round(time.perf_counter() - started, 3),
+                          cached=bool(cached))
+            if finished.stopping is not None and finished.stopping.stopped_epoch:
+                record.update(stopped_after=finished.stopping.stopped_epoch + 1,
+                              best_epoch=finished.stopping.best_epoch + 1)
+    history = run.history
 
     loss, accuracy = _loss_and_metric(soft=False, label_smoothing=recipe.label_smoothing)
     # the last stage trained the head alone, or on soft labels: compile the classifier for the true labels
@@ -353,6 +333,19 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
     runs.print_line(f"test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(split.test)} "
                     f"held-out examples; classifier saved to {out}", verbose)
     return runs.Result(model=clf.model, history=history, metrics=metrics, artifact=out, manifest=manifest)
+
+
+def _stage_line(plan: Plan, stage: Stage, phase: Phase, examples: int, cached: bool, unfrozen: list[str],
+                resume_at: int, start: int, end: int, random_inputs: bool) -> Callable[[float], str]:
+    """The line that introduces a stage, once its learning rate is known."""
+    recipe = plan.recipe
+    uncached = stage.top == 0 and recipe.cache_features and random_inputs
+    return lambda lr: (
+        f"stage {stage.name}{'' if phase.name == 'labeled' else f' ({phase.name})'}: epochs "
+        f"{max(start, resume_at) + 1}-{end} on {examples} examples, {recipe.schedule} learning rate {lr:.3g}"
+        f"{', on cached base outputs' if cached else ''}"
+        f"{', uncached: its inputs change every epoch' if uncached else ''}; trainable: "
+        f"{', '.join(unfrozen) or 'no block'} + head")
 
 
 FLAT_FEATURES = 1e-6  # the largest spread across examples of any feature, below which the head has nothing

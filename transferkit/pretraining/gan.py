@@ -27,7 +27,9 @@ import numpy as np
 
 from transferkit.training import backend, runs
 from transferkit.pieces.callbacks import StopOnNaN
-from transferkit.pretraining.train import Job, Pretrained, final_metrics, fit_resumable, pooled
+from transferkit.pretraining.train import Job, Pretrained, epoch_batches, final_metrics, pooled
+from transferkit.store.backup import random_state
+from transferkit.training.runner import Stage, fit_stage
 from transferkit.recipe import Recipe
 
 LATENT_DIM = 32
@@ -241,13 +243,17 @@ def train_gan(job: Job) -> Pretrained:
     gan.compile(keras.optimizers.Adam(lr, beta_1=0.5), keras.optimizers.Adam(lr, beta_1=0.5))
     runs.print_line(f"gan: Adam(beta_1=0.5) at learning rate {lr:g} for both players"
                     f"{' (lr=auto: DCGAN default)' if recipe.lr == 'auto' else ''}", job.verbose)
-    history = job.history
     if recipe.epochs:
-        job.load_backup(gan, 0)
-        history = fit_resumable(job, gan, (job.x_train.astype("float32"),), history,
-                                optimizers=[gan.d_optimizer, gan.g_optimizer], drop_remainder=True,
-                                # two players' losses rise and fall by design: no growth bound, no early stop
-                                callbacks=[StopOnNaN("pretrain gan")])
+        x = job.x_train.astype("float32")
+        fit_stage(job.run, Stage(
+            "pretrain gan", gan,
+            lambda first: epoch_batches((x,), recipe.batch_size, recipe.seed, range(first, recipe.epochs),
+                                        drop_remainder=True),
+            start=0, end=recipe.epochs, batches_per_epoch=max(1, len(x) // recipe.batch_size), continuous=True,
+            compile=False, training=[gan.d_optimizer, gan.g_optimizer, *random_state(gan)],
+            # two players' losses rise and fall by design: no growth bound, no early stop
+            guards=[StopOnNaN("pretrain gan")]))
+    history = job.run.history
     samples = sample_inputs(generator, 16, seed=recipe.seed)
     from transferkit.store.pictures import image_grid, loss_figure
 

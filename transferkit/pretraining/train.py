@@ -46,11 +46,11 @@ import keras
 import numpy as np
 
 from transferkit.training import runs
-from transferkit.store.backup import Backup, BackupCallback, Kept, random_state
+from transferkit.store.backup import Backup, Kept
 from transferkit.data.sources import Data, Split, as_array, pipeline
 from transferkit.data.image_files import ImageFiles, gather_together
 from transferkit.training.defaults import describe_chosen, resolve_pretrain
-from transferkit.pieces.health import TrainingHealth
+from transferkit.training.runner import Run, Stage, fit_stage
 from transferkit.errors import SettingsError
 from transferkit.pieces.pretext_layers import _TrainingOnlyScale
 from transferkit.recipe import Recipe
@@ -85,31 +85,16 @@ class Job:
     backup: Backup | None = None
     state: dict[str, Any] | None = None
     kept: int | None = None  # the history entry whose weights early stopping kept (None: the last)
+    run: Run = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run = Run(self.recipe, self.backup, self.state, self.verbose, total_epochs=self.epochs)
 
     @property
     def epochs(self) -> int:
         """The run's epochs: `epochs`, times the blocks for `stacked` (numbered on across them)."""
         blocks = len(encoder_blocks(self.encoder)) if self.recipe.task == "stacked" else 1
         return self.recipe.epochs * blocks
-
-    @property
-    def resume_at(self) -> int:
-        """The epoch the interrupted run stopped in (0 when not continuing one)."""
-        return int(self.state["epoch"]) if self.state else 0
-
-    @property
-    def history(self) -> dict[str, list[float]]:
-        """The interrupted run's history (empty when not continuing one)."""
-        return {k: list(v) for k, v in self.state["history"].items()} if self.state else {}
-
-    def trained_before(self, end: int) -> bool:
-        """Whether the run's epochs up to `end` were trained before the interruption."""
-        return self.state is not None and end <= self.resume_at
-
-    def load_backup(self, kept: Kept, start: int) -> None:
-        """Give `kept` the backed-up weights, when continuing a run that stopped in or after epoch `start`."""
-        if self.state and start <= self.resume_at:
-            self.backup.load_weights(kept)
 
     @property
     def x_train(self) -> np.ndarray:
@@ -182,7 +167,7 @@ def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
     runs.print_line(f"pretrain: {recipe.task} ({recipe.arch}, {recipe.activation}) on {len(x_train)} unlabeled "
                     f"inputs of {data.spec}", verbose)
     if state:
-        runs.print_line(f"resuming from the backup in {backup.folder}: epoch {job.resume_at + 1} of {job.epochs}",
+        runs.print_line(f"resuming from the backup in {backup.folder}: epoch {job.run.resume_at + 1} of {job.epochs}",
                         verbose)
     module, _, name = TASKS[recipe.task].partition(":")
     done: Pretrained = getattr(importlib.import_module(module), name)(job)
@@ -345,84 +330,29 @@ def build_autoencoder(encoder: keras.Model, decoder: keras.Model, noise: float =
 
 def fit_task(job: Job, model: keras.Model, x: Any, y: Any, loss: Any, validation: tuple[Any, Any] | None = None,
              metrics: list | None = None, start: int = 0, stage: int = 0, kept: Kept = None,
-             history: dict[str, list[float]] | None = None, epoch_values: dict[str, float] | None = None
-             ) -> dict[str, list[float]]:
-    """Compile `model` with the recipe's optimizer and schedule and fit it for `recipe.epochs`; the run's history.
+             epoch_values: dict[str, float] | None = None) -> dict[str, list[float]]:
+    """Train `model` on `(x, y)` for the run's epochs `start + 1`..`start + recipe.epochs` through the stage
+    runner (`transferkit.training.runner`); the run's history.
 
-    `lr="auto"` runs the LR finder on `(x, y)` first. The epochs are the run's
-    `start + 1`..`start + epochs`; `history` is the run's history before them
-    (by default the interrupted run's, see `Job.history`); `stage`, `kept`, `epoch_values`: see
-    `fit_resumable`.
+    Each epoch's batches are a function of the seed and the epoch (`epoch_batches`),
+    and backups keep `model`'s random states, so a resumed run ends as an uninterrupted
+    one would. `stage`: the stage's number in the backups; `kept`: the weights they keep
+    (default `model`); `epoch_values`: entries the history gets at every epoch.
     """
     recipe = job.recipe
-    history = job.history if history is None else history
     if recipe.epochs == 0:
-        return history
-    if recipe.lr == "auto":
-        model.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=metrics)
-        lr = runs.find_learning_rate(model, x, y, recipe, job.verbose)
-    else:
-        lr = recipe.lr
-    steps = runs.steps_per_epoch(len(y), recipe.batch_size)
-    callbacks = runs.compile_stage(model, recipe, lr, recipe.epochs * steps, loss, metrics)
-    job.load_backup(model if kept is None else kept, start)
+        return job.run.history
     val = pipeline(*validation, recipe.batch_size) if validation is not None and len(validation[1]) else None
-    name = f"pretrain {recipe.task}" + (f" block {stage + 1}" if recipe.task == "stacked" else "")
-    guards, stopping = runs.stage_guards(name, recipe.patience, validated=val is not None, learning_rate=lr)
-    callbacks.extend(guards)
-    if recipe.health_steps:
-        callbacks.append(TrainingHealth(pipeline(x, y, recipe.batch_size), every=recipe.health_steps,
-                                        log_dir=recipe.tensorboard, loss=loss,
-                                        initial_step=max(start, job.resume_at) * steps))
-    callbacks.extend(runs.curves(recipe))
-    return fit_resumable(job, model, (x, y), history, start=start, stage=stage, kept=kept, validation=val,
-                         callbacks=callbacks, stopping=stopping, epoch_values=epoch_values)
-
-
-def fit_resumable(job: Job, model: keras.Model, data: tuple[Any, ...], history: dict[str, list[float]], *,
-                  start: int = 0, stage: int = 0, kept: Kept = None, optimizers: list | None = None,
-                  validation: Any = None, callbacks: list | None = None, stopping: Any = None,
-                  drop_remainder: bool = False, epoch_values: dict[str, float] | None = None
-                  ) -> dict[str, list[float]]:
-    """Fit the compiled `model` on the run's epochs `start + 1`..`start + recipe.epochs`, backing up as it goes.
-
-    `data` are the arrays an epoch goes through once, in batches (see
-    `epoch_batches`); `history` is the run's history before these epochs and
-    the run's history after them is returned. The backup keeps the weights of
-    `kept` (by default `model`), and as training state the `optimizers` (by
-    default `model.optimizer`; built) and `model`'s random seed states.
-    Continuing an interrupted run whose backup was made in this `stage`, the
-    training state comes back first (the weights: `Job.load_backup`, called
-    before), and training goes on from the epoch it stopped in. `stopping`: the early stopping
-    among `callbacks`, whose progress the backup keeps; `epoch_values`: entries the history gets at
-    every epoch (such as the block), in the backup too.
-    """
-    recipe = job.recipe
-    first, end = max(start, job.resume_at), start + recipe.epochs
-    if optimizers is None:
-        optimizers = [model.optimizer]
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-    training = [*optimizers, *random_state(model)]
-    if job.state and job.state["stage"] == stage:
-        job.backup.restore_training(training)
-        if stopping is not None:
-            stopping.load_state(job.backup.stopping())
-    callbacks = list(callbacks or [])
-    if job.backup is not None:
-        callbacks.append(BackupCallback(job.backup, model if kept is None else kept, stage, history,
-                                        recipe.backup_every, final_epoch=job.epochs, training=training,
-                                        stopping=stopping, epoch_values=epoch_values))
-    batches = epoch_batches(data, recipe.batch_size, recipe.seed, range(first, end), drop_remainder=drop_remainder)
-    fit = model.fit(batches, validation_data=validation, initial_epoch=first, epochs=end, shuffle=False,
-                    steps_per_epoch=_batches_per_epoch(len(data[0]), recipe.batch_size, drop_remainder),
-                    callbacks=callbacks, verbose=2 if job.verbose else 0)
-    merged = runs.merge_history({k: list(v) for k, v in history.items()}, fit)
-    for key, value in (epoch_values or {}).items():
-        merged[key] = merged.get(key, []) + [float(value)] * (len(merged["loss"]) - len(merged.get(key, [])))
-    if stopping is not None and stopping.best_weights is not None:  # the best epoch's weights came back
-        job.kept = len(history.get("loss", [])) + stopping.best_epoch - first
-    return merged
+    done = fit_stage(job.run, Stage(
+        f"pretrain {recipe.task}" + (f" block {stage + 1}" if recipe.task == "stacked" else ""), model,
+        lambda first: epoch_batches((x, y), recipe.batch_size, recipe.seed, range(first, start + recipe.epochs)),
+        start=start, end=start + recipe.epochs, batches_per_epoch=runs.steps_per_epoch(len(y), recipe.batch_size),
+        continuous=True, index=stage, loss=loss, metrics=metrics, learning_rate=recipe.lr, lr_data=(x, y),
+        patience=recipe.patience, validated=val is not None, validation=val, kept=kept, random_state=True,
+        epoch_values=epoch_values, unshuffled=pipeline(x, y, recipe.batch_size) if recipe.health_steps else None))
+    if done.stopping is not None and done.stopping.best_weights is not None:  # the best epoch's weights came back
+        job.kept = len(job.run.history["loss"]) - done.epochs + done.stopping.best_epoch - done.first
+    return job.run.history
 
 
 def epoch_batches(data: tuple[Any, ...], batch_size: int, seed: int, epochs: range, drop_remainder: bool = False):
@@ -456,10 +386,6 @@ def epoch_batches(data: tuple[Any, ...], batch_size: int, seed: int, epochs: ran
 
     return (tf.data.Dataset.from_tensor_slices(np.asarray(epochs, "int64")).flat_map(one_epoch)
             .map(examples, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE))
-
-
-def _batches_per_epoch(examples: int, batch_size: int, drop_remainder: bool) -> int:
-    return max(1, examples // batch_size) if drop_remainder else runs.steps_per_epoch(examples, batch_size)
 
 
 def final_metrics(history: dict[str, list[float]], keys: tuple[str, ...] = (), at: int | None = None
@@ -520,20 +446,19 @@ def train_stacked(job: Job, on_layer_trained: Callable[[int], None] | None = Non
     # every decoder first, so that the weights a backup keeps are the same all run long
     decoders = [_block_decoder(layers, shapes[i], shapes[i + 1], recipe, i + 1) for i, (_, layers) in enumerate(blocks)]
     kept = [job.encoder, *(layer for decoder in decoders for layer in decoder)]
-    history = job.history
     codes: dict[str, np.ndarray] | None = None
     for i, (name, layers) in enumerate(blocks):
         start = i * recipe.epochs
-        if job.trained_before(start + recipe.epochs):
+        if job.run.finished_before(start + recipe.epochs):
             continue
         if codes is None:  # the first block this run trains: the ones below come from the backup
-            job.load_backup(kept, start)
+            job.run.restore_weights(kept, start)
             below = head + [layer for _, lower in blocks[:i] for layer in lower]
             codes = {"train": _apply(below, job.x_train), "val": _apply(below, job.x_val)}
         shallow = _shallow_autoencoder(layers, decoders[i], shapes[i], recipe, i + 1, float(codes["train"].std()))
         runs.print_line(f"stacked: {name} ({i + 1} of {len(blocks)}) on codes of shape {shapes[i]}", job.verbose)
-        history = fit_task(job, shallow, codes["train"], codes["train"], "mse", validation=(codes["val"], codes["val"]),
-                           start=start, stage=i, kept=kept, history=history, epoch_values={"block": i + 1})
+        fit_task(job, shallow, codes["train"], codes["train"], "mse", validation=(codes["val"], codes["val"]),
+                 start=start, stage=i, kept=kept, epoch_values={"block": i + 1})
         codes = {k: _apply(layers, v) for k, v in codes.items()}
         if on_layer_trained is not None:
             on_layer_trained(i)
@@ -550,7 +475,7 @@ def train_stacked(job: Job, on_layer_trained: Callable[[int], None] | None = Non
             metrics["val_loss"] = _mse(stack, job.x_val, job.standardize(job.x_val))
     sample = job.sample()
     rows = [("inputs", sample), ("reconstructed", job.destandardize(keras.ops.convert_to_numpy(stack(sample))))]
-    return Pretrained(history, metrics, {"reconstructions.png": _reconstructions(job, rows)})
+    return Pretrained(job.run.history, metrics, {"reconstructions.png": _reconstructions(job, rows)})
 
 
 def _code_shapes(input_shape: tuple[int, ...], head: list, blocks) -> list[tuple[int, ...]]:
