@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import transferkit as tk
 from transferkit.finetuning.bases import base_blocks, load_body
 from transferkit.cli import cli
-from transferkit.finetuning.train import plan_finetune
+from transferkit.finetuning.plan import plan_finetune
 from transferkit.pieces.freezing import freeze_all_but_top
 from transferkit.recipe import Recipe
 from transferkit.data.sources import load_data

@@ -65,7 +65,7 @@ def test_pretraining_that_overfits_keeps_its_best_epoch(tmp_path):
 
 
 def test_default_stages_count_steps_not_epochs(encoder_dir):
-    from transferkit.finetuning.train import plan_finetune
+    from transferkit.finetuning.plan import plan_finetune
 
     # 0.02 of the training split: one batch of 32 per epoch
     plan = plan_finetune(Recipe(from_=str(encoder_dir), label_fraction=0.02))
@@ -174,7 +174,7 @@ def test_tensorboard_gets_the_curves_of_every_stage(encoder_dir, tmp_path):
 
 def test_a_base_whose_features_do_not_vary_is_named(encoder_dir, tmp_path, capsys):
     from transferkit.finetuning.feature_cache import compute_features
-    from transferkit.finetuning.train import plan_finetune
+    from transferkit.finetuning.plan import plan_finetune
 
     # a random MobileNetV2 keeps BatchNorm's initial statistics: its features vanish for every input
     settings = dict(backbone="mobilenetv2", weights="none", label_fraction=0.05)

@@ -60,7 +60,7 @@ def test_task_lowers_its_loss_saves_an_encoder_and_fine_tunes_from_the_cli(task,
 
 
 def test_tied_weights_share_one_kernel_variable():
-    from transferkit.pretraining.train import build_autoencoder, build_decoder, build_encoder
+    from transferkit.pretraining.encoder import build_autoencoder, build_decoder, build_encoder
     from transferkit.pieces.tied import DenseTranspose
 
     recipe = Recipe(units=(16, 8), tied_weights=True)
@@ -104,7 +104,9 @@ def test_pair_scores_round_trip_its_config(tmp_path):
 
 def test_greedy_stacking_trains_one_block_at_a_time(slice_spec):
     from transferkit.training import runs
-    from transferkit.pretraining.train import Job, build_encoder, encoder_blocks, train_stacked
+    from transferkit.pretraining.job import Job
+    from transferkit.pretraining.encoder import build_encoder, encoder_blocks
+    from transferkit.pretraining.autoencoders import train_stacked
 
     recipe = Recipe(data=slice_spec, task="stacked", units=(16, 8, 4), epochs=2, batch_size=32, lr=1e-3)
     data, split = runs.prepare(recipe)
@@ -150,7 +152,7 @@ def test_pairs_of_the_same_image_are_labelled_same():
 
 
 def test_dropout_noise_masks_without_rescaling_while_training_only():
-    from transferkit.pretraining.train import corruption
+    from transferkit.pretraining.encoder import corruption
 
     noise = keras.Sequential(corruption(0.5, "dropout", seed=3))
     x = np.full((1, 1000), 2.0, "float32")

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from sklearn.datasets import make_blobs, make_moons
 
-from transferkit.finetuning import train as finetuning
+from transferkit.finetuning import run as finetuning
 from transferkit.cli import cli
 from transferkit.errors import SettingsError
 from transferkit.finetuning.semi_supervised import pool_epochs, propagate_labels, pseudo_labels

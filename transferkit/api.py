@@ -44,7 +44,7 @@ def pretrain(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     Returns:
         A `Result` with the encoder, history, metrics and artifact folder.
     """
-    from transferkit.pretraining.train import run_pretrain
+    from transferkit.pretraining.run import run_pretrain
 
     return run_pretrain(resolve_recipe(recipe, "pretrain", settings), verbose=verbose)
 
@@ -63,7 +63,7 @@ def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     Returns:
         A `Result` with the classifier, history, test metrics and artifact folder.
     """
-    from transferkit.finetuning.train import run_finetune
+    from transferkit.finetuning.run import run_finetune
 
     return run_finetune(resolve_recipe(recipe, "finetune", settings), verbose=verbose)
 

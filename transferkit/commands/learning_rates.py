@@ -26,7 +26,8 @@ LOSS = "sparse_categorical_crossentropy"
 def run_lr_find(recipe: Recipe, stage: str | None = None, plot: str | Path | None = None,
                 start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100, verbose: bool = True):
     """The LR range test on the recipe's classifier, frozen as in `stage` (default: the first stage)."""
-    from transferkit.finetuning.train import freeze_all_but_top, plan_finetune
+    from transferkit.finetuning.run import freeze_all_but_top
+    from transferkit.finetuning.plan import plan_finetune
     from transferkit.pieces.lr_finder import _check_folder, _validate, lr_find
 
     _validate(start_lr, end_lr, num_steps, 0.98, 4.0, recipe.batch_size)
@@ -73,7 +74,7 @@ def schedule_curve(recipe: Recipe, command: str = "finetune") -> ScheduleCurve:
     if recipe.lr == "auto":
         raise SettingsError("--lr auto is found by training; give a number to draw the schedule.")
     if command == "finetune":
-        from transferkit.finetuning.train import plan_finetune
+        from transferkit.finetuning.plan import plan_finetune
 
         plan = plan_finetune(recipe)
         # semi-supervised phases too; a pseudo-labeling round is drawn at its largest

@@ -14,7 +14,7 @@ run goes on exactly as the interrupted one would have.
 Example:
 
 >>> from transferkit.recipe import Recipe
->>> from transferkit.pretraining.train import run_pretrain
+>>> from transferkit.pretraining.run import run_pretrain
 >>> run_pretrain(Recipe(task="gan", arch="conv", epochs=20, out="/tmp/gan-encoder"))   # doctest: +SKIP
 """
 
@@ -27,7 +27,8 @@ import numpy as np
 
 from transferkit.training import backend, runs
 from transferkit.pieces.callbacks import StopOnNaN
-from transferkit.pretraining.train import Job, Pretrained, epoch_batches, final_metrics, pooled
+from transferkit.pretraining.job import Job, Pretrained, epoch_batches, final_metrics
+from transferkit.pretraining.encoder import pooled
 from transferkit.store.backup import random_state
 from transferkit.training.runner import Stage, fit_stage
 from transferkit.recipe import Recipe

@@ -26,7 +26,8 @@ import numpy as np
 from keras import ops
 
 from transferkit.pieces.pretext_layers import PairScores
-from transferkit.pretraining.train import Job, Pretrained, corruption, final_metrics, fit_task, pooled
+from transferkit.pretraining.job import Job, Pretrained, final_metrics, fit_task
+from transferkit.pretraining.encoder import corruption, pooled
 
 ANGLES = (0, 90, 180, 270)
 

@@ -86,7 +86,7 @@ class Stage:
         name: String. Its name in messages and errors ("head", "pretrain rotation").
         model: The Keras model `fit` runs on.
         train: A tf.data dataset of batches, or a callable `first_epoch -> dataset` for
-            data whose order depends on the epoch (see `pretraining.train.epoch_batches`).
+            data whose order depends on the epoch (see `pretraining.job.epoch_batches`).
         start, end: Ints. The run's epochs `start + 1`..`end` are this stage's.
         batches_per_epoch: Int. Optimizer steps per epoch (the schedule spans them all).
         continuous: Bool. `train` is one dataset for all the epochs (`fit` takes

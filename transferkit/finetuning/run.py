@@ -16,7 +16,7 @@ base runs every epoch).
 Example:
 
 >>> from transferkit.recipe import Recipe
->>> from transferkit.finetuning.train import run_finetune
+>>> from transferkit.finetuning.run import run_finetune
 >>> result = run_finetune(Recipe(from_="saved_models/digits-encoder",
 ...                              label_fraction=0.05, unfreeze_top=2))  # doctest: +SKIP
 """
@@ -24,12 +24,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -38,152 +36,17 @@ import numpy as np
 from transferkit.store import artifacts
 from transferkit.training import backend, runner, runs
 from transferkit.pieces.augment_spec import describe_augment, parse_augment
-from transferkit.pieces.augmentation import augment_inputs, mix_batches
-from transferkit.pieces.backbones import (
-    backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter,
-)
+from transferkit.pieces.augmentation import mix_batches
 from transferkit.store.backup import Backup
-from transferkit.finetuning.bases import base_blocks, base_inputs, load_body
-from transferkit.finetuning.bases import describe as describe_base
-from transferkit.finetuning.class_weights import resolve_class_weight
-from transferkit.training.defaults import describe_chosen, resolve_finetune
-from transferkit.data.sources import Data, Split, as_array, pipeline, split_data
-from transferkit.errors import SettingsError
-from transferkit.pieces.discriminative import block_factors
+from transferkit.training.defaults import describe_chosen
+from transferkit.data.sources import as_array, pipeline
 from transferkit.finetuning.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
 from transferkit.pieces.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.pieces.losses import SparseCategoricalCrossentropyWithSmoothing
 from transferkit.recipe import Recipe
-from transferkit.finetuning.semi_supervised import (
-    NEIGHBOURS, SPREAD, check_pool, per_class, pool_epochs, propagate_labels, pseudo_labels, unlabeled_pool,
-)
-from transferkit.pieces.setups import dropout_layer, setup_for
-from transferkit.training.stages import Stage, describe, gradual_stages, parse_stages, two_stages
-
-Blocks = list[tuple[str, list[keras.layers.Layer]]]
-
-
-@dataclasses.dataclass
-class Classifier:
-    """The classifier and its parts: the base, its blocks, the path to the features, the head."""
-
-    model: keras.Model
-    base: keras.Model
-    blocks: Blocks
-    features: keras.Model
-    head: keras.Model
-    info: dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """Stages trained on one set of examples: `labeled`, the `propagated` pool, or pseudo-labeling round `pseudoN`."""
-
-    name: str
-    stages: list[Stage]
-
-    @property
-    def round(self) -> int | None:
-        """The round (1-based) of a pseudo-labeling phase `pseudoN`; None for the others."""
-        return int(self.name.removeprefix("pseudo")) if self.name.startswith("pseudo") else None
-
-
-@dataclasses.dataclass
-class Plan:
-    """Everything a fine-tuning run is made of, before any training."""
-
-    recipe: Recipe
-    data: Data
-    split: Split
-    clf: Classifier
-    stages: list[Stage]
-    out: Path
-    replicas: int = 1
-    phases: list[Phase] = dataclasses.field(default_factory=list)
-    chosen: dict[str, Any] = dataclasses.field(default_factory=dict)  # settings resolved by transferkit.training.defaults
-    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # the run's settings as given (backups)
-    class_weight: dict[int, float] | None = None  # per-class loss weights for fit (--class-weight)
-
-    @property
-    def labeled(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.data.x[self.split.labeled], self.data.y[self.split.labeled]
-
-    @functools.cached_property
-    def unlabeled(self) -> np.ndarray:
-        """Indices of the training examples whose labels are not used (never validation or test ones)."""
-        return unlabeled_pool(self.split.train, self.split.labeled, self.split.test)
-
-    @property
-    def batch_size(self) -> int:
-        """The global batch: the recipe's batch size per replica, times the replicas."""
-        return self.recipe.batch_size * self.replicas
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return runs.steps_per_epoch(len(self.split.labeled), self.batch_size)
-
-    def steps(self, stage: Stage, phase: Phase | None = None) -> int:
-        """The optimizer steps of `stage` (in `phase`; for a pseudo-labeling round, at most)."""
-        return stage.epochs * runs.steps_per_epoch(self.examples(phase), self.batch_size)
-
-    def examples(self, phase: Phase | None = None) -> int:
-        """How many examples `phase` trains on: the labeled ones, the whole pool, or (at most) labeled + a round's picks."""
-        labeled, pool = len(self.split.labeled), len(self.unlabeled)
-        if phase is None or phase.name == "labeled":
-            return labeled
-        if phase.name == "propagated":
-            return labeled + pool
-        return labeled + min(pool, self.data.num_classes * per_class(pool, phase.round, self.recipe.pseudo_rounds,
-                                                                     self.data.num_classes))
-
-    def stage_lr(self, stage: Stage) -> float:
-        return self.recipe.lr if stage.top == 0 else self.recipe.lr * self.recipe.finetune_lr_factor
-
-
-def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
-    """Check the settings, load and split the data, build the classifier and its stages; train nothing."""
-    if not recipe.from_ and not recipe.backbone and not recipe.base:
-        raise SettingsError("finetune needs a base: --from DIR (a saved encoder), --backbone NAME (Keras "
-                            "Applications) or --base FILE (a Keras model file).")
-    encoder_manifest = artifacts.read_manifest(recipe.from_, ("encoder",)) if recipe.from_ else None
-    data = runs.load_recipe_data(recipe)
-    runs.require_labels(data)
-    if recipe.mixes and len(data.input_shape) != 3:
-        raise SettingsError(f"--mixup and --cutmix need image inputs (height, width, channels); the data's inputs "
-                            f"have shape {data.input_shape}. Received: mixup={recipe.mixup}, cutmix={recipe.cutmix}")
-    split = _split_for(recipe, data, encoder_manifest)
-    class_weight = resolve_class_weight(recipe.class_weight, data.y[split.labeled], _class_names(data))
-    keras.utils.set_random_seed(recipe.seed)
-    runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
-    settings = recipe.run_settings()  # as given: what is chosen from them follows
-    clf = build_classifier(recipe, data, encoder_manifest)
-    recipe, chosen = resolve_finetune(recipe, len(split.labeled), len(clf.blocks),
-                                      "encoder" if clf.info["kind"] == "encoder" else "backbone")
-    plan = Plan(recipe, data, split, clf, plan_stages(recipe, clf.blocks), runs.out_dir(recipe, "classifier"),
-                replicas, chosen=chosen, settings=settings, class_weight=class_weight)
-    check_pool(recipe.semi_supervised, plan.unlabeled)
-    plan.phases = plan_phases(plan)
-    return plan
-
-
-def plan_phases(plan: Plan) -> list[Phase]:
-    """The stages on the labeled examples, and for semi-supervised runs the stages on the pool.
-
-    pseudo: the stages on the labeled examples, then per round the last stage on
-    labeled + pseudo-labeled examples. propagate: the stages on the propagated
-    pool, then the last stage on the true labels. A stage on the pool keeps the
-    number of steps it has on the labeled examples.
-    """
-    recipe, stages = plan.recipe, plan.stages
-    if recipe.semi_supervised == "none" or not stages:
-        return [Phase("labeled", stages)]
-    labeled_steps = plan.steps_per_epoch
-    pool_steps = runs.steps_per_epoch(len(plan.split.labeled) + len(plan.unlabeled), plan.batch_size)
-    on_pool = [dataclasses.replace(s, epochs=pool_epochs(s.epochs, labeled_steps, pool_steps)) for s in stages]
-    if recipe.semi_supervised == "pseudo":
-        return [Phase("labeled", stages)] + [Phase(f"pseudo{r}", on_pool[-1:])
-                                             for r in range(1, recipe.pseudo_rounds + 1)]
-    return [Phase("propagated", on_pool), Phase("labeled", stages[-1:])]
+from transferkit.finetuning.semi_supervised import NEIGHBOURS, SPREAD, propagate_labels, pseudo_labels
+from transferkit.training.stages import Stage, describe
+from transferkit.finetuning.plan import Phase, Plan, class_names, lr_factors, plan_finetune
 
 
 def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
@@ -245,7 +108,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
             if run.finished_before(epoch):
                 continue
             unfrozen = freeze_all_but_top(clf.base, clf.blocks, stage.top, recipe.train_batchnorm)
-            factors = _lr_factors(clf.blocks, stage.top, recipe.lr_decay)
+            factors = lr_factors(clf.blocks, stage.top, recipe.lr_decay)
             cached = (stage.top == 0 and recipe.cache_features and plan.replicas == 1 and not random_inputs
                       and can_cache(clf.features))
             trained = clf.model
@@ -378,15 +241,10 @@ def _loss_and_metric(soft: bool, label_smoothing: float = 0.0) -> tuple[Any, lis
     return "sparse_categorical_crossentropy", ["accuracy"]
 
 
-def _class_names(data: Data) -> list[str]:
-    """The classes' names in index order: the data's, else the class numbers as text."""
-    return [str(n) for n in data.class_names] if data.class_names else [str(i) for i in range(data.num_classes)]
-
-
 def _class_weight_record(plan: Plan) -> dict[str, Any]:
     """What the manifest says of the class weights: the setting, and each class's weight by name."""
     weights = plan.class_weight
-    names = _class_names(plan.data)
+    names = class_names(plan.data)
     return {"setting": plan.recipe.class_weight,
             "weights": None if weights is None else {names[c]: w for c, w in sorted(weights.items())}}
 
@@ -448,113 +306,3 @@ def _semi_record(plan: Plan, pseudo_counts: dict[str, int]) -> dict[str, Any]:
     else:
         record.update(kernel="knn", n_neighbors=NEIGHBOURS, alpha=SPREAD, graph_on=_graph_on(plan))
     return record
-
-
-def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
-    """`model` as it was saved, or a copy with its weights whose layers compute under `policy` (mixed precision)."""
-    if policy == "float32":
-        return model
-
-    def clone(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": policy})
-
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
-def plan_stages(recipe: Recipe, blocks: Blocks) -> list[Stage]:
-    """The stages the recipe asks for: a schedule, gradual unfreezing, or head then top N."""
-    if recipe.unfreeze_schedule:
-        return parse_stages(recipe.unfreeze_schedule, len(blocks))
-    if recipe.unfreeze_top > len(blocks):
-        raise SettingsError(
-            f"--unfreeze-top {recipe.unfreeze_top} is more than the base has blocks: it has {len(blocks)} "
-            f"({', '.join(name for name, _ in blocks)})."
-        )
-    if recipe.gradual:
-        return gradual_stages(recipe.head_epochs, recipe.epochs, len(blocks), recipe.unfreeze_top)
-    return two_stages(recipe.head_epochs, recipe.unfreeze_top, recipe.epochs, len(blocks))
-
-
-def _lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:
-    """Per-variable factors of discriminative fine-tuning, or {} when every rate is the same."""
-    if lr_decay == 1 or top < 2:
-        return {}
-    per_block = block_factors(blocks[len(blocks) - top:], lr_decay)
-    return {path: b["factor"] for b in per_block.values() for path in b["paths"]}
-
-
-def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any] | None) -> Classifier:
-    """inputs → (adapter) → base → pooling: the features; then (dropout) → softmax: the head.
-
-    The base: the encoder `from_`, the Keras Applications `backbone`, or the body of the model file `base`.
-    """
-    inputs = keras.Input(data.input_shape, name="inputs")
-    augmented = augment_inputs(inputs, recipe.augment, data.value_range)  # `inputs` itself without --augment
-    if encoder_manifest is not None:
-        if tuple(encoder_manifest["input_shape"]) != data.input_shape:
-            raise SettingsError(
-                f"The data's inputs have shape {data.input_shape}, but the encoder in {recipe.from_!r} "
-                f"takes {tuple(encoder_manifest['input_shape'])}."
-            )
-        base = with_dtype_policy(artifacts.load_model(recipe.from_), recipe.precision)
-        x = base(augmented)
-        blocks = blocks_of(base)
-        info = {"from": str(recipe.from_), "kind": "encoder", "description": f"encoder {recipe.from_}"}
-    elif recipe.base:
-        body = load_body(recipe.base, recipe.cut)
-        base = with_dtype_policy(body.model, recipe.precision)
-        preprocess = recipe.preprocess or "none"
-        x = base(base_inputs(augmented, data.value_range, base, preprocess))
-        blocks_rule, blocks = base_blocks(base)
-        info = describe_base(body, base, preprocess, blocks_rule)
-    else:
-        entry = get_backbone(recipe.backbone)
-        if len(data.input_shape) != 3:
-            raise SettingsError(f"Backbone {recipe.backbone!r} takes images; the data's inputs have shape "
-                                f"{data.input_shape}.")
-        side = backbone_input_size(entry, *data.input_shape[:2], recipe.image_size)
-        x = image_adapter(augmented, data.value_range, side, entry.preprocess)
-        base = build_backbone(recipe.backbone, recipe.weights, (side, side, 3))
-        x = base(x)
-        blocks = blocks_of(base, entry.blocks)
-        info = {"backbone": recipe.backbone, "weights": recipe.weights, "input_side": side,
-                "preprocess": entry.preprocess, "kind": "backbone",
-                "description": f"{recipe.backbone} (weights {recipe.weights}) at {side}x{side}"}
-    # pooling has no weights: it belongs to the features, so a cached head stage stores the pooled outputs
-    if len(x.shape) == 4:
-        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    elif len(x.shape) > 2:
-        x = keras.layers.Flatten(name="flatten")(x)
-    head_layers = []
-    if recipe.dropout:
-        kind = setup_for(encoder_manifest["activation"]).dropout if encoder_manifest else "plain"
-        head_layers.append(dropout_layer(recipe.dropout, kind, recipe.mc_dropout, name="head_dropout"))
-    head_layers.append(keras.layers.Dense(data.num_classes, activation="softmax", dtype="float32", name="head"))
-    features_in = keras.Input(x.shape[1:], name="features")
-    outputs, head_out = x, features_in
-    for layer in head_layers:
-        outputs, head_out = layer(outputs), layer(head_out)
-    return Classifier(model=keras.Model(inputs, outputs, name="classifier"), base=base, blocks=blocks,
-                      features=keras.Model(inputs, x, name="features"),
-                      head=keras.Model(features_in, head_out, name="head_on_features"), info=info)
-
-
-def _split_for(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any] | None) -> Split:
-    """The split; on the encoder's own data, the encoder's split, so its test examples stay unseen."""
-    same_data = encoder_manifest is not None and encoder_manifest["data"]["fingerprint"] == data.fingerprint
-    seed = recipe.resolved_split_seed
-    if same_data and recipe.split_seed is None:
-        seed = int(encoder_manifest["split"]["seed"])
-    split = split_data(data, seed=seed, test_fraction=recipe.test_fraction, val_fraction=recipe.val_fraction,
-                       label_fraction=recipe.label_fraction, label_seed=recipe.seed)
-    if same_data:
-        pretrained_on = np.asarray(artifacts.read_json(recipe.from_, artifacts.SPLIT)["train"])
-        leaked = np.intersect1d(pretrained_on, split.test)
-        if len(leaked):
-            raise SettingsError(
-                f"split seed {seed} puts {len(leaked)} test examples among the encoder's pretraining inputs; "
-                f"use the encoder's split seed {encoder_manifest['split']['seed']} (leave --split-seed unset)."
-            )
-    return split

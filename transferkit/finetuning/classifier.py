@@ -1,0 +1,111 @@
+"""The classifier fine-tuning trains: a base (an encoder, a backbone or a model file), its blocks, a head.
+
+Example:
+
+>>> from transferkit.recipe import Recipe
+>>> from transferkit.data.sources import load_data
+>>> clf = build_classifier(Recipe(backbone="mobilenetv2"), load_data("digits"), None)   # doctest: +SKIP
+>>> [name for name, _ in clf.blocks][-1]                                                 # doctest: +SKIP
+'block_16'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import keras
+
+from transferkit.store import artifacts
+from transferkit.pieces.augmentation import augment_inputs
+from transferkit.pieces.backbones import backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter
+from transferkit.finetuning.bases import base_blocks, base_inputs, load_body
+from transferkit.finetuning.bases import describe as describe_base
+from transferkit.data.sources import Data
+from transferkit.errors import SettingsError
+from transferkit.recipe import Recipe
+from transferkit.pieces.setups import dropout_layer, setup_for
+
+
+Blocks = list[tuple[str, list[keras.layers.Layer]]]
+
+
+@dataclasses.dataclass
+class Classifier:
+    """The classifier and its parts: the base, its blocks, the path to the features, the head."""
+
+    model: keras.Model
+    base: keras.Model
+    blocks: Blocks
+    features: keras.Model
+    head: keras.Model
+    info: dict[str, Any]
+
+
+def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
+    """`model` as it was saved, or a copy with its weights whose layers compute under `policy` (mixed precision)."""
+    if policy == "float32":
+        return model
+
+    def clone(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": policy})
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any] | None) -> Classifier:
+    """inputs → (adapter) → base → pooling: the features; then (dropout) → softmax: the head.
+
+    The base: the encoder `from_`, the Keras Applications `backbone`, or the body of the model file `base`.
+    """
+    inputs = keras.Input(data.input_shape, name="inputs")
+    augmented = augment_inputs(inputs, recipe.augment, data.value_range)  # `inputs` itself without --augment
+    if encoder_manifest is not None:
+        if tuple(encoder_manifest["input_shape"]) != data.input_shape:
+            raise SettingsError(
+                f"The data's inputs have shape {data.input_shape}, but the encoder in {recipe.from_!r} "
+                f"takes {tuple(encoder_manifest['input_shape'])}."
+            )
+        base = with_dtype_policy(artifacts.load_model(recipe.from_), recipe.precision)
+        x = base(augmented)
+        blocks = blocks_of(base)
+        info = {"from": str(recipe.from_), "kind": "encoder", "description": f"encoder {recipe.from_}"}
+    elif recipe.base:
+        body = load_body(recipe.base, recipe.cut)
+        base = with_dtype_policy(body.model, recipe.precision)
+        preprocess = recipe.preprocess or "none"
+        x = base(base_inputs(augmented, data.value_range, base, preprocess))
+        blocks_rule, blocks = base_blocks(base)
+        info = describe_base(body, base, preprocess, blocks_rule)
+    else:
+        entry = get_backbone(recipe.backbone)
+        if len(data.input_shape) != 3:
+            raise SettingsError(f"Backbone {recipe.backbone!r} takes images; the data's inputs have shape "
+                                f"{data.input_shape}.")
+        side = backbone_input_size(entry, *data.input_shape[:2], recipe.image_size)
+        x = image_adapter(augmented, data.value_range, side, entry.preprocess)
+        base = build_backbone(recipe.backbone, recipe.weights, (side, side, 3))
+        x = base(x)
+        blocks = blocks_of(base, entry.blocks)
+        info = {"backbone": recipe.backbone, "weights": recipe.weights, "input_side": side,
+                "preprocess": entry.preprocess, "kind": "backbone",
+                "description": f"{recipe.backbone} (weights {recipe.weights}) at {side}x{side}"}
+    # pooling has no weights: it belongs to the features, so a cached head stage stores the pooled outputs
+    if len(x.shape) == 4:
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    elif len(x.shape) > 2:
+        x = keras.layers.Flatten(name="flatten")(x)
+    head_layers = []
+    if recipe.dropout:
+        kind = setup_for(encoder_manifest["activation"]).dropout if encoder_manifest else "plain"
+        head_layers.append(dropout_layer(recipe.dropout, kind, recipe.mc_dropout, name="head_dropout"))
+    head_layers.append(keras.layers.Dense(data.num_classes, activation="softmax", dtype="float32", name="head"))
+    features_in = keras.Input(x.shape[1:], name="features")
+    outputs, head_out = x, features_in
+    for layer in head_layers:
+        outputs, head_out = layer(outputs), layer(head_out)
+    return Classifier(model=keras.Model(inputs, outputs, name="classifier"), base=base, blocks=blocks,
+                      features=keras.Model(inputs, x, name="features"),
+                      head=keras.Model(features_in, head_out, name="head_on_features"), info=info)

@@ -1,0 +1,193 @@
+"""The Plan of a fine-tuning run: its data, split, classifier, stages and phases, computed once.
+
+`plan_finetune` checks the settings, loads and splits the data, builds the
+classifier and resolves the unset settings (`transferkit.training.defaults`)
+before any training; the run, `schedule --plot`, the printed stage headers and
+the manifest all read the same Plan.
+
+Example:
+
+>>> from transferkit.recipe import Recipe
+>>> plan = plan_finetune(Recipe(from_="saved_models/digits-encoder", label_fraction=0.05))   # doctest: +SKIP
+>>> [(s.name, s.epochs) for s in plan.stages]                                              # doctest: +SKIP
+[('head', 200), ('top3', 100)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from transferkit.store import artifacts
+from transferkit.training import runs
+from transferkit.finetuning.class_weights import resolve_class_weight
+from transferkit.training.defaults import resolve_finetune
+from transferkit.data.sources import Data, Split, split_data
+from transferkit.errors import SettingsError
+from transferkit.pieces.discriminative import block_factors
+from transferkit.recipe import Recipe
+from transferkit.finetuning.semi_supervised import check_pool, per_class, pool_epochs, unlabeled_pool
+from transferkit.training.stages import Stage, gradual_stages, parse_stages, two_stages
+from transferkit.finetuning.classifier import Blocks, Classifier, build_classifier
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Stages trained on one set of examples: `labeled`, the `propagated` pool, or pseudo-labeling round `pseudoN`."""
+
+    name: str
+    stages: list[Stage]
+
+    @property
+    def round(self) -> int | None:
+        """The round (1-based) of a pseudo-labeling phase `pseudoN`; None for the others."""
+        return int(self.name.removeprefix("pseudo")) if self.name.startswith("pseudo") else None
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything a fine-tuning run is made of, before any training."""
+
+    recipe: Recipe
+    data: Data
+    split: Split
+    clf: Classifier
+    stages: list[Stage]
+    out: Path
+    replicas: int = 1
+    phases: list[Phase] = dataclasses.field(default_factory=list)
+    chosen: dict[str, Any] = dataclasses.field(default_factory=dict)  # settings resolved by transferkit.training.defaults
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # the run's settings as given (backups)
+    class_weight: dict[int, float] | None = None  # per-class loss weights for fit (--class-weight)
+
+    @property
+    def labeled(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.data.x[self.split.labeled], self.data.y[self.split.labeled]
+
+    @functools.cached_property
+    def unlabeled(self) -> np.ndarray:
+        """Indices of the training examples whose labels are not used (never validation or test ones)."""
+        return unlabeled_pool(self.split.train, self.split.labeled, self.split.test)
+
+    @property
+    def batch_size(self) -> int:
+        """The global batch: the recipe's batch size per replica, times the replicas."""
+        return self.recipe.batch_size * self.replicas
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return runs.steps_per_epoch(len(self.split.labeled), self.batch_size)
+
+    def steps(self, stage: Stage, phase: Phase | None = None) -> int:
+        """The optimizer steps of `stage` (in `phase`; for a pseudo-labeling round, at most)."""
+        return stage.epochs * runs.steps_per_epoch(self.examples(phase), self.batch_size)
+
+    def examples(self, phase: Phase | None = None) -> int:
+        """How many examples `phase` trains on: the labeled ones, the whole pool, or (at most) labeled + a round's picks."""
+        labeled, pool = len(self.split.labeled), len(self.unlabeled)
+        if phase is None or phase.name == "labeled":
+            return labeled
+        if phase.name == "propagated":
+            return labeled + pool
+        return labeled + min(pool, self.data.num_classes * per_class(pool, phase.round, self.recipe.pseudo_rounds,
+                                                                     self.data.num_classes))
+
+    def stage_lr(self, stage: Stage) -> float:
+        return self.recipe.lr if stage.top == 0 else self.recipe.lr * self.recipe.finetune_lr_factor
+
+
+def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
+    """Check the settings, load and split the data, build the classifier and its stages; train nothing."""
+    if not recipe.from_ and not recipe.backbone and not recipe.base:
+        raise SettingsError("finetune needs a base: --from DIR (a saved encoder), --backbone NAME (Keras "
+                            "Applications) or --base FILE (a Keras model file).")
+    encoder_manifest = artifacts.read_manifest(recipe.from_, ("encoder",)) if recipe.from_ else None
+    data = runs.load_recipe_data(recipe)
+    runs.require_labels(data)
+    if recipe.mixes and len(data.input_shape) != 3:
+        raise SettingsError(f"--mixup and --cutmix need image inputs (height, width, channels); the data's inputs "
+                            f"have shape {data.input_shape}. Received: mixup={recipe.mixup}, cutmix={recipe.cutmix}")
+    split = _split_for(recipe, data, encoder_manifest)
+    class_weight = resolve_class_weight(recipe.class_weight, data.y[split.labeled], class_names(data))
+    keras.utils.set_random_seed(recipe.seed)
+    runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
+    settings = recipe.run_settings()  # as given: what is chosen from them follows
+    clf = build_classifier(recipe, data, encoder_manifest)
+    recipe, chosen = resolve_finetune(recipe, len(split.labeled), len(clf.blocks),
+                                      "encoder" if clf.info["kind"] == "encoder" else "backbone")
+    plan = Plan(recipe, data, split, clf, plan_stages(recipe, clf.blocks), runs.out_dir(recipe, "classifier"),
+                replicas, chosen=chosen, settings=settings, class_weight=class_weight)
+    check_pool(recipe.semi_supervised, plan.unlabeled)
+    plan.phases = plan_phases(plan)
+    return plan
+
+
+def plan_phases(plan: Plan) -> list[Phase]:
+    """The stages on the labeled examples, and for semi-supervised runs the stages on the pool.
+
+    pseudo: the stages on the labeled examples, then per round the last stage on
+    labeled + pseudo-labeled examples. propagate: the stages on the propagated
+    pool, then the last stage on the true labels. A stage on the pool keeps the
+    number of steps it has on the labeled examples.
+    """
+    recipe, stages = plan.recipe, plan.stages
+    if recipe.semi_supervised == "none" or not stages:
+        return [Phase("labeled", stages)]
+    labeled_steps = plan.steps_per_epoch
+    pool_steps = runs.steps_per_epoch(len(plan.split.labeled) + len(plan.unlabeled), plan.batch_size)
+    on_pool = [dataclasses.replace(s, epochs=pool_epochs(s.epochs, labeled_steps, pool_steps)) for s in stages]
+    if recipe.semi_supervised == "pseudo":
+        return [Phase("labeled", stages)] + [Phase(f"pseudo{r}", on_pool[-1:])
+                                             for r in range(1, recipe.pseudo_rounds + 1)]
+    return [Phase("propagated", on_pool), Phase("labeled", stages[-1:])]
+
+
+def class_names(data: Data) -> list[str]:
+    """The classes' names in index order: the data's, else the class numbers as text."""
+    return [str(n) for n in data.class_names] if data.class_names else [str(i) for i in range(data.num_classes)]
+
+
+def plan_stages(recipe: Recipe, blocks: Blocks) -> list[Stage]:
+    """The stages the recipe asks for: a schedule, gradual unfreezing, or head then top N."""
+    if recipe.unfreeze_schedule:
+        return parse_stages(recipe.unfreeze_schedule, len(blocks))
+    if recipe.unfreeze_top > len(blocks):
+        raise SettingsError(
+            f"--unfreeze-top {recipe.unfreeze_top} is more than the base has blocks: it has {len(blocks)} "
+            f"({', '.join(name for name, _ in blocks)})."
+        )
+    if recipe.gradual:
+        return gradual_stages(recipe.head_epochs, recipe.epochs, len(blocks), recipe.unfreeze_top)
+    return two_stages(recipe.head_epochs, recipe.unfreeze_top, recipe.epochs, len(blocks))
+
+
+def lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:
+    """Per-variable factors of discriminative fine-tuning, or {} when every rate is the same."""
+    if lr_decay == 1 or top < 2:
+        return {}
+    per_block = block_factors(blocks[len(blocks) - top:], lr_decay)
+    return {path: b["factor"] for b in per_block.values() for path in b["paths"]}
+
+
+def _split_for(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any] | None) -> Split:
+    """The split; on the encoder's own data, the encoder's split, so its test examples stay unseen."""
+    same_data = encoder_manifest is not None and encoder_manifest["data"]["fingerprint"] == data.fingerprint
+    seed = recipe.resolved_split_seed
+    if same_data and recipe.split_seed is None:
+        seed = int(encoder_manifest["split"]["seed"])
+    split = split_data(data, seed=seed, test_fraction=recipe.test_fraction, val_fraction=recipe.val_fraction,
+                       label_fraction=recipe.label_fraction, label_seed=recipe.seed)
+    if same_data:
+        pretrained_on = np.asarray(artifacts.read_json(recipe.from_, artifacts.SPLIT)["train"])
+        leaked = np.intersect1d(pretrained_on, split.test)
+        if len(leaked):
+            raise SettingsError(
+                f"split seed {seed} puts {len(leaked)} test examples among the encoder's pretraining inputs; "
+                f"use the encoder's split seed {encoder_manifest['split']['seed']} (leave --split-seed unset)."
+            )
+    return split

@@ -1,0 +1,153 @@
+"""The `autoencoder`, `denoising` and `stacked` pretraining tasks: reconstruct the inputs.
+
+`stacked` trains one shallow autoencoder per encoder block, greedily, each on
+the codes of the blocks below (Vincent et al., 2010).
+"""
+
+from __future__ import annotations
+
+
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from transferkit.training import runs
+from transferkit.recipe import Recipe
+from transferkit.pretraining.job import Job, Pretrained, final_metrics, fit_task
+from transferkit.pretraining.encoder import build_autoencoder, build_decoder, corruption, encoder_blocks
+
+
+def train_autoencoder(job: Job) -> Pretrained:
+    """`autoencoder` and `denoising`: reconstruct the standardized inputs (from noisy ones when denoising)."""
+    recipe = job.recipe
+    noise = recipe.noise if recipe.task == "denoising" else 0.0
+    decoder = build_decoder(job.encoder, job.data.input_shape, recipe)
+    autoencoder = build_autoencoder(job.encoder, decoder, noise=noise, data_std=job.data_std,
+                                    noise_kind=recipe.noise_kind)
+    targets = job.standardize(job.x_train)
+    history = fit_task(job, autoencoder, job.x_train, targets, "mse",
+                       validation=(job.x_val, job.standardize(job.x_val)))
+    sample = job.sample()
+    rows = [("inputs", sample)]
+    if noise:
+        corrupt = keras.Sequential(corruption(noise, recipe.noise_kind, job.data_std, seed=recipe.seed))
+        rows.append((f"{recipe.noise_kind} noise", keras.ops.convert_to_numpy(corrupt(sample, training=True))))
+    rows.append(("reconstructed", job.destandardize(keras.ops.convert_to_numpy(autoencoder(sample)))))
+    return Pretrained(history, final_metrics(history, ("loss", "val_loss"), at=job.kept),
+                      {"reconstructions.png": _reconstructions(job, rows)})
+
+
+def train_stacked(job: Job, on_layer_trained: Callable[[int], None] | None = None) -> Pretrained:
+    """Greedy layer-wise pretraining: each block a shallow autoencoder of the codes below it.
+
+    Block 1 learns to reconstruct the standardized inputs, block 2 the codes of
+    block 1 (computed once, block 1 frozen by construction), and so on; each is
+    a denoising autoencoder when `noise > 0` (Vincent et al., 2010), with a
+    `DenseTranspose` decoder when `tied_weights`. Each block trains for
+    `epochs` epochs, numbered on across blocks (block `i` from 0 is stage `i`
+    of the backups); `on_layer_trained(i)` runs after block `i` is trained.
+    The history holds every block's epochs in turn and `block` (which one).
+    """
+    recipe = job.recipe
+    head = [job.encoder.get_layer("normalize")]
+    if recipe.arch == "dense" and len(job.data.input_shape) > 1:
+        head.append(job.encoder.get_layer("flatten"))
+    blocks = encoder_blocks(job.encoder)
+    shapes = _code_shapes(job.data.input_shape, head, blocks)
+    # every decoder first, so that the weights a backup keeps are the same all run long
+    decoders = [_block_decoder(layers, shapes[i], shapes[i + 1], recipe, i + 1) for i, (_, layers) in enumerate(blocks)]
+    kept = [job.encoder, *(layer for decoder in decoders for layer in decoder)]
+    codes: dict[str, np.ndarray] | None = None
+    for i, (name, layers) in enumerate(blocks):
+        start = i * recipe.epochs
+        if job.run.finished_before(start + recipe.epochs):
+            continue
+        if codes is None:  # the first block this run trains: the ones below come from the backup
+            job.run.restore_weights(kept, start)
+            below = head + [layer for _, lower in blocks[:i] for layer in lower]
+            codes = {"train": _apply(below, job.x_train), "val": _apply(below, job.x_val)}
+        shallow = _shallow_autoencoder(layers, decoders[i], shapes[i], recipe, i + 1, float(codes["train"].std()))
+        runs.print_line(f"stacked: {name} ({i + 1} of {len(blocks)}) on codes of shape {shapes[i]}", job.verbose)
+        fit_task(job, shallow, codes["train"], codes["train"], "mse", validation=(codes["val"], codes["val"]),
+                 start=start, stage=i, kept=kept, epoch_values={"block": i + 1})
+        codes = {k: _apply(layers, v) for k, v in codes.items()}
+        if on_layer_trained is not None:
+            on_layer_trained(i)
+
+    inputs = keras.Input(job.data.input_shape)
+    x = job.encoder(inputs)
+    for decoder in reversed(decoders):
+        x = _apply(decoder, x)
+    stack = keras.Model(inputs, keras.layers.Reshape(job.data.input_shape)(x), name="stacked_autoencoder")
+    metrics = {}
+    if recipe.epochs:
+        metrics["loss"] = _mse(stack, job.x_train, job.standardize(job.x_train))
+        if len(job.x_val):
+            metrics["val_loss"] = _mse(stack, job.x_val, job.standardize(job.x_val))
+    sample = job.sample()
+    rows = [("inputs", sample), ("reconstructed", job.destandardize(keras.ops.convert_to_numpy(stack(sample))))]
+    return Pretrained(job.run.history, metrics, {"reconstructions.png": _reconstructions(job, rows)})
+
+
+def _code_shapes(input_shape: tuple[int, ...], head: list, blocks) -> list[tuple[int, ...]]:
+    """The shape of the codes into each block, then out of the last."""
+    x = _apply(head, keras.Input(input_shape))
+    shapes = [tuple(x.shape[1:])]
+    for _, layers in blocks:
+        x = _apply(layers, x)
+        shapes.append(tuple(x.shape[1:]))
+    return shapes
+
+
+def _block_decoder(layers: list[keras.layers.Layer], shape: tuple[int, ...], codes: tuple[int, ...],
+                   recipe: Recipe, index: int) -> list[keras.layers.Layer]:
+    """The (built) layers taking a block's codes, of shape `codes`, back to its inputs' `shape`."""
+    if len(shape) == 1 and recipe.tied_weights:
+        from transferkit.pieces.tied import DenseTranspose
+
+        dense = next(layer for layer in layers if isinstance(layer, keras.layers.Dense))
+        decoder = [DenseTranspose(dense, name=f"decoder_block{index}_tied")]
+    elif len(shape) == 1:
+        decoder = [keras.layers.Dense(shape[0], name=f"decoder_block{index}_dense")]
+    else:
+        pooled_ = any(isinstance(layer, keras.layers.MaxPooling2D) for layer in layers)
+        decoder = [keras.layers.Conv2DTranspose(shape[-1], 3, strides=2 if pooled_ else 1, padding="same",
+                                                name=f"decoder_block{index}_up"),
+                   keras.layers.CenterCrop(shape[0], shape[1], name=f"decoder_block{index}_crop")]
+    _apply(decoder, keras.Input(codes))
+    return decoder
+
+
+def _shallow_autoencoder(layers: list[keras.layers.Layer], decoder: list[keras.layers.Layer], shape: tuple[int, ...],
+                         recipe: Recipe, index: int, data_std: float) -> keras.Model:
+    """codes → (noise) → one encoder block → its decoder back to the codes' shape.
+
+    The noise is seeded from the recipe's seed and the block, so that it is
+    the same whether or not the blocks below were trained in this process.
+    """
+    inputs = keras.Input(shape)
+    x = inputs
+    for layer in corruption(recipe.noise, recipe.noise_kind, data_std, name=f"noise{index}", seed=recipe.seed + index):
+        x = layer(x)
+    return keras.Model(inputs, _apply(decoder, _apply(layers, x)), name=f"shallow_autoencoder{index}")
+
+
+def _apply(layers: list, x):
+    """Run `x` through `layers` in order (inference mode for arrays, symbolic for tensors)."""
+    symbolic = isinstance(x, keras.KerasTensor)
+    for layer in layers:
+        x = layer(x) if symbolic else layer(x, training=False)
+    return x if symbolic else keras.ops.convert_to_numpy(x)
+
+
+def _mse(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+    x, y = np.asarray(x), np.asarray(y)  # image files decoded whole: `stacked` does not stream
+    return float(np.mean((keras.ops.convert_to_numpy(model.predict(x, verbose=0)) - y) ** 2))
+
+
+def _reconstructions(job: Job, rows: list[tuple[str, np.ndarray]]):
+    from transferkit.store.pictures import image_grid
+
+    return image_grid(rows, value_range=job.data.value_range,
+                      title=f"{job.recipe.task}: {'validation' if len(job.x_val) else 'training'} inputs")
