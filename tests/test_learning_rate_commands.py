@@ -52,6 +52,28 @@ def test_schedule_draws_the_semi_supervised_phases(mode, encoder_dir):
     assert list(np.diff(starts)) == [n for _, n in expected]
 
 
+DIGITS_TRAIN = 1257  # scikit-learn's 1797 digits less the 20% test and 10% validation parts
+
+
+def test_schedule_draws_one_cycle_per_stacked_block_and_a_constant_gan():
+    stacked = schedule_curve(Recipe(task="stacked", units=(16, 8, 4), epochs=2, lr=0.01), "pretrain")
+    per_block = 2 * -(-DIGITS_TRAIN // 32)
+    assert [(start, name) for start, name in stacked.stage_starts] == [(i * per_block, f"block {i + 1}")
+                                                                       for i in range(3)]
+    # each block's 1cycle starts at max_lr / 25 and peaks at max_lr
+    np.testing.assert_allclose(stacked.lrs[::per_block], [0.01 / 25] * 3, rtol=1e-5)
+    np.testing.assert_allclose(stacked.lrs[:per_block].max(), 0.01, rtol=1e-3)
+    gan = schedule_curve(Recipe(task="gan", epochs=2), "pretrain")
+    assert len(gan.lrs) == 2 * (DIGITS_TRAIN // 32) and np.all(gan.lrs == 2e-4)  # full batches, DCGAN's rate
+
+
+def test_a_stacked_run_trains_the_stages_its_plan_says(tmp_path):
+    result = tk.pretrain(task="stacked", units=(8, 4), epochs=2, patience=0, out=str(tmp_path / "enc"), verbose=False)
+    stages = result.manifest["stages"]
+    assert [(s["name"], s["epochs"]) for s in stages] == [("block 1", 2), ("block 2", 2)]
+    assert result.history["block"] == [1.0, 1.0, 2.0, 2.0]
+
+
 def test_lr_find_prints_suggestions_and_writes_the_plot(encoder_dir, tmp_path):
     out = tmp_path / "lr.png"
     result = run("lr-find", "--from", encoder_dir, *FAST, "--num-steps", "30", "--plot", out)

@@ -79,18 +79,20 @@ def schedule_curve(recipe: Recipe, command: str = "finetune") -> ScheduleCurve:
         plan = plan_finetune(recipe)
         # semi-supervised phases too; a pseudo-labeling round is drawn at its largest
         stages = [(s.name if phase.name == "labeled" else f"{s.name} ({phase.name})", plan.steps(s, phase),
-                   plan.stage_lr(s)) for phase in plan.phases for s in phase.stages]
+                   plan.stage_lr(s), recipe.schedule) for phase in plan.phases for s in phase.stages]
     else:
+        from transferkit.pretraining.plan import plan_pretrain
         from transferkit.training.defaults import resolve_pretrain
 
         _, split = runs.prepare(recipe)
         recipe, _ = resolve_pretrain(recipe, len(split.train))
-        stages = [("pretrain", recipe.epochs * runs.steps_per_epoch(len(split.train), recipe.batch_size), recipe.lr)]
+        stages = [(s.name, s.steps, s.learning_rate, s.schedule) for s in plan_pretrain(recipe, len(split.train))]
     cycles_momentum = OneCycleMomentum.supports(runs.make_optimizer(recipe, 1e-3))
     lrs, momenta, starts = [], [], []
-    for name, steps, lr in stages:
+    for name, steps, lr, schedule in stages:
         starts.append((sum(len(part) for part in lrs), name))
-        rate = make_schedule(recipe.schedule, lr, max(1, steps), **runs.schedule_options(recipe))
+        options = runs.schedule_options(recipe) if schedule == recipe.schedule else {}
+        rate = make_schedule(schedule, lr, max(1, steps), **options)
         step = np.arange(steps)
         lrs.append(np.full(steps, rate) if isinstance(rate, float) else np.asarray([float(rate(i)) for i in step]))
         if isinstance(rate, OneCycle) and cycles_momentum:

@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import keras
@@ -49,6 +50,7 @@ from transferkit.pretraining.job import Job, Pretrained
 from transferkit.pretraining.autoencoders import train_autoencoder, train_stacked
 from transferkit.pretraining.encoder import build_encoder
 from transferkit.pretraining.gan import train_gan
+from transferkit.pretraining.plan import describe_plan, plan_pretrain
 from transferkit.pretraining.pretext import train_pairs, train_rotation
 
 
@@ -94,8 +96,9 @@ def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
     x_train = data.x[split.train]
     encoder = build_encoder(data.input_shape, recipe, x_train)
     job = Job(recipe, data, split, encoder, verbose, backup, state)
+    stages = plan_pretrain(recipe, len(x_train))
     runs.print_line(f"pretrain: {recipe.task} ({recipe.arch}, {recipe.activation}) on {len(x_train)} unlabeled "
-                    f"inputs of {data.spec}", verbose)
+                    f"inputs of {data.spec}; stages {describe_plan(stages)}", verbose)
     if state:
         runs.print_line(f"resuming from the backup in {backup.folder}: epoch {job.run.resume_at + 1} of {job.epochs}",
                         verbose)
@@ -110,6 +113,7 @@ def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
         normalization=dict(zip(("mean", "variance"), runs.channel_stats(x_train))),
         output_shape=list(encoder.output.shape[1:]),
         pictures=sorted(done.figures),
+        stages=[dataclasses.asdict(s) for s in stages],
         metrics=done.metrics,
     )
     runs.save_run(out, encoder, recipe, manifest, split, done.history, figures=done.figures)
