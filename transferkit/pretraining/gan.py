@@ -30,11 +30,11 @@ from transferkit.pieces.callbacks import StopOnNaN
 from transferkit.pretraining.job import Job, Pretrained, epoch_batches, final_metrics
 from transferkit.pretraining.encoder import pooled
 from transferkit.store.backup import random_state
+from transferkit.training.defaults import gan_learning_rate
 from transferkit.training.runner import Stage, fit_stage
 from transferkit.recipe import Recipe
 
 LATENT_DIM = 32
-DEFAULT_LR = 2e-4  # DCGAN's; used for lr="auto", which has no LR finder for a two-player game
 REAL_LABEL = 0.9
 
 
@@ -238,7 +238,7 @@ class _Players:
 def train_gan(job: Job) -> Pretrained:
     """`gan`: train the GAN for `epochs` on full batches of the training inputs; the pictures of its samples."""
     recipe = job.recipe
-    lr = DEFAULT_LR if recipe.lr == "auto" else float(recipe.lr)
+    lr = gan_learning_rate(recipe)
     generator = build_generator(job.data.input_shape, recipe, job.data.value_range)
     gan = GAN(generator, build_discriminator(job.encoder), seed=recipe.seed, name="gan")
     gan.compile(keras.optimizers.Adam(lr, beta_1=0.5), keras.optimizers.Adam(lr, beta_1=0.5))

@@ -8,6 +8,7 @@ constant rate (DCGAN's Adam), whatever `--schedule` says.
 Example:
 
 >>> from transferkit.recipe import Recipe
+from transferkit.training.defaults import gan_learning_rate
 >>> [(s.name, s.epochs, s.steps_per_epoch) for s in plan_pretrain(Recipe(task="stacked", units=(8, 4), epochs=3),
 ...                                                                  examples=100)]
 [('block 1', 3, 4), ('block 2', 3, 4)]
@@ -21,6 +22,7 @@ import dataclasses
 import math
 
 from transferkit.recipe import Recipe
+from transferkit.training.defaults import gan_learning_rate
 
 TURNS = 4  # `rotation`: each input once per quarter turn
 
@@ -44,7 +46,8 @@ def plan_pretrain(recipe: Recipe, examples: int) -> list[PlannedStage]:
     """The stages of pretraining `recipe` (its epochs and lr resolved) on `examples` training inputs."""
     per_epoch = max(1, math.ceil(examples / recipe.batch_size))
     if recipe.task == "gan":
-        return [PlannedStage("gan", recipe.epochs, max(1, examples // recipe.batch_size), recipe.lr, "constant")]
+        return [PlannedStage("gan", recipe.epochs, max(1, examples // recipe.batch_size), gan_learning_rate(recipe),
+                             "constant")]
     if recipe.task == "stacked":
         blocks = len(recipe.units if recipe.arch == "dense" else recipe.filters)
         return [PlannedStage(f"block {i}", recipe.epochs, per_epoch, recipe.lr, recipe.schedule)

@@ -83,6 +83,11 @@ def resolve_finetune(recipe: Recipe, labeled: int, num_blocks: int, base_kind: s
     return recipe.replace(**chosen), chosen
 
 
+def gan_learning_rate(recipe: Recipe) -> float:
+    """The GAN's rate: the recipe's, or DCGAN's for `lr="auto"` (no LR finder for a two-player game)."""
+    return PRETRAIN_LR["gan"] if recipe.lr in (None, "auto") else float(recipe.lr)
+
+
 def describe_chosen(command: str, chosen: dict[str, Any]) -> str:
     """The line a command prints first: the settings it chose, written as flags a user can copy."""
     if not chosen:
