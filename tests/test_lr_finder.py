@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from transferkit.errors import SettingsError
-from transferkit.pieces.lr_finder import _minimum, _steep, _valley, lr_find
+from transferkit.pieces.lr_finder import minimum, steep, valley, lr_find
 
 
 def regression(n=256, d=4, seed=0):
@@ -89,9 +89,9 @@ def test_valley_suggestion_respects_the_stability_bound_of_sgd():
 def test_suggestions_follow_fastai_on_a_hand_made_curve():
     lrs = 10.0 ** np.arange(9)
     losses = np.array([3, 3, 2.5, 2, 1, 0.8, 0.5, 1, 2])
-    assert _valley(lrs, losses) == lrs[3]  # longest descent: indices 0..6, start + 6 // 3 + 6 // 6
-    assert _minimum(lrs, losses) == lrs[6] / 10
-    assert _steep(lrs, losses) == lrs[3]  # the drop from 2 to 1
+    assert valley(lrs, losses) == lrs[3]  # longest descent: indices 0..6, start + 6 // 3 + 6 // 6
+    assert minimum(lrs, losses) == lrs[6] / 10
+    assert steep(lrs, losses) == lrs[3]  # the drop from 2 to 1
 
 
 def test_lr_find_takes_a_dataset_and_sweeps_exponentially():

@@ -26,13 +26,13 @@ LOSS = "sparse_categorical_crossentropy"
 def run_lr_find(recipe: Recipe, stage: str | None = None, plot: str | Path | None = None,
                 start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100, verbose: bool = True):
     """The LR range test on the recipe's classifier, frozen as in `stage` (default: the first stage)."""
-    from transferkit.finetuning.run import freeze_all_but_top
+    from transferkit.pieces.freezing import freeze_all_but_top
     from transferkit.finetuning.plan import plan_finetune
-    from transferkit.pieces.lr_finder import _check_folder, _validate, lr_find
+    from transferkit.pieces.lr_finder import check_plot_folder, check_lr_find_settings, lr_find
 
-    _validate(start_lr, end_lr, num_steps, 0.98, 4.0, recipe.batch_size)
+    check_lr_find_settings(start_lr, end_lr, num_steps, 0.98, 4.0, recipe.batch_size)
     if plot is not None:
-        _check_folder(Path(plot))
+        check_plot_folder(Path(plot))
     with runs.training_context(recipe) as strategy:
         plan = plan_finetune(recipe, strategy.num_replicas_in_sync)
         chosen = _stage(plan.stages, stage)

@@ -35,7 +35,7 @@ from transferkit.errors import SettingsError
 SUGGESTIONS = {"valley": "valley (suggestion)", "minimum": "minimum / 10", "steep": "steepest descent"}
 
 
-def _valley(lrs: np.ndarray, losses: np.ndarray) -> float:
+def valley(lrs: np.ndarray, losses: np.ndarray) -> float:
     """fastai's `valley`: the longest decreasing run of the loss (not necessarily contiguous), halfway down it."""
     n = len(losses)
     max_start, max_end = 0, 0
@@ -51,12 +51,12 @@ def _valley(lrs: np.ndarray, losses: np.ndarray) -> float:
     return float(lrs[max_start + int(sections) + int(sections / 2)])
 
 
-def _minimum(lrs: np.ndarray, losses: np.ndarray) -> float:
+def minimum(lrs: np.ndarray, losses: np.ndarray) -> float:
     """fastai's `minimum`: a tenth of the rate at the lowest loss."""
     return float(lrs[np.argmin(losses)]) / 10
 
 
-def _steep(lrs: np.ndarray, losses: np.ndarray) -> float:
+def steep(lrs: np.ndarray, losses: np.ndarray) -> float:
     """fastai's `steep`: the rate where the loss falls fastest against log(lr)."""
     grads = np.diff(losses) / np.diff(np.log(lrs))
     return float(lrs[np.argmin(grads)])
@@ -72,10 +72,10 @@ def _suggest(lrs: list[float], losses: list[float], num_steps: int) -> dict[str,
     lrs, losses = lrs[:end], losses[:end]
     if len(lrs) < 2:
         return dict.fromkeys(SUGGESTIONS)
-    return {"valley": _valley(lrs, losses), "minimum": _minimum(lrs, losses), "steep": _steep(lrs, losses)}
+    return {"valley": valley(lrs, losses), "minimum": minimum(lrs, losses), "steep": steep(lrs, losses)}
 
 
-def _check_folder(path: Path) -> None:
+def check_plot_folder(path: Path) -> None:
     if not path.parent.is_dir():
         raise SettingsError(f"The folder for the plot does not exist; create it first. Received: plot={str(path)!r}")
 
@@ -114,7 +114,7 @@ class LRFindResult:
         from transferkit.store.pictures import save_figure
 
         path = Path(path)
-        _check_folder(path)
+        check_plot_folder(path)
         lrs, losses = np.asarray(self.lrs), np.asarray(self.losses)
         keep = np.isfinite(losses)
         if keep.sum() > 10:
@@ -196,7 +196,7 @@ def _state_variables(model) -> list:
     return list(variables.values())
 
 
-def _validate(start_lr, end_lr, num_steps, beta, stop_factor, batch_size) -> None:
+def check_lr_find_settings(start_lr, end_lr, num_steps, beta, stop_factor, batch_size) -> None:
     if not 0 < start_lr < end_lr:
         raise SettingsError(f"Expected 0 < start_lr < end_lr. Received: start_lr={start_lr}, end_lr={end_lr}")
     if not isinstance(num_steps, int) or num_steps < 10:
@@ -246,12 +246,12 @@ def lr_find(model: keras.Model, data, start_lr: float = 1e-7, end_lr: float = 10
         SettingsError: (a ValueError) for bad arguments, an uncompiled model,
             or a plot folder that does not exist (all before any training).
     """
-    _validate(start_lr, end_lr, num_steps, beta, stop_factor, batch_size)
+    check_lr_find_settings(start_lr, end_lr, num_steps, beta, stop_factor, batch_size)
     if not getattr(model, "compiled", False) or model.optimizer is None:
         raise SettingsError("lr_find needs a compiled model: call model.compile(optimizer, loss) first. "
                             "Received: an uncompiled model")
     if plot is not None:
-        _check_folder(Path(plot))
+        check_plot_folder(Path(plot))
     batches = _batches(data, batch_size)
     first = next(batches, None)
     if first is None:

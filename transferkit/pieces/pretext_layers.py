@@ -18,8 +18,8 @@ import keras
 from keras import ops
 
 
-@keras.saving.register_keras_serializable(package="transferkit")
-class _TrainingOnlyScale(keras.layers.Layer):
+@keras.saving.register_keras_serializable(package="transferkit", name="_TrainingOnlyScale")  # saved models' name
+class TrainingOnlyScale(keras.layers.Layer):
     """Multiply by `scale` while training only: undoes Dropout's rescaling, which makes it masking noise."""
 
     def __init__(self, scale: float, **kwargs):

@@ -24,7 +24,7 @@ import numpy as np
 
 from transferkit.training import runs
 from transferkit.errors import SettingsError
-from transferkit.pieces.pretext_layers import _TrainingOnlyScale
+from transferkit.pieces.pretext_layers import TrainingOnlyScale
 from transferkit.recipe import Recipe
 from transferkit.pieces.setups import activation_layer, conv_stack, dense_stack, setup_for
 
@@ -117,7 +117,7 @@ def corruption(noise: float, noise_kind: str = "gaussian", data_std: float = 1.0
                 keras.layers.Rescaling(data_std, name=f"{name}_from_unit_std")]
     if noise_kind == "dropout":
         return [keras.layers.Dropout(noise, seed=seed, name=name),
-                _TrainingOnlyScale(1.0 - noise, name=f"{name}_unscale")]
+                TrainingOnlyScale(1.0 - noise, name=f"{name}_unscale")]
     raise SettingsError(f"Unknown noise kind {noise_kind!r}; expected gaussian or dropout. "
                         f"Received: noise_kind={noise_kind!r}")
 
