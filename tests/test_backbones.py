@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import transferkit as tk
-from transferkit.backbones import BACKBONES, ImagenetPreprocess, RgbToGray, blocks_of, build_backbone
+from transferkit.backbones import (
+    BACKBONES, ImagenetPreprocess, InferenceByDefault, RgbToGray, blocks_of, build_backbone,
+)
 from tests.helpers import assert_config_round_trip, assert_reloads_with_same_outputs
 
 
@@ -95,6 +97,33 @@ def test_rgb_to_gray_is_itu_r_bt601_luma(tmp_path):
     assert_reloads_with_same_outputs(model, pixels.astype("float32"), tmp_path)
     with pytest.raises(ValueError, match="3 channels"):
         RgbToGray()(np.ones((1, 2, 2, 4), "float32"))
+
+
+@pytest.mark.parametrize("preprocessing", ["resizing", "a layer that resizes inside"])
+def test_a_call_without_training_runs_batchnorm_after_resizing_in_inference_mode(preprocessing, tmp_path):
+    from transferkit.backbones import to_pixels
+
+    class ResizesInside(keras.layers.Layer):  # as a keras-hub ImageConverter does
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.resizing = keras.layers.Resizing(6, 6)
+
+        def call(self, x):
+            return self.resizing(x)
+
+    inputs = keras.Input((4, 4, 2))
+    if preprocessing == "resizing":
+        x = to_pixels(inputs, (0.0, 255.0), (6, 6), 2)   # Resizing's `training` defaults to True
+    else:
+        x = ResizesInside()(InferenceByDefault()(inputs))
+    batchnorm = keras.layers.BatchNormalization(momentum=0.0)
+    model = keras.Model(inputs, batchnorm(x))
+    x = np.random.default_rng(0).normal(3, 2, (8, 4, 4, 2)).astype("float32")
+    np.testing.assert_array_equal(model(x), model(x, training=False))
+    np.testing.assert_array_equal(batchnorm.moving_mean, 0)   # not updated: both calls ran in inference mode
+    model(x, training=True)   # as fit calls it: training, the statistics move
+    assert np.all(keras.ops.convert_to_numpy(batchnorm.moving_mean) > 1)
+    assert_config_round_trip(InferenceByDefault())
 
 
 def test_backbone_from_a_weights_file_fine_tunes_top_block_with_batchnorm_frozen(tmp_path):

@@ -56,7 +56,8 @@ _RESNET = (r"^(conv1)_", r"^(conv\d_block\d+)_")
 _DENSENET = (r"^(conv1)_", r"^(conv\d_block\d+)_", r"^(pool\d)_")
 _VGG = (r"^(block\d)_",)
 _CONVNEXT = (r"^convnext_[a-z]+_(stem)", r"^convnext_[a-z]+_(stage_\d+_block_\d+)_",
-             r"^convnext_[a-z]+_(downsampling_block_\d+)", r"^(layer_normalization)$")
+             r"^convnext_[a-z]+_(downsampling_block_\d+)",
+             r"^(layer_normalization)(?:_\d+)?$")  # its final norm is named by Keras's session-wide counter
 
 
 def _family(names: dict[str, str], preprocess: str, blocks: tuple[str, ...]) -> dict[str, Backbone]:
@@ -220,7 +221,9 @@ def to_pixels(x, value_range: tuple[float, float], size: tuple[int, int], channe
         raise SettingsError(f"The base takes images of {channels} channel(s); the data has {x.shape[-1]} "
                             f"(expected as many, or 1 or 3: gray is made RGB, RGB gray).")
     if (x.shape[1], x.shape[2]) != tuple(size):
-        x = keras.layers.Resizing(*size, name="resize")(x)
+        # `training=False` is recorded with the call: Resizing's default, True, would be passed on to the layers
+        # after it when the model is called without `training` (PITFALLS 1); `fit` still passes True
+        x = keras.layers.Resizing(*size, name="resize")(x, training=False)
     return x
 
 
@@ -249,3 +252,28 @@ class RgbToGray(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], 1)
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class InferenceByDefault(keras.layers.Layer):
+    """The identity, making a call that does not say `training` run the layers after it in inference mode.
+
+    A Keras layer passes the `training` it runs with to the layers called after
+    it in the same call. Keras's image preprocessing layers default it to True,
+    so a layer that calls one inside (a keras-hub `ImageConverter` calls
+    `Resizing`) would make `model(x)` run a trainable BatchNorm after it on the
+    batch's statistics, and update them (PITFALLS 1). Placed before such a
+    layer, this one says False first; `fit` still passes True.
+
+    Example:
+
+    >>> import numpy as np
+    >>> InferenceByDefault()(np.ones((1, 2), "float32")).numpy()
+    array([[1., 1.]], dtype=float32)
+    """
+
+    def call(self, x, training=False):
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
