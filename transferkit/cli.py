@@ -137,7 +137,8 @@ def _finetune_options(f: Callable) -> Callable:
     options = [
         click.option("--from", "from_", type=click.Path(file_okay=False), help="A saved encoder artifact."),
         click.option("--backbone", help="A Keras Applications backbone: mobilenetv2, efficientnetb0, resnet50, densenet121, vgg16, "
-                                               "convnexttiny, ... (transferkit.BACKBONES)."),
+                                               "convnexttiny, ... (transferkit.BACKBONES); or hub:PRESET, hub:DIR: a "
+                                               "keras-hub preset or preset folder (pip install 'transferkit[hub]')."),
         click.option("--weights", help="Backbone weights: imagenet, none or a weights file."),
         click.option("--base", type=click.Path(dir_okay=False),
                      help="Any Keras model file (.keras, or a legacy .h5) as the base, cut before its classifier."),
@@ -293,13 +294,20 @@ def predict(model_dir: str, inputs: tuple[str, ...], mc_samples: int, output: st
 @click.option("--base", type=click.Path(dir_okay=False),
               help="Instead of MODEL_DIR: a Keras model file's layers, its cut and its blocks, as --base sees them.")
 @click.option("--cut", help="With --base: the layer its body ends with, by name or negative index.")
+@click.option("--backbone", help="Instead of MODEL_DIR: a backbone's layers and blocks (a registry name, hub:PRESET).")
 @_handle_errors
-def inspect(model_dir: str | None, base: str | None, cut: str | None) -> None:
+def inspect(model_dir: str | None, base: str | None, cut: str | None, backbone: str | None) -> None:
     """The freeze audit of MODEL_DIR: per block, what trains, BatchNorm's mode, parameters, lr factor."""
-    if (model_dir is None) == (base is None):
-        raise SettingsError("inspect takes exactly one of MODEL_DIR (an artifact) or --base FILE (a model file).")
+    if (model_dir is not None) + (base is not None) + (backbone is not None) != 1:
+        raise SettingsError("inspect takes exactly one of MODEL_DIR (an artifact), --base FILE (a model file) or "
+                            "--backbone NAME.")
     if cut is not None and base is None:
-        raise SettingsError(f"--cut {cut!r} goes with --base FILE; expected no --cut with MODEL_DIR.")
+        raise SettingsError(f"--cut {cut!r} goes with --base FILE; expected no --cut with MODEL_DIR or --backbone.")
+    if backbone is not None:
+        from transferkit.hub import inspect_backbone
+
+        inspect_backbone(backbone)
+        return
     if base is not None:
         from transferkit.bases import inspect_base
 

@@ -51,6 +51,7 @@ from transferkit.discriminative import block_factors
 from transferkit.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
 from transferkit.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.health import TrainingHealth
+from transferkit.hub import hub_base, is_hub
 from transferkit.losses import SparseCategoricalCrossentropyWithSmoothing
 from transferkit.recipe import Recipe
 from transferkit.semi_supervised import (
@@ -515,6 +516,9 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any
         x = base(base_inputs(augmented, data.value_range, base, preprocess))
         blocks_rule, blocks = base_blocks(base)
         info = describe_base(body, base, preprocess, blocks_rule)
+    elif is_hub(recipe.backbone):  # keras-hub: the preset's image converter, blocks from its pyramid levels
+        x, base, blocks, info = hub_base(augmented, data.value_range, recipe.backbone, recipe.image_size,
+                                         recipe.weights, recipe.precision)
     else:
         entry = get_backbone(recipe.backbone)
         if len(data.input_shape) != 3:
