@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import transferkit as tk
-from transferkit.backbones import (
+from transferkit.pieces.backbones import (
     BACKBONES, ImagenetPreprocess, InferenceByDefault, RgbToGray, blocks_of, build_backbone,
 )
 from tests.helpers import assert_config_round_trip, assert_reloads_with_same_outputs
@@ -40,7 +40,7 @@ def assert_blocks_cover_every_layer_once(base, blocks):
 
 
 def assert_unfreeze_top_1_unfreezes_only_the_top_block(base, blocks):
-    from transferkit.freezing import freeze_all_but_top
+    from transferkit.pieces.freezing import freeze_all_but_top
 
     freeze_all_but_top(base, blocks, 1)
     top = {id(w) for layer in blocks[-1][1] if not isinstance(layer, keras.layers.BatchNormalization)
@@ -101,7 +101,7 @@ def test_rgb_to_gray_is_itu_r_bt601_luma(tmp_path):
 
 @pytest.mark.parametrize("preprocessing", ["resizing", "a layer that resizes inside"])
 def test_a_call_without_training_runs_batchnorm_after_resizing_in_inference_mode(preprocessing, tmp_path):
-    from transferkit.backbones import to_pixels
+    from transferkit.pieces.backbones import to_pixels
 
     class ResizesInside(keras.layers.Layer):  # as a keras-hub ImageConverter does
         def __init__(self, **kwargs):

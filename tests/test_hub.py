@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 import transferkit as tk
 from transferkit.cli import cli
-from transferkit.finetuning import plan_finetune
-from transferkit.freezing import freeze_all_but_top
-from transferkit.hub import hub_blocks, load_backbone
+from transferkit.finetuning.train import plan_finetune
+from transferkit.pieces.freezing import freeze_all_but_top
+from transferkit.finetuning.hub import hub_blocks, load_backbone
 from transferkit.recipe import Recipe
 
 # the converter of an ImageNet ResNet preset: 0..255 pixels to (x / 255 - mean) / std, resized to 24x24
