@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import transferkit as tk
-from transferkit.pieces.backbones import BACKBONES, ImagenetPreprocess, blocks_of, build_backbone
+from transferkit.pieces.backbones import (
+    BACKBONES, ImagenetPreprocess, InferenceByDefault, RgbToGray, blocks_of, build_backbone,
+)
 from tests.helpers import assert_config_round_trip, assert_reloads_with_same_outputs
 
 
@@ -73,6 +75,55 @@ def test_preprocess_layer_round_trips(tmp_path):
     assert_config_round_trip(layer)
     model = keras.Sequential([keras.Input((4, 4, 3)), layer])
     assert_reloads_with_same_outputs(model, np.ones((1, 4, 4, 3), "float32") * 100, tmp_path)
+
+
+def test_rgb_to_gray_is_itu_r_bt601_luma(tmp_path):
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3)).astype("uint8")
+    r, g, b = (pixels[..., c].astype("float64") for c in range(3))
+    luma = 0.299 * r + 0.587 * g + 0.114 * b   # ITU-R BT.601
+    got = keras.ops.convert_to_numpy(RgbToGray()(pixels.astype("float32")))
+    assert got.shape == (2, 5, 7, 1)
+    np.testing.assert_allclose(got[..., 0], luma, atol=1e-4)
+    # Pillow's convert("L") (how transferkit reads RGB files as gray) is the same formula, rounded to integers
+    pillow = np.stack([np.asarray(Image.fromarray(p).convert("L")) for p in pixels]).astype("float64")
+    assert np.abs(pillow - luma).max() <= 0.5 + 1e-3
+    for pure, weight in zip(np.eye(3) * 255, (0.299, 0.587, 0.114)):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(RgbToGray()(pure[None, None, None])), 255 * weight,
+                                   rtol=1e-6)
+    assert_config_round_trip(RgbToGray())
+    model = keras.Sequential([keras.Input((5, 7, 3)), RgbToGray()])
+    assert_reloads_with_same_outputs(model, pixels.astype("float32"), tmp_path)
+    with pytest.raises(ValueError, match="3 channels"):
+        RgbToGray()(np.ones((1, 2, 2, 4), "float32"))
+
+
+@pytest.mark.parametrize("preprocessing", ["resizing", "a layer that resizes inside"])
+def test_a_call_without_training_runs_batchnorm_after_resizing_in_inference_mode(preprocessing, tmp_path):
+    from transferkit.pieces.backbones import to_pixels
+
+    class ResizesInside(keras.layers.Layer):  # as a keras-hub ImageConverter does
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.resizing = keras.layers.Resizing(6, 6)
+
+        def call(self, x):
+            return self.resizing(x)
+
+    inputs = keras.Input((4, 4, 2))
+    if preprocessing == "resizing":
+        x = to_pixels(inputs, (0.0, 255.0), (6, 6), 2)   # Resizing's `training` defaults to True
+    else:
+        x = ResizesInside()(InferenceByDefault()(inputs))
+    batchnorm = keras.layers.BatchNormalization(momentum=0.0)
+    model = keras.Model(inputs, batchnorm(x))
+    x = np.random.default_rng(0).normal(3, 2, (8, 4, 4, 2)).astype("float32")
+    np.testing.assert_array_equal(model(x), model(x, training=False))
+    np.testing.assert_array_equal(batchnorm.moving_mean, 0)   # not updated: both calls ran in inference mode
+    model(x, training=True)   # as fit calls it: training, the statistics move
+    assert np.all(keras.ops.convert_to_numpy(batchnorm.moving_mean) > 1)
+    assert_config_round_trip(InferenceByDefault())
 
 
 def test_backbone_from_a_weights_file_fine_tunes_top_block_with_batchnorm_frozen(tmp_path):

@@ -222,13 +222,20 @@ def predict(model_dir: str, inputs: tuple[str, ...], mc_samples: int, output: st
 @click.option("--base", type=click.Path(dir_okay=False),
               help="Instead of MODEL_DIR: a Keras model file's layers, its cut and its blocks, as --base sees them.")
 @click.option("--cut", help="With --base: the layer its body ends with, by name or negative index.")
+@click.option("--backbone", help="Instead of MODEL_DIR: a backbone's layers and blocks (a registry name, hub:PRESET).")
 @handle_errors
-def inspect(model_dir: str | None, base: str | None, cut: str | None) -> None:
+def inspect(model_dir: str | None, base: str | None, cut: str | None, backbone: str | None) -> None:
     """The freeze audit of MODEL_DIR: per block, what trains, BatchNorm's mode, parameters, lr factor."""
-    if (model_dir is None) == (base is None):
-        raise SettingsError("inspect takes exactly one of MODEL_DIR (an artifact) or --base FILE (a model file).")
+    if (model_dir is not None) + (base is not None) + (backbone is not None) != 1:
+        raise SettingsError("inspect takes exactly one of MODEL_DIR (an artifact), --base FILE (a model file) or "
+                            "--backbone NAME.")
     if cut is not None and base is None:
-        raise SettingsError(f"--cut {cut!r} goes with --base FILE; expected no --cut with MODEL_DIR.")
+        raise SettingsError(f"--cut {cut!r} goes with --base FILE; expected no --cut with MODEL_DIR or --backbone.")
+    if backbone is not None:
+        from transferkit.finetuning.hub import inspect_backbone
+
+        inspect_backbone(backbone)
+        return
     if base is not None:
         from transferkit.finetuning.bases import inspect_base
 

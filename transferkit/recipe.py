@@ -129,7 +129,9 @@ class Recipe:
     from_: str | None = setting(None, "A saved encoder artifact.", commands=BASE, kind="folder",
                                 auto="none: the base is one of --from, --backbone, --base")
     backbone: str | None = setting(None, "A Keras Applications backbone: mobilenetv2, efficientnetb0, resnet50, "
-                                         "densenet121, vgg16, convnexttiny, ... (transferkit.BACKBONES).",
+                                         "densenet121, vgg16, convnexttiny, ... (transferkit.BACKBONES); or "
+                                         "hub:PRESET, hub:DIR: a keras-hub preset or preset folder (pip install "
+                                         "'transferkit[hub]').",
                                    commands=BASE, auto="none")
     weights: str = setting("none", "Backbone weights: imagenet, none or a weights file.", commands=BASE)
     base: str | None = setting(None, "Any Keras model file (.keras, or a legacy .h5) as the base, cut before its "

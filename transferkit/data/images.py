@@ -44,6 +44,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 PROGRESS_FROM = 300  # files: show a progress bar while decoding more than this many
 _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights of R, G, B: Pillow's convert("L"), tf.image.rgb_to_grayscale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,7 +326,7 @@ def levels(image) -> np.ndarray:
 
 
 def to_channels(values: np.ndarray, channels: int) -> np.ndarray:
-    """Gray repeated into RGB, or RGB to gray by ITU-R 601-2 luma (Pillow's `convert("L")`)."""
+    """Gray repeated into RGB, or RGB to gray by ITU-R BT.601 luma (`LUMA`; Pillow's `convert("L")`)."""
     if values.shape[-1] == channels:
         return values
     if channels == 3:
@@ -334,7 +335,7 @@ def to_channels(values: np.ndarray, channels: int) -> np.ndarray:
         from PIL import Image
 
         return np.asarray(Image.fromarray(values).convert("L"))[..., None]
-    return (values @ np.array([0.299, 0.587, 0.114], dtype="float32"))[..., None]
+    return (values @ np.array(LUMA, dtype="float32"))[..., None]
 
 
 def fit_size(values: np.ndarray, size: tuple[int, int], resize: str = "stretch") -> np.ndarray:
@@ -381,9 +382,7 @@ def _resample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 @contextlib.contextmanager
 def progress_bar(total: int, desc: str = "decoding images"):
     """A `tick(n=1)` that advances a bar on stderr by `n` when `total` is above PROGRESS_FROM and stderr is a
-    terminal, else does nothing.
-
-    tqdm (installed with tensorflow-datasets), else keras's Progbar.
+    terminal, else does nothing: tqdm's (installed with tensorflow-datasets), else keras's Progbar.
     """
     if total <= PROGRESS_FROM or not sys.stderr.isatty():  # logs and pipes get no bar, as tqdm's disable=None
         yield lambda n=1: None

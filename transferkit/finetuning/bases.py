@@ -19,8 +19,10 @@ Blocks, for `unfreeze_top`, bottom to top, by the first rule that applies:
 
 Layers before the first block belong to none and never train. The data's
 images reach the base as 0..255 pixels at its input size (gray ones made RGB
-for a 3-channel base), then `preprocess` maps them to the range its weights
-expect, inside the classifier, so the classifier and its export take raw pixels.
+for a 3-channel base; RGB ones made gray for a 1-channel base by ITU-R BT.601
+luma, `0.299 R + 0.587 G + 0.114 B`, as `transferkit.data.images` reads RGB files as
+gray), then `preprocess` maps them to the range its weights expect, inside the
+classifier, so the classifier and its export take raw pixels.
 
 Example:
 
@@ -204,20 +206,28 @@ def inspect_base(path: str | Path, cut: str | int | None = None, verbose: bool =
     model = load_model_file(path)  # the whole model, to show what the cut drops
     body = load_body(path, cut, model)
     rule, blocks = base_blocks(body.model)
-    block_of = {layer.name: name for name, layers in blocks for layer in layers}
-    kept = {layer.name for layer in body.model.layers}
     size = "x".join(str(d) for d in model.inputs[0].shape[1:])
-    rows = [("cut", "layer", "type", "output", "params", "block")]
-    for index, layer in enumerate(model.layers):
-        shape = tuple(layer.output.shape[1:]) if len(layer._inbound_nodes) == 1 else "(shared)"
-        rows.append((str(index - len(model.layers)), layer.name, type(layer).__name__, str(shape),
-                     f"{layer.count_params():,}" if layer.built else "0",
-                     block_of.get(layer.name, "-") if layer.name in kept else "(dropped)"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     text = "\n".join([
         f"{Path(path).name}: {model.name}, input {size}, body up to {body.cut} ({body.cut_rule}), "
         f"{len(blocks)} blocks by {rule}",
-        *("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)])
+        *layer_table(model, blocks, kept={layer.name for layer in body.model.layers})])
     if verbose:
         print(text, flush=True)
     return text
+
+
+def layer_table(model: keras.Model, blocks: Blocks, kept: set[str] | None = None) -> list[str]:
+    """One aligned line per layer of `model`: type, output, parameters and block (`-`: none).
+
+    With `kept` (the names a cut keeps), a first column gives each layer's `--cut`
+    index and the block column says `(dropped)` of the layers the cut drops.
+    """
+    block_of = {layer.name: name for name, layers in blocks for layer in layers}
+    rows = [("cut",) * (kept is not None) + ("layer", "type", "output", "params", "block")]
+    for index, layer in enumerate(model.layers):
+        shape = tuple(layer.output.shape[1:]) if len(layer._inbound_nodes) == 1 else "(shared)"
+        block = block_of.get(layer.name, "-") if kept is None or layer.name in kept else "(dropped)"
+        rows.append((str(index - len(model.layers)),) * (kept is not None) + (
+            layer.name, type(layer).__name__, str(shape), f"{layer.count_params():,}" if layer.built else "0", block))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

@@ -21,6 +21,7 @@ from transferkit.pieces.augmentation import augment_inputs
 from transferkit.pieces.backbones import backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter
 from transferkit.finetuning.bases import base_blocks, base_inputs, load_body
 from transferkit.finetuning.bases import describe as describe_base
+from transferkit.finetuning.hub import hub_base, is_hub
 from transferkit.data.sources import Data
 from transferkit.errors import SettingsError
 from transferkit.recipe import Recipe
@@ -79,6 +80,9 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any
         x = base(base_inputs(augmented, data.value_range, base, preprocess))
         blocks_rule, blocks = base_blocks(base)
         info = describe_base(body, base, preprocess, blocks_rule)
+    elif is_hub(recipe.backbone):  # keras-hub: the preset's image converter, blocks from its pyramid levels
+        x, base, blocks, info = hub_base(augmented, data.value_range, recipe.backbone, recipe.image_size,
+                                         recipe.weights, recipe.precision)
     else:
         entry = get_backbone(recipe.backbone)
         if len(data.input_shape) != 3:

@@ -20,6 +20,7 @@ from pathlib import Path
 import keras
 
 from transferkit.errors import SettingsError, TransferkitError
+from transferkit.data.images import LUMA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,8 @@ _RESNET = (r"^(conv1)_", r"^(conv\d_block\d+)_")
 _DENSENET = (r"^(conv1)_", r"^(conv\d_block\d+)_", r"^(pool\d)_")
 _VGG = (r"^(block\d)_",)
 _CONVNEXT = (r"^convnext_[a-z]+_(stem)", r"^convnext_[a-z]+_(stage_\d+_block_\d+)_",
-             r"^convnext_[a-z]+_(downsampling_block_\d+)", r"^(layer_normalization)$")
+             r"^convnext_[a-z]+_(downsampling_block_\d+)",
+             r"^(layer_normalization)(?:_\d+)?$")  # its final norm is named by Keras's session-wide counter
 
 
 def _family(names: dict[str, str], preprocess: str, blocks: tuple[str, ...]) -> dict[str, Backbone]:
@@ -111,7 +113,7 @@ def build_backbone(name: str, weights: str, input_shape: tuple[int, int, int]) -
         return constructor(include_top=False, weights=None if weights == "none" else weights,
                            input_shape=input_shape)
     except Exception as err:
-        if weights == "imagenet" and _looks_like_download_failure(err):
+        if weights == "imagenet" and looks_like_download_failure(err):
             raise TransferkitError(
                 f"Could not download the ImageNet weights of {name} (no network?); "
                 f"download them on a machine with network and pass the file with --weights PATH."
@@ -123,7 +125,8 @@ def build_backbone(name: str, weights: str, input_shape: tuple[int, int, int]) -
         raise
 
 
-def _looks_like_download_failure(err: Exception) -> bool:
+def looks_like_download_failure(err: Exception) -> bool:
+    """Whether `err`, raised while fetching pretrained weights, says the download failed (no network)."""
     text = f"{type(err).__name__} {err}".lower()
     return any(s in text for s in ("url", "fetch", "download", "connection", "resolve", "network", "http"))
 
@@ -201,15 +204,76 @@ def image_adapter(x, value_range: tuple[float, float], side: int, mode: str):
 
 
 def to_pixels(x, value_range: tuple[float, float], size: tuple[int, int], channels: int):
-    """Layers from the user's raw images to 0..255 pixels with `channels` channels (gray made RGB) at `size`."""
+    """Layers from the user's raw images to 0..255 pixels with `channels` channels at `size`.
+
+    Gray images are repeated into R, G and B for a 3-channel base; RGB images
+    are made gray for a 1-channel base by ITU-R BT.601 luma (`RgbToGray`), the
+    rule `transferkit.data.images` reads RGB files as gray by.
+    """
     lo, hi = value_range
     scale = 255.0 / (hi - lo) if hi > lo else 1.0
     x = keras.layers.Rescaling(scale, offset=-lo * scale, name="to_0_255")(x)
     if x.shape[-1] == 1 and channels == 3:
         x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
+    elif x.shape[-1] == 3 and channels == 1:
+        x = RgbToGray(name="rgb_to_gray")(x)
     elif x.shape[-1] != channels:
         raise SettingsError(f"The base takes images of {channels} channel(s); the data has {x.shape[-1]} "
-                            f"(expected as many, or 1 for a 3-channel base).")
+                            f"(expected as many, or 1 or 3: gray is made RGB, RGB gray).")
     if (x.shape[1], x.shape[2]) != tuple(size):
-        x = keras.layers.Resizing(*size, name="resize")(x)
+        # `training=False` is recorded with the call: Resizing's default, True, would be passed on to the layers
+        # after it when the model is called without `training` (PITFALLS 1); `fit` still passes True
+        x = keras.layers.Resizing(*size, name="resize")(x, training=False)
     return x
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class RgbToGray(keras.layers.Layer):
+    """RGB images to one gray channel by ITU-R BT.601 luma: `0.299 R + 0.587 G + 0.114 B`.
+
+    The weights of Pillow's `convert("L")` (which rounds to integers) and of
+    `tf.image.rgb_to_grayscale` (to four digits), on any value range.
+
+    Example:
+
+    >>> import numpy as np
+    >>> RgbToGray()(np.array([[[[100.0, 200.0, 50.0]]]], "float32")).numpy().ravel()
+    array([153.], dtype=float32)
+    """
+
+    def build(self, input_shape):
+        if input_shape[-1] != 3:
+            raise ValueError(f"RgbToGray takes images with 3 channels (R, G, B). Received: "
+                             f"input_shape={tuple(input_shape)}")
+
+    def call(self, x):
+        weights = keras.ops.convert_to_tensor(LUMA, dtype=x.dtype)
+        return keras.ops.sum(x * weights, axis=-1, keepdims=True)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 1)
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class InferenceByDefault(keras.layers.Layer):
+    """The identity, making a call that does not say `training` run the layers after it in inference mode.
+
+    A Keras layer passes the `training` it runs with to the layers called after
+    it in the same call. Keras's image preprocessing layers default it to True,
+    so a layer that calls one inside (a keras-hub `ImageConverter` calls
+    `Resizing`) would make `model(x)` run a trainable BatchNorm after it on the
+    batch's statistics, and update them (PITFALLS 1). Placed before such a
+    layer, this one says False first; `fit` still passes True.
+
+    Example:
+
+    >>> import numpy as np
+    >>> InferenceByDefault()(np.ones((1, 2), "float32")).numpy()
+    array([[1., 1.]], dtype=float32)
+    """
+
+    def call(self, x, training=False):
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape

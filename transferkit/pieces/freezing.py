@@ -63,6 +63,15 @@ def block_patterns(base: keras.Model) -> tuple[str, ...]:
     return entry.blocks if entry is not None else (ENCODER_BLOCK,)
 
 
+def default_blocks(base: keras.Model) -> Blocks:
+    """The blocks of `base` known from the model alone: a keras-hub backbone's (by its class), else by its name."""
+    if type(base).__module__.startswith("keras_hub."):
+        from transferkit.finetuning.hub import hub_blocks
+
+        return hub_blocks(base)[1]
+    return blocks_of(base, block_patterns(base))
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockAudit:
     """One row of the freeze audit."""
@@ -80,11 +89,12 @@ def audit(model: keras.Model, lr_factors: dict[str, float] | None = None,
     """Per block of the base, bottom to top, then the head: what trains, BatchNorm's mode, parameters, lr factor.
 
     `lr_factors` (variable path → factor) default to those of the model's optimizer, if it has any; `blocks`
-    to the base's by its name (a Keras Applications backbone's, else a transferkit encoder's).
+    to the base's by its class or name (a keras-hub backbone's, a Keras Applications one's, else a transferkit
+    encoder's).
     """
     base = find_base(model)
     factors = lr_factors if lr_factors is not None else getattr(getattr(model, "optimizer", None), "lr_factors", {})
-    blocks = blocks if blocks is not None else blocks_of(base, block_patterns(base))
+    blocks = blocks if blocks is not None else default_blocks(base)
     rows = [_row(name, layers, factors) for name, layers in blocks]
     head = [layer for layer in model.layers if layer is not base and layer.weights]
     rows.append(_row("head", head, factors))

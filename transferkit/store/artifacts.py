@@ -15,11 +15,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import platform
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,13 +85,47 @@ def load_model(path: str | Path):
 
     register_keras_objects()
     file = Path(path) if str(path).endswith(".keras") else Path(path) / MODEL
+    base = _manifest_or_empty(file.parent).get("base", {})
+    import_requirements(base.get("requires", []), file.parent)
     try:
-        return keras.saving.load_model(file, safe_mode=True)
+        with warnings.catch_warnings():
+            if base.get("kind") == "hub":  # loaded all trainable (see hub.restore_freeze): more optimizer slots
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model = keras.saving.load_model(file, safe_mode=True)
     except Exception as err:  # a truncated zip, a missing entry, a bad config
         raise TransferkitError(
             f"{str(file)!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
             "the artifact is damaged: write it again."
         ) from None
+    if base.get("kind") == "hub":
+        from transferkit.finetuning.hub import restore_freeze
+
+        restore_freeze(model, file.parent)
+    return model
+
+
+def _manifest_or_empty(folder: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):  # none, or damaged: read_manifest's to report
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def import_requirements(requires: list[dict[str, str]], folder: str | Path) -> None:
+    """Import the packages an artifact's manifest names in `base.requires` (keras-hub, whose classes it holds).
+
+    Raises:
+        SettingsError: one is not installed (the message says how to install it).
+    """
+    for need in requires:
+        try:
+            importlib.import_module(need["module"])
+        except ModuleNotFoundError as err:
+            if err.name != need["module"]:
+                raise
+            raise SettingsError(f"{str(folder)!r} needs {need['module']} to load, which is not installed; expected "
+                                f"it installed: {need.get('install', 'pip install ' + need['module'])}") from None
 
 
 def write_json(path: Path, value: Any) -> None:
