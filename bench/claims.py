@@ -392,7 +392,7 @@ def mc_dropout(claims: Claims, data, seeds: int, epochs: int = 20, samples: int 
 
 
 def save(fig, path: Path) -> None:
-    from transferkit.store.pictures import save_figure
+    from transferkit.figures import save_figure
 
     save_figure(fig, path, dpi=80)
     size = path.stat().st_size

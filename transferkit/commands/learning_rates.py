@@ -106,7 +106,7 @@ def plot_schedule(curve: ScheduleCurve, path: str | Path, title: str = "") -> Pa
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from transferkit.store.pictures import save_figure
+    from transferkit.figures import save_figure
 
     path = Path(path)
     if not path.parent.is_dir():

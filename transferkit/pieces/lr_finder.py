@@ -30,6 +30,7 @@ import keras
 import numpy as np
 
 from transferkit.errors import SettingsError
+from transferkit.figures import save_figure
 
 # suggestion name -> how the summary and the plot label it
 SUGGESTIONS = {"valley": "valley (suggestion)", "minimum": "minimum / 10", "steep": "steepest descent"}
@@ -110,8 +111,6 @@ class LRFindResult:
         """Write the loss against the rate (log x, last 5 points left out as fastai does) to PNG `path`."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-
-        from transferkit.store.pictures import save_figure
 
         path = Path(path)
         check_plot_folder(path)

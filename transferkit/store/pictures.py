@@ -25,6 +25,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from transferkit.figures import save_figure
+
 
 def as_images(x: np.ndarray) -> np.ndarray:
     """`(N, H, W)` gray or `(N, H, W, 3)` color images to show for inputs of any shape.
@@ -121,21 +123,6 @@ def loss_figure(history: dict[str, list[float]], keys: Sequence[str] | None = No
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
-
-
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Write `fig` as a PNG through a temporary sibling file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        FigureCanvasAgg(fig)
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def write_pictures(folder: str | os.PathLike, figures: dict[str, Figure]) -> list[str]:
