@@ -171,7 +171,8 @@ def self_normalization_numpy(claims: Claims, out: Path) -> None:
 
 
 def depth_and_activations(claims: Claims, data, epochs: int, out: Path) -> None:
-    from transferkit.commands.diagnose import diagnose, plot_report
+    from transferkit.commands.diagnose import diagnose
+    from transferkit.pieces.health_report import plot_report
 
     import keras
 

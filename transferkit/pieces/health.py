@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import keras
 
-from transferkit.commands.diagnose import REMEDIES, DiagnosisReport, Probe, Thresholds, check_count, prepare_batches
+from transferkit.pieces.health_report import REMEDIES, DiagnosisReport, Thresholds
+from transferkit.pieces.probes import Probe, check_count, prepare_batches
 
 HISTORY_PREFIX = "health_"
 
