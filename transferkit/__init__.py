@@ -58,7 +58,7 @@ _EXPORTS = {
     "DiagnosisReport": "pieces.health_report",
     "Thresholds": "pieces.health_report",
     "TrainingHealth": "pieces.health",
-    "inspect": "pieces.freezing",
+    "inspect": "commands.inspect",
     "audit": "pieces.freezing",
     "with_learning_rate_factors": "pieces.discriminative",
 }

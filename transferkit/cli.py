@@ -241,7 +241,7 @@ def inspect(model_dir: str | None, base: str | None, cut: str | None, backbone: 
 
         inspect_base(base, cut)
         return
-    from transferkit.pieces.freezing import inspect as run
+    from transferkit.commands.inspect import inspect as run
 
     run(model_dir)
 

@@ -4,10 +4,12 @@ Keras 3 runs a `BatchNormalization` whose `trainable` is False on its moving
 statistics (inference mode), whatever `training` says; so keeping BatchNorm
 frozen is what keeps it in inference mode, in frozen and unfrozen blocks alike.
 
+The `transferkit inspect` command (`transferkit.commands.inspect`) prints the audit of an artifact.
+
 Example:
 
->>> import transferkit as tk
->>> tk.inspect("saved_models/digits-classifier")               # doctest: +SKIP
+>>> from transferkit.pieces.freezing import audit, format_audit
+>>> print(format_audit(audit(classifier)))                      # doctest: +SKIP
 block    trainable  batchnorm  trainable params  frozen params  lr x
 block1   no         -          0                 8,320          -
 ...
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -125,28 +126,3 @@ def format_audit(rows: list[BlockAudit]) -> str:
         "-" if r.lr_factor is None else f"{r.lr_factor:.3g}") for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
-
-
-def inspect(model: keras.Model | str | Path, verbose: bool = True) -> list[BlockAudit]:
-    """Print and return the freeze audit of a classifier, or of the artifact folder holding one.
-
-    Example:
-
-    >>> rows = inspect("saved_models/digits-classifier", verbose=False)   # doctest: +SKIP
-    >>> rows[-1].block
-    'head'
-    """
-    blocks = None
-    if not isinstance(model, keras.Model):
-        from transferkit.store import artifacts
-
-        manifest = artifacts.read_manifest(model, ("classifier",))
-        model = artifacts.load_model(model)
-        if manifest.get("base", {}).get("kind") == "file":  # fine-tuned from --base FILE: its block rule
-            from transferkit.finetuning.bases import base_blocks
-
-            blocks = base_blocks(find_base(model))[1]
-    rows = audit(model, blocks=blocks)
-    if verbose:
-        print(format_audit(rows), flush=True)
-    return rows
