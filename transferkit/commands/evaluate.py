@@ -21,7 +21,7 @@ from typing import Any
 from transferkit.store import artifacts
 from transferkit.training import runs
 from transferkit.pieces.augmentation import tta_predict
-from transferkit.data.sources import Split, pipeline
+from transferkit.data.sources import Split, batches_of, pipeline
 from transferkit.errors import SettingsError
 from transferkit.commands.report import class_report, confusion_figure, format_report, resolve_top_k, top_losses_figure
 from transferkit.pieces.uncertainty import calibration, deterministic_model, has_dropout, mc_predict
@@ -93,7 +93,7 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
     if mc_samples:
         probabilities["mc_dropout"] = mc_predict(model, x, mc_samples).mean
     if tta > 1:
-        probabilities["tta"] = tta_predict(model, x, tta, batch_size)
+        probabilities["tta"] = tta_predict(model, batches_of(x, batch_size, desc="test-time augmentation"), tta)
     predictions = {kind: {**calibration(p, y), **class_report(p, y, names, top_k)} for kind, p in probabilities.items()}
     report = {"model": str(model_dir), "data": spec, "where": where, "examples": len(x), "class_names": names,
               "top_k": top_k, "mc_samples": mc_samples, "tta": tta, "predictions": predictions}

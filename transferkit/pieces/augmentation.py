@@ -219,25 +219,32 @@ def tta_predict(model: keras.Model, x, copies: int, batch_size: int = 256) -> np
     itself runs in inference mode: no dropout (MC dropout included), BatchNorm
     on its moving statistics.
 
+    Example:
+
+    >>> probabilities = tta_predict(model, images, copies=4)                       # doctest: +SKIP
+    >>> probabilities = tta_predict(model, (b for b in stream_of_batches), copies=4)  # doctest: +SKIP
+
     Args:
         model: A Keras classifier taking images.
-        x: Array or `ImageFiles` of images.
+        x: An array of images, cut into batches of `batch_size`, or any iterable of
+            image batches (a generator, a `tf.data.Dataset` of inputs), taken as they come.
         copies: Integer >= 1. Predictions averaged per example, the original's included.
-        batch_size: Integer. Examples per batch. Defaults to `256`.
+        batch_size: Integer. Examples per batch of an array. Defaults to `256`.
 
     Returns:
-        `(len(x), classes)` mean probabilities.
+        `(examples, classes)` mean probabilities.
 
     Raises:
         SettingsError: `copies` < 1, or a model that does not take images.
     """
-    from transferkit.data.sources import batches_of
     from transferkit.pieces.uncertainty import deterministic_model
 
     augmentation = tta_augmentation(model, copies)
     served = deterministic_model(model)
-    return np.concatenate([tta_batch(served, batch, copies, augmentation)
-                           for batch in batches_of(x, batch_size, desc="test-time augmentation")]
+    batches = x
+    if isinstance(x, np.ndarray) or keras.ops.is_tensor(x):
+        batches = (x[start:start + batch_size] for start in range(0, len(x), batch_size))
+    return np.concatenate([tta_batch(served, batch, copies, augmentation) for batch in batches]
                           or [np.zeros((0, model.outputs[0].shape[-1]), "float32")])
 
 
