@@ -1,4 +1,6 @@
-"""Test helpers every component reuses: config and saving round trips."""
+"""Test helpers every test module reuses: the command line in this process, the digits as images, config and
+saving round trips. Imported as `from helpers import ...` (pytest puts `tests/` on the path); fixtures live in
+`conftest.py`."""
 
 from __future__ import annotations
 
@@ -6,6 +8,21 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from click.testing import CliRunner, Result
+
+from transferkit.cli import cli
+
+
+def run(*args) -> Result:
+    """The command line in this process (TensorFlow imported once); stdout and stderr apart."""
+    return CliRunner().invoke(cli, [str(a) for a in args], obj={})
+
+
+def digit_images(n: int = 16) -> np.ndarray:
+    """The first `n` digits as `(n, 8, 8, 1)` float32 images, pixels 0..16."""
+    from transferkit.data.sources import load_data
+
+    return load_data("digits").x[:n].astype("float32")
 
 
 def assert_config_round_trip(obj) -> None:

@@ -7,15 +7,11 @@ import numpy as np
 import pytest
 
 import transferkit as tk
-from tests.helpers import assert_config_round_trip, assert_reloads_with_same_outputs
 from transferkit.pieces.augment_spec import parse_augment
 from transferkit.pieces.augmentation import Augmentation, tta_predict
-from transferkit.data.sources import load_data
 from transferkit.errors import SettingsError
 
-
-def digits_images(n=16):
-    return load_data("digits").x[:n].astype("float32")
+from helpers import assert_config_round_trip, assert_reloads_with_same_outputs, digit_images
 
 
 def test_presets_and_words_parse_to_the_keras_layers_settings():
@@ -44,7 +40,7 @@ def test_a_bad_augment_word_is_refused_naming_it(spec, words):
 
 
 def test_augmentation_is_off_unless_training_and_changes_images_in_training():
-    x = digits_images()
+    x = digit_images()
     layer = Augmentation("light", value_range=(0.0, 16.0), seed=3)
     assert np.array_equal(keras.ops.convert_to_numpy(layer(x)), x)  # no training flag: inference
     assert np.array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
@@ -58,7 +54,7 @@ def test_augmentation_does_not_leak_training_mode_to_the_layers_after_it():
     inputs = keras.Input((8, 8, 1))
     x = Augmentation("flip", seed=0)(inputs)
     model = keras.Model(inputs, keras.layers.Dropout(0.9)(keras.layers.Flatten()(x)))
-    x = digits_images()
+    x = digit_images()
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), x.reshape(len(x), -1))
 
 
@@ -67,7 +63,7 @@ def test_augmentation_config_round_trips_and_saves_with_a_model(tmp_path):
     assert_config_round_trip(layer)
     inputs = keras.Input((8, 8, 1))
     model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(layer(inputs))))
-    reloaded = assert_reloads_with_same_outputs(model, digits_images(), tmp_path)
+    reloaded = assert_reloads_with_same_outputs(model, digit_images(), tmp_path)
     assert reloaded.get_layer(layer.name).spec == layer.spec
 
 
@@ -103,7 +99,7 @@ def test_augmented_model_in_inference_equals_the_model_without_it(augmented_dir)
     model = tk.load_model(augmented_dir)
     assert isinstance(model.get_layer("augmentation"), Augmentation)
     plain = without_augmentation(model)
-    x = digits_images(64)
+    x = digit_images(64)
     expected = keras.ops.convert_to_numpy(plain(x, training=False))
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x, training=False)), expected)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), expected)
@@ -139,7 +135,7 @@ def test_exported_serve_gives_exactly_the_unaugmented_models_outputs(augmented_d
 def test_tta_averages_the_input_and_flipped_copies_with_dropout_off(dropout_classifier_dir):
     # a model without augmentation: each copy is the image or its mirror, and dropout (0.3 here) stays off
     model = tk.load_model(dropout_classifier_dir)
-    x = digits_images(200)
+    x = digit_images(200)
     plain = model.predict(x, verbose=0)
     mirrored = model.predict(x[:, :, ::-1, :], verbose=0)
     averaged = tta_predict(model, x, copies=2)

@@ -8,7 +8,8 @@ import transferkit as tk
 from transferkit.pieces.backbones import (
     BACKBONES, ImagenetPreprocess, InferenceByDefault, RgbToGray, blocks_of, build_backbone,
 )
-from tests.helpers import assert_config_round_trip, assert_reloads_with_same_outputs
+
+from helpers import assert_config_round_trip, assert_reloads_with_same_outputs
 
 
 @pytest.mark.parametrize("name, first, last, count", [

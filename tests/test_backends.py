@@ -14,9 +14,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from transferkit.cli import cli
+from helpers import run
 
 pytestmark = pytest.mark.backend_neutral
 
@@ -98,7 +97,7 @@ def test_backend_option_sets_keras_backend_before_keras_starts():
 
 
 def test_backend_option_once_keras_runs_on_another_is_one_line_exit_2():
-    result = CliRunner().invoke(cli, ["--backend", OTHER, "inspect", "/nonexistent"], obj={})
+    result = run("--backend", OTHER, "inspect", "/nonexistent")
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         f"Error: Keras already runs on {HERE} in this process; set KERAS_BACKEND={OTHER} before it is imported. "

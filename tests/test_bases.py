@@ -9,15 +9,15 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import transferkit as tk
 from transferkit.finetuning.bases import base_blocks, load_body
-from transferkit.cli import cli
 from transferkit.finetuning.plan import plan_finetune
 from transferkit.pieces.freezing import freeze_all_but_top
 from transferkit.recipe import Recipe
 from transferkit.data.sources import load_data
+
+from helpers import digit_images, run
 
 DIGITS_MAX = 16.0  # the digits' pixels run 0..16: the base sees them scaled to 0..255
 
@@ -81,17 +81,13 @@ def weights_of(model: keras.Model) -> dict[str, np.ndarray]:
     return {w.path: keras.ops.convert_to_numpy(w).copy() for layer in model.layers for w in layer.weights}
 
 
-def digits(n: int = 6) -> np.ndarray:
-    return load_data("digits").x[:n].astype("float32")
-
-
 @pytest.mark.parametrize("kind", ["h5", "keras"])
 def test_default_cut_keeps_the_body_up_to_the_last_pooling_layer(files, kind):
     clf = clf_of(base=files[kind])
     original = keras.models.load_model(files[kind], compile=False)
     assert clf.base.layers[-1].name == "avg_pool"
     assert clf.info["cut"] == "avg_pool" and clf.info["cut_rule"] == "default"
-    x = digits()
+    x = digit_images(6)
     expected = keras.Model(original.input, original.get_layer("avg_pool").output)(x * 255 / DIGITS_MAX)
     np.testing.assert_allclose(clf.features(x), expected, rtol=1e-5, atol=1e-5)
 
@@ -109,7 +105,7 @@ def test_cut_by_name_or_negative_index_ends_the_features_with_that_layer(files, 
     cut = "block2_relu" if by == "name" else str(names.index("block2_relu") - len(names))
     clf = clf_of(base=files["keras"], cut=cut)
     assert clf.base.layers[-1].name == "block2_relu" and clf.info["cut"] == "block2_relu"
-    x = digits()
+    x = digit_images(6)
     block2 = keras.Model(original.input, original.get_layer("block2_relu").output)(x * 255 / DIGITS_MAX)
     np.testing.assert_allclose(clf.features(x), np.mean(block2, axis=(1, 2)), rtol=1e-5, atol=1e-5)
     assert [name for name, _ in clf.blocks] == ["block1", "block2"]
@@ -170,7 +166,7 @@ def test_batchnorm_stays_bit_identical_in_a_head_stage_on_the_base(files, tmp_pa
 def test_preprocessing_is_built_into_the_classifier(files, preprocess, channels, expected):
     clf = clf_of(base=files["rgb" if channels == 3 else "keras"], preprocess=preprocess)
     original = keras.models.load_model(files["rgb" if channels == 3 else "keras"], compile=False)
-    x = digits()
+    x = digit_images(6)
     assert clf.model.input.shape[1:] == (8, 8, 1)  # raw digits in
     pixels = np.repeat(x * 255 / DIGITS_MAX, channels, axis=-1)
     pooled = keras.ops.convert_to_numpy(
@@ -184,12 +180,11 @@ def test_preprocessing_is_built_into_the_classifier(files, preprocess, channels,
 
 
 def test_lr_find_and_inspect_take_a_base(files, tmp_path):
-    runner = CliRunner()
-    found = runner.invoke(cli, ["lr-find", "--data", "digits", "--base", files["keras"], "--cut", "block3_relu",
-                                "--num-steps", "10", "--batch-size", "16"], obj={})
+    found = run("lr-find", "--data", "digits", "--base", files["keras"], "--cut", "block3_relu",
+                "--num-steps", "10", "--batch-size", "16")
     assert found.exit_code == 0, found.output
     assert "staged.keras up to block3_relu" in found.output and "valley" in found.output
-    shown = runner.invoke(cli, ["inspect", "--base", files["keras"], "--cut", "-3"], obj={})
+    shown = run("inspect", "--base", files["keras"], "--cut", "-3")
     assert shown.exit_code == 0, shown.output
     lines = shown.output.splitlines()
     assert "body up to block3_relu (given), 3 blocks by named stages" in lines[0]
@@ -197,7 +192,7 @@ def test_lr_find_and_inspect_take_a_base(files, tmp_path):
     assert rows["block3_relu"][0] == "-3" and rows["avg_pool"][-1] == "(dropped)"
     assert rows["block2_bn"][-1] == "block2" and rows["image"][-1] == "-"
     for args in ([], ["saved_models/x", "--base", files["keras"]], ["saved_models/x", "--cut", "-2"]):
-        refused = runner.invoke(cli, ["inspect", *args], obj={})
+        refused = run("inspect", *args)
         assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1, refused.output
 
 
@@ -221,8 +216,8 @@ def test_bad_bases_exit_2_with_one_line(files, args, expected, tmp_path):
     (folder / "notes.h5").write_text("not a model\n")
     keras.models.load_model(files["keras"], compile=False).save_weights(folder / "only.weights.h5")
     args = [a.format(**files) for a in args]
-    result = CliRunner().invoke(cli, ["finetune", "--data", "digits", "--head-epochs", "1", "--epochs", "1",
-                                      "--out", str(tmp_path / "out"), *args], obj={})
+    result = run("finetune", "--data", "digits", "--head-epochs", "1", "--epochs", "1",
+                 "--out", str(tmp_path / "out"), *args)
     assert result.exit_code == 2, result.output
     assert expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "out").exists()
@@ -301,6 +296,6 @@ def test_augment_reaches_a_model_file_base_as_it_does_a_backbone(files):
     layers = [layer.name for layer in clf.features.layers]
     augment = next(i for i, layer in enumerate(clf.features.layers) if isinstance(layer, Augmentation))
     assert augment < layers.index(clf.base.name)  # on the path into the base
-    x = digits()
+    x = digit_images(6)
     inference = keras.ops.convert_to_numpy(clf.features(x, training=False))
     assert not np.allclose(keras.ops.convert_to_numpy(clf.features(x, training=True)), inference)

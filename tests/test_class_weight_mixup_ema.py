@@ -5,13 +5,13 @@ import json
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import transferkit as tk
 from transferkit.pieces.augmentation import mix_batches
 from transferkit.finetuning.class_weights import resolve_class_weight
-from transferkit.cli import cli
 from transferkit.data.sources import load_data
+
+from helpers import assert_config_round_trip, run
 
 
 def head_weights(artifact):
@@ -88,7 +88,7 @@ def test_bad_settings_exit_2_with_one_line_before_training(flags, words, encoder
     out = tmp_path / "out"
     args = ["finetune", "--from", str(encoder_dir), "--head-epochs", "1", "--epochs", "1", "--out", str(out),
             *[str(weights) if f == "WEIGHTS" else f for f in flags]]
-    result = CliRunner().invoke(cli, args, obj={})
+    result = run(*args)
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and words in errors[0], result.output
@@ -146,7 +146,6 @@ def test_saved_weights_are_the_moving_average_of_the_trained_weights(encoder_dir
 
 
 def test_exact_cutmix_config_round_trips():
-    from tests.helpers import assert_config_round_trip
     from transferkit.pieces.augmentation import ExactCutMix
 
     assert_config_round_trip(ExactCutMix(factor=0.5, seed=3))

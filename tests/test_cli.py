@@ -2,20 +2,14 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from transferkit.cli import cli
+from helpers import run
 
 TINY_PRETRAIN = ["--epochs", "1", "--units", "8,4"]
 TINY_FINETUNE = ["--head-epochs", "1", "--epochs", "1", "--label-fraction", "0.1"]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], obj={})
 
 
 def test_help_does_not_import_tensorflow():

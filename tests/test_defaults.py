@@ -15,6 +15,9 @@ from transferkit.data.sources import load_data
 from transferkit.training.defaults import FINETUNE_STEPS, HEAD_STEPS, MIN_EPOCHS, PRETRAIN_STEPS
 from transferkit.recipe import Recipe
 
+from helpers import run
+
+
 def validation_loss(artifact: Path, loss) -> float:
     """The saved model's loss on its artifact's validation rows, computed here with Keras's loss function."""
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -110,18 +113,13 @@ def test_explicit_settings_are_obeyed_exactly(encoder_dir, tmp_path):
     assert "head_epochs = 3" in recipe and "lr = 0.004" in recipe
 
 
-def run_cli(*args):
-    """The command in this process (TensorFlow imported once); stdout and stderr apart."""
-    return CliRunner().invoke(cli, [str(a) for a in args], obj={})
-
-
 @pytest.mark.parametrize("flags", [["--lr", "1e30", "--optimizer", "sgd", "--schedule", "constant"],
                                    ["--lr", "1e4"]], ids=["infinite", "finite-blow-up"])
 def test_a_diverging_run_stops_with_exit_1_and_writes_nothing(encoder_dir, tmp_path, flags):
     out = tmp_path / "clf"
     base = ["finetune", "--from", str(encoder_dir), "--label-fraction", "0.2", "--head-epochs", "4", "--epochs", "2",
             "--out", str(out)]
-    done = run_cli(*base, *flags)
+    done = run(*base, *flags)
     assert done.exit_code == 1, done.output[-1500:]
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith("Error: Training diverged in stage head, epoch ")
@@ -129,7 +127,7 @@ def test_a_diverging_run_stops_with_exit_1_and_writes_nothing(encoder_dir, tmp_p
     assert not out.exists()
     backup = out.with_name(f".{out.name}.backup")
     assert (backup / "state.json").is_file()
-    again = run_cli(*base, "--lr", "0.01", "--restart")
+    again = run(*base, "--lr", "0.01", "--restart")
     assert again.exit_code == 0, again.output[-1500:]
     assert (out / "model.keras").is_file() and not backup.exists()
 
@@ -146,7 +144,7 @@ def test_finetune_help_shows_every_default():
 
 
 def test_the_first_line_says_what_was_chosen(encoder_dir, tmp_path):
-    done = run_cli("finetune", "--from", str(encoder_dir), "--label-fraction", "0.2", "--head-epochs", "2",
+    done = run("finetune", "--from", str(encoder_dir), "--label-fraction", "0.2", "--head-epochs", "2",
                    "--epochs", "1", "--out", str(tmp_path / "clf"))
     assert done.exit_code == 0, done.output[-1500:]
     assert done.stdout.splitlines()[0] == ("finetune: chosen automatically (set them to change): "

@@ -13,13 +13,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from click.testing import CliRunner
 
-from transferkit.cli import cli
 from transferkit.data.sources import Data, load_data, split_data
 from transferkit.commands.diagnose import diagnose
 from transferkit.errors import SettingsError
 from transferkit.pieces.health import TrainingHealth
+
+from helpers import run
 
 DEPTH, WIDTH = 50, 64  # 64 units: with N(0, 1) weights the sigmoid net is below the edge of chaos (docs/claims.md)
 
@@ -232,10 +232,6 @@ def test_callback_warns_once_per_verdict_and_writes_tensorboard(digits, tmp_path
             event = tf.compat.v1.Event.FromString(record.numpy())
             tags.update(value.tag for value in event.summary.value)
     assert {"dead/dense_1", "grad_to_top/dense_0", "summary/max_dead", "verdicts"} <= tags
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], obj={})
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import transferkit as tk
 from transferkit.training.curves import epoch_stages, history_rows
 from transferkit.data.sources import load_data
 from transferkit.commands.report import class_report, most_confused, top_losses
-from tests.test_cli import run
+
+from helpers import run
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 import transferkit as tk
-from transferkit.cli import cli
 from transferkit.errors import SettingsError
+
+from helpers import run
 
 FAST = dict(units=(8,), epochs=1, lr=1e-3, verbose=False)
 
@@ -29,8 +29,7 @@ def folder(root: Path, classes=("a", "b"), per_class=12, size=(10, 14)) -> Path:
 def test_a_folder_of_one_class_cannot_be_finetuned(tmp_path):
     data = folder(tmp_path / "photos", classes=("cats",))
     encoder = tk.pretrain(data=f"dir:{data}", out=str(tmp_path / "enc"), **FAST).artifact  # unlabeled use is fine
-    done = CliRunner().invoke(cli, ["finetune", "--from", str(encoder), "--data", f"dir:{data}", "--out",
-                                    str(tmp_path / "clf")], obj={})
+    done = run("finetune", "--from", str(encoder), "--data", f"dir:{data}", "--out", str(tmp_path / "clf"))
     assert done.exit_code == 2
     assert done.stderr.strip().splitlines()[-1] == (
         f"Error: Data 'dir:{data}' has 1 class ('cats'); expected at least 2 classes to train a classifier.")

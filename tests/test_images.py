@@ -13,6 +13,8 @@ from transferkit.data.sources import load_data
 from transferkit.errors import SettingsError
 from transferkit.data.images import fit_size, list_images, read_images
 
+from helpers import run
+
 RNG = np.random.default_rng(0)
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -288,18 +290,13 @@ def test_a_class_left_without_images_is_refused(tmp_path):
 
 
 def test_cli_names_the_bad_file_and_exits_2(tmp_path):
-    from click.testing import CliRunner
-
-    from transferkit.cli import cli
-
     bad_files(tmp_path / "data" / "x")
-    result = CliRunner().invoke(cli, ["pretrain", "--data", f"dir:{tmp_path / 'data'}", "--out", tmp_path / "out"],
-                                obj={})
+    result = run("pretrain", "--data", f"dir:{tmp_path / 'data'}", "--out", tmp_path / "out")
     assert result.exit_code == 2
     assert result.output.strip() == (f"Error: Image {str(tmp_path / 'data' / 'x' / 'empty.png')!r} cannot be read: "
                                      "the file is empty (0 bytes); expected an image file (fix or remove it, or "
                                      "pass --skip-bad-files).")
-    result = CliRunner().invoke(cli, ["pretrain", "--resize", "squash"], obj={})
+    result = run("pretrain", "--resize", "squash")
     assert result.exit_code == 2 and "'squash' is not one of 'stretch', 'crop', 'pad'" in result.output
 
 

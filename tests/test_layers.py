@@ -4,8 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from tests.helpers import assert_config_round_trip, assert_reloads_with_same_outputs
 from transferkit.pieces.layers import MCAlphaDropout, MCDropout, RReLU
+
+from helpers import assert_config_round_trip, assert_reloads_with_same_outputs
 
 pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`
 

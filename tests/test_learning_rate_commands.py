@@ -9,7 +9,8 @@ import pytest
 import transferkit as tk
 from transferkit.commands.learning_rates import schedule_curve
 from transferkit.recipe import Recipe
-from tests.test_cli import run
+
+from helpers import run
 
 FAST = ["--head-epochs", "2", "--epochs", "2", "--label-fraction", "0.1"]
 

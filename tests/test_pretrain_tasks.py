@@ -5,13 +5,12 @@ import json
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import transferkit as tk
-from transferkit.cli import cli
 from transferkit.errors import SettingsError
 from transferkit.recipe import Recipe
-from helpers import assert_config_round_trip, assert_reloads_with_same_outputs
+
+from helpers import assert_config_round_trip, assert_reloads_with_same_outputs, run
 
 TASKS = ["autoencoder", "denoising", "stacked", "rotation", "pairs", "gan"]
 PICTURES = {"autoencoder": "reconstructions.png", "denoising": "reconstructions.png",
@@ -52,9 +51,9 @@ def test_task_lowers_its_loss_saves_an_encoder_and_fine_tunes_from_the_cli(task,
         assert (tmp_path / "enc" / picture).read_bytes()[:4] == b"\x89PNG"
         assert picture in manifest["pictures"]
 
-    result = CliRunner().invoke(cli, ["finetune", "--from", str(tmp_path / "enc"), "--data", slice_spec,
-                                      "--label-fraction", "0.2", "--head-epochs", "2", "--epochs", "1",
-                                      "--unfreeze-top", "1", "--out", str(tmp_path / "clf")], obj={})
+    result = run("finetune", "--from", str(tmp_path / "enc"), "--data", slice_spec,
+                 "--label-fraction", "0.2", "--head-epochs", "2", "--epochs", "1",
+                 "--unfreeze-top", "1", "--out", str(tmp_path / "clf"))
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "clf" / "manifest.json").read_text())["metrics"]["test_accuracy"] > 0
 
@@ -181,8 +180,8 @@ def test_rotation_of_vectors_is_refused(tmp_path):
 
 
 def test_cli_gan_on_too_little_data_exits_2_with_one_line(slice_spec, tmp_path):
-    result = CliRunner().invoke(cli, ["pretrain", "--data", slice_spec, "--task", "gan", "--batch-size", "1000",
-                                      "--out", str(tmp_path / "enc")], obj={})
+    result = run("pretrain", "--data", slice_spec, "--task", "gan", "--batch-size", "1000",
+                 "--out", str(tmp_path / "enc"))
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "--task gan trains on full batches" in errors[0]

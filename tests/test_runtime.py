@@ -16,7 +16,8 @@ from PIL import Image
 import transferkit as tk
 from transferkit.errors import TransferkitError
 from transferkit.training.runtime import is_chief
-from tests.test_cli import run
+
+from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

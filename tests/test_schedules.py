@@ -7,12 +7,13 @@ import math
 import keras
 import numpy as np
 import pytest
-from helpers import assert_config_round_trip
 
 from transferkit.pieces.momentum import OneCycleMomentum, schedule_callbacks
 from transferkit.errors import SettingsError
 from transferkit.pieces.schedules import (SCHEDULES, OneCycle, PowerDecay, exponential_schedule, make_schedule,
                                    one_cycle_momentum, piecewise_schedule, power_schedule)
+
+from helpers import assert_config_round_trip
 
 pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`
 

@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from sklearn.datasets import make_blobs, make_moons
 
 from transferkit.finetuning import run as finetuning
-from transferkit.cli import cli
 from transferkit.errors import SettingsError
 from transferkit.finetuning.semi_supervised import pool_epochs, propagate_labels, pseudo_labels
+
+from helpers import run
 
 FAST = dict(head_epochs=3, epochs=2, unfreeze_top=1, batch_size=64, verbose=False)
 
@@ -120,9 +120,9 @@ def test_pseudo_rounds_never_take_validation_or_test_examples(encoder_dir, tmp_p
 def test_the_same_seed_gives_the_same_pseudo_labels(encoder_dir, tmp_path, captured):
     import transferkit as tk
 
-    for run in ("a", "b"):
+    for folder in ("a", "b"):
         tk.finetune(from_=str(encoder_dir), label_fraction=0.05, semi_supervised="pseudo", pseudo_rounds=1,
-                    out=str(tmp_path / run), **FAST)
+                    out=str(tmp_path / folder), **FAST)
     first, second = [examples for name, examples, _ in captured if name == "pseudo1"]
     np.testing.assert_array_equal(first.rows, second.rows)
     np.testing.assert_array_equal(first.y, second.y)
@@ -167,7 +167,7 @@ def test_semi_supervised_needs_unlabeled_examples(encoder_dir, tmp_path):
 ])
 def test_bad_semi_supervised_settings_exit_2_before_training(encoder_dir, tmp_path, flags, named):
     out = tmp_path / "clf"
-    result = CliRunner().invoke(cli, ["finetune", "--from", str(encoder_dir), "--out", str(out), *flags])
+    result = run("finetune", "--from", str(encoder_dir), "--out", str(out), *flags)
     assert result.exit_code == 2, result.output
     assert named in result.output
     assert not out.exists()

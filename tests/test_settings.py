@@ -10,6 +10,8 @@ from transferkit.errors import SettingsError
 from transferkit.recipe import Recipe, dump_toml
 from transferkit.settings import describe, flag_name
 
+from helpers import run
+
 TRAINING_COMMANDS = ("pretrain", "finetune", "lr-find", "schedule")
 # options of the training commands that are not Recipe settings: the recipe file and each command's own
 COMMAND_OPTIONS = {"recipe", "stage_name", "plot", "start_lr", "end_lr", "num_steps", "command", "help"}
@@ -62,11 +64,9 @@ def test_every_field_has_help_and_a_shown_default():
 
 
 def test_a_flag_given_on_the_command_line_reaches_the_recipe(tmp_path):
-    from click.testing import CliRunner
-
     out = tmp_path / "curve.png"
-    result = CliRunner().invoke(cli, ["schedule", "--for", "finetune", "--plot", str(out), "--test-fraction", "0.3",
-                                      "--from", "missing"], obj={})
+    result = run("schedule", "--for", "finetune", "--plot", str(out), "--test-fraction", "0.3",
+                 "--from", "missing")
     # --from reaches the recipe: the missing encoder is named (exit 2), after --test-fraction was accepted
     assert result.exit_code == 2 and "missing" in result.output
 

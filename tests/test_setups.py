@@ -8,7 +8,8 @@ import pytest
 
 from transferkit.errors import SettingsError
 from transferkit.pieces.setups import ACTIVATION_SETUPS, conv_stack, dense_stack, setup_for
-from tests.helpers import assert_reloads_with_same_outputs
+
+from helpers import assert_reloads_with_same_outputs
 
 pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`
 

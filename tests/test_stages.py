@@ -10,7 +10,8 @@ from transferkit.finetuning import run as finetuning
 from transferkit.pieces.discriminative import with_learning_rate_factors
 from transferkit.errors import SettingsError
 from transferkit.training.stages import gradual_stages, parse_stages
-from tests.test_cli import run
+
+from helpers import run
 
 
 def test_schedule_parses_into_stages():

@@ -12,7 +12,8 @@ import pytest
 import transferkit as tk
 from transferkit.data.sources import load_data
 from transferkit.pieces.uncertainty import calibration, mc_predict, summarize_samples
-from tests.test_cli import run
+
+from helpers import run
 
 
 def small_model():
