@@ -18,7 +18,7 @@ from pathlib import Path
 
 import keras
 
-from transferkit.pieces.freezing import BlockAudit, audit, find_base, format_audit
+from transferkit.pieces.freezing import BlockAudit, audit, find_base, format_audit, is_hub_model
 
 
 def inspect(model: keras.Model | str | Path, verbose: bool = True) -> list[BlockAudit]:
@@ -40,6 +40,10 @@ def inspect(model: keras.Model | str | Path, verbose: bool = True) -> list[Block
             from transferkit.finetuning.bases import base_blocks
 
             blocks = base_blocks(find_base(model))[1]
+    if blocks is None and is_hub_model(find_base(model)):  # a keras-hub backbone: its pyramid levels
+        from transferkit.finetuning.hub import hub_blocks
+
+        blocks = hub_blocks(find_base(model))[1]
     rows = audit(model, blocks=blocks)
     if verbose:
         print(format_audit(rows), flush=True)

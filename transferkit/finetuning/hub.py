@@ -230,19 +230,18 @@ def inspect_backbone(name: str, verbose: bool = True) -> str:
     return text
 
 
-def restore_freeze(model: keras.Model, folder: str | Path) -> None:
+def restore_freeze(model: keras.Model, stages: list[dict[str, Any]], recipe: str | Path) -> None:
     """Freeze a reloaded classifier's keras-hub base as its last training stage left it.
 
     keras-hub rebuilds a backbone from its arguments, so the `trainable` flags of
     its layers are not saved with the model: every layer would load trainable.
+    `stages` are the manifest's (the last one's `unfreeze_top` counts); `recipe` is the
+    artifact's recipe file, whose `train_batchnorm` applies if it is there.
     """
-    from transferkit.store import artifacts
     from transferkit.pieces.freezing import find_base, freeze_all_but_top
     from transferkit.recipe import Recipe
 
-    folder = Path(folder)
-    stages = artifacts.read_json(folder, artifacts.MANIFEST).get("stages") or [{}]
-    recipe = folder / artifacts.RECIPE
+    recipe = Path(recipe)
     train_batchnorm = recipe.is_file() and Recipe.load(recipe).train_batchnorm
     base = find_base(model)
     freeze_all_but_top(base, hub_blocks(base)[1], int(stages[-1].get("unfreeze_top", 0)), train_batchnorm)

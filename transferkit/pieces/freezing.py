@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import keras
 import numpy as np
 
+from transferkit.errors import SettingsError
 from transferkit.pieces.backbones import ENCODER_BLOCK, backbone_named, blocks_of
 
 Blocks = list[tuple[str, list[keras.layers.Layer]]]
@@ -64,12 +65,21 @@ def block_patterns(base: keras.Model) -> tuple[str, ...]:
     return entry.blocks if entry is not None else (ENCODER_BLOCK,)
 
 
-def default_blocks(base: keras.Model) -> Blocks:
-    """The blocks of `base` known from the model alone: a keras-hub backbone's (by its class), else by its name."""
-    if type(base).__module__.startswith("keras_hub."):
-        from transferkit.finetuning.hub import hub_blocks
+def is_hub_model(model: keras.Model) -> bool:
+    """Whether `model` is a keras-hub model (by its class's module), whose blocks come from its pyramid levels."""
+    return type(model).__module__.startswith("keras_hub.")
 
-        return hub_blocks(base)[1]
+
+def default_blocks(base: keras.Model) -> Blocks:
+    """The blocks of `base` known from its name: a registry backbone's, else a transferkit encoder's.
+
+    Raises:
+        SettingsError: `base` is a keras-hub backbone: its blocks are its pyramid levels, which
+            `transferkit.inspect` finds (or pass them to `audit` as `blocks`).
+    """
+    if is_hub_model(base):
+        raise SettingsError(f"The blocks of the keras-hub backbone {base.name!r} are its pyramid levels; pass them "
+                            "as blocks= (transferkit.inspect finds them).")
     return blocks_of(base, block_patterns(base))
 
 
@@ -90,8 +100,8 @@ def audit(model: keras.Model, lr_factors: dict[str, float] | None = None,
     """Per block of the base, bottom to top, then the head: what trains, BatchNorm's mode, parameters, lr factor.
 
     `lr_factors` (variable path → factor) default to those of the model's optimizer, if it has any; `blocks`
-    to the base's by its class or name (a keras-hub backbone's, a Keras Applications one's, else a transferkit
-    encoder's).
+    to the base's by its name (a Keras Applications backbone's, else a transferkit encoder's; a keras-hub
+    backbone's need passing, see `default_blocks`).
     """
     base = find_base(model)
     factors = lr_factors if lr_factors is not None else getattr(getattr(model, "optimizer", None), "lr_factors", {})

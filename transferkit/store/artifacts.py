@@ -100,7 +100,7 @@ def load_model(path: str | Path):
     if base.get("kind") == "hub":
         from transferkit.finetuning.hub import restore_freeze
 
-        restore_freeze(model, file.parent)
+        restore_freeze(model, read_json(file.parent, MANIFEST).get("stages") or [{}], file.parent / RECIPE)
     return model
 
 
