@@ -8,14 +8,14 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import transferkit as tk
-from transferkit.cli import cli
 from transferkit.finetuning.plan import plan_finetune
 from transferkit.pieces.freezing import freeze_all_but_top
 from transferkit.finetuning.hub import hub_blocks, load_backbone
 from transferkit.recipe import Recipe
+
+from helpers import run
 
 # the converter of an ImageNet ResNet preset: 0..255 pixels to (x / 255 - mean) / std, resized to 24x24
 MEAN, STD, SIDE = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]), 24
@@ -64,10 +64,8 @@ def photos(tmp_path_factory):
 def artifact(preset, photos, tmp_path_factory):
     """`transferkit finetune --backbone hub:DIR`: a head stage, then the top level unfrozen."""
     out = tmp_path_factory.mktemp("hub-clf") / "clf"
-    result = CliRunner().invoke(cli, ["finetune", "--data", f"dir:{photos}", "--backbone", f"hub:{preset}",
-                                      "--label-fraction", "1", "--head-epochs", "1", "--epochs", "1",
-                                      "--unfreeze-top", "1", "--batch-size", "4",
-                                      "--out", str(out)], obj={})
+    result = run("finetune", "--data", f"dir:{photos}", "--backbone", f"hub:{preset}", "--label-fraction", "1",
+                 "--head-epochs", "1", "--epochs", "1", "--unfreeze-top", "1", "--batch-size", "4", "--out", str(out))
     assert result.exit_code == 0, result.output
     return out
 
@@ -197,8 +195,7 @@ def test_the_artifact_reloads_in_a_fresh_process_after_import_transferkit(artifa
 
 
 def test_inspect_and_lr_find_take_a_hub_backbone(preset, photos):
-    runner = CliRunner()
-    shown = runner.invoke(cli, ["inspect", "--backbone", f"hub:{preset}"], obj={})
+    shown = run("inspect", "--backbone", f"hub:{preset}")
     assert shown.exit_code == 0, shown.output
     lines = shown.output.splitlines()
     assert lines[0].endswith("3 blocks by pyramid levels") and "ResNetBackbone" in lines[0]
@@ -206,8 +203,8 @@ def test_inspect_and_lr_find_take_a_hub_backbone(preset, photos):
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert rows["conv1_conv"][-1] == "P2" and rows["stack2_block0_2_bn"][-1] == "P4"
     assert lines[2].split()[1:2] == ["InputLayer"] and lines[2].split()[-1] == "-"
-    found = runner.invoke(cli, ["lr-find", "--data", f"dir:{photos}", "--backbone", f"hub:{preset}",
-                                "--label-fraction", "1", "--num-steps", "10", "--batch-size", "4"], obj={})
+    found = run("lr-find", "--data", f"dir:{photos}", "--backbone", f"hub:{preset}", "--label-fraction", "1",
+                "--num-steps", "10", "--batch-size", "4")
     assert found.exit_code == 0, found.output
     assert "ResNetBackbone" in found.output and "valley" in found.output
 
@@ -228,8 +225,8 @@ def text_preset(tmp_path_factory):
 ])
 def test_bad_hub_backbones_exit_2_with_one_line(preset, text_preset, tmp_path, args, expected):
     args = [a.format(preset=preset, text=text_preset, missing=tmp_path / "missing") for a in args]
-    result = CliRunner().invoke(cli, ["finetune", "--data", "digits", "--head-epochs", "1", "--epochs", "1",
-                                      "--out", str(tmp_path / "out"), *args], obj={})
+    result = run("finetune", "--data", "digits", "--head-epochs", "1", "--epochs", "1", "--out", str(tmp_path / "out"),
+                 *args)
     assert result.exit_code == 2, result.output
     assert expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "out").exists()
@@ -240,8 +237,7 @@ def test_a_preset_that_cannot_download_exits_1_saying_to_pass_a_folder(monkeypat
         raise ConnectionError("Failed to resolve 'api.kaggle.com' (Name or service not known)")
 
     monkeypatch.setattr(keras_hub.models.Backbone, "from_preset", offline)
-    result = CliRunner().invoke(cli, ["finetune", "--data", "digits", "--backbone", "hub:resnet_18_imagenet",
-                                      "--out", str(tmp_path / "out")], obj={})
+    result = run("finetune", "--data", "digits", "--backbone", "hub:resnet_18_imagenet", "--out", str(tmp_path / "out"))
     assert result.exit_code == 1, result.output
     assert "Could not download" in result.output and "--backbone hub:DIR" in result.output
     assert len(result.output.strip().splitlines()) == 1
@@ -249,10 +245,9 @@ def test_a_preset_that_cannot_download_exits_1_saying_to_pass_a_folder(monkeypat
 
 def test_without_keras_hub_finetune_and_loading_exit_2_saying_how_to_install(monkeypatch, preset, artifact, tmp_path):
     monkeypatch.setitem(sys.modules, "keras_hub", None)  # `import keras_hub` raises ModuleNotFoundError
-    runner = CliRunner()
     for args in (["finetune", "--data", "digits", "--backbone", f"hub:{preset}", "--out", str(tmp_path / "out")],
                  ["inspect", "--backbone", f"hub:{preset}"], ["inspect", str(artifact)]):
-        result = runner.invoke(cli, args, obj={})
+        result = run(*args)
         assert result.exit_code == 2, result.output
         assert "pip install 'transferkit[hub]'" in result.output and len(result.output.strip().splitlines()) == 1
 
