@@ -114,8 +114,8 @@ def test_most_confused_and_top_losses_on_a_hand_example():
 
 
 def test_history_csv_rows_match_history_json(classifier_dir, encoder_dir):
-    # classifier_dir: head_epochs=2, then unfreeze_top=1 for epochs=2
-    for artifact, stages in ((classifier_dir, ["head", "head", "top1", "top1"]), (encoder_dir, ["", ""])):
+    # classifier_dir: head_epochs=2, then unfreeze_top=1 for epochs=2; encoder_dir: 2 epochs of the default task
+    for artifact, stages in ((classifier_dir, ["head", "head", "top1", "top1"]), (encoder_dir, ["denoising"] * 2)):
         history = json.loads((Path(artifact) / "history.json").read_text())
         with open(Path(artifact) / "history.csv", newline="") as f:
             rows = list(csv.DictReader(f))

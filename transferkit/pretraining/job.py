@@ -40,6 +40,7 @@ class Job:
     backup: Backup | None = None
     state: dict[str, Any] | None = None
     kept: int | None = None  # the history entry whose weights early stopping kept (None: the last)
+    stopped_after: dict[int, int] = dataclasses.field(default_factory=dict)  # stage -> its last epoch, if stopped
     run: Run = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +112,8 @@ def fit_task(job: Job, model: keras.Model, x: Any, y: Any, loss: Any, validation
         continuous=True, index=stage, loss=loss, metrics=metrics, learning_rate=recipe.lr, lr_data=(x, y),
         patience=recipe.patience, validated=val is not None, validation=val, kept=kept, random_state=True,
         epoch_values=epoch_values, unshuffled=pipeline(x, y, recipe.batch_size) if recipe.health_steps else None))
+    if done.stopping is not None and done.stopping.stopped_epoch:
+        job.stopped_after[stage] = done.stopping.stopped_epoch + 1  # the run's epoch number, as fine-tuning records it
     if done.stopping is not None and done.stopping.best_weights is not None:  # the best epoch's weights came back
         job.kept = len(job.run.history["loss"]) - done.epochs + done.stopping.best_epoch - done.first
     return job.run.history

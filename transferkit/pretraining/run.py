@@ -113,7 +113,8 @@ def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
         normalization=dict(zip(("mean", "variance"), runs.channel_stats(x_train))),
         output_shape=list(encoder.output.shape[1:]),
         pictures=sorted(done.figures),
-        stages=[dataclasses.asdict(s) for s in stages],
+        stages=[{**dataclasses.asdict(s), **({"stopped_after": job.stopped_after[i]} if i in job.stopped_after
+                                               else {})} for i, s in enumerate(stages)],
         metrics=done.metrics,
     )
     runs.save_run(out, encoder, recipe, manifest, split, done.history, figures=done.figures)
