@@ -119,3 +119,81 @@ def predict(model_dir: str | Path, inputs: list[str] | str, *, mc_samples: int =
 
     return run_predict(model_dir, [inputs] if isinstance(inputs, str) else list(inputs), mc_samples=mc_samples,
                        output=output, tta=tta, verbose=verbose)
+
+
+def find_lr(recipe: str | Path | Recipe | None = None, *, stage: str | None = None, plot: str | Path | None = None,
+            start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100, verbose: bool = True,
+            **settings: Any):
+    """The LR range test (Smith 2015, fastai's `lr_find`) on the classifier `finetune` would train.
+
+    The model is frozen as in `stage` (default: the first, the head); the loss is
+    recorded while the rate grows from `start_lr` to `end_lr` over `num_steps` steps.
+
+    Args:
+        recipe, **settings: As for `finetune`.
+        stage: Optional stage name (`head`, `top2`, ...). Defaults to the first stage.
+        plot: Optional PNG to draw the loss curve and the suggestions on.
+
+    Returns:
+        An `LRFindResult` with `valley`, `minimum` and `steep` suggestions.
+    """
+    from transferkit.commands.learning_rates import run_lr_find
+
+    return run_lr_find(resolve_recipe(recipe, "finetune", settings), stage, plot, start_lr, end_lr, num_steps,
+                       verbose=verbose)
+
+
+def plot_schedule(plot: str | Path, recipe: str | Path | Recipe | None = None, *, command: str = "finetune",
+                  verbose: bool = True, **settings: Any):
+    """Draw the learning rate (and momentum) a `pretrain` or `finetune` run would use, step by step, to PNG `plot`.
+
+    The stages come from the run's own Plan, so the drawing is what the run does.
+    Returns the `ScheduleCurve`.
+    """
+    from transferkit.commands.learning_rates import plot_schedule as draw
+    from transferkit.commands.learning_rates import schedule_curve
+
+    resolved = resolve_recipe(recipe, command, settings)
+    curve = schedule_curve(resolved, command)
+    draw(curve, plot, title=f"{command}: {resolved.schedule} schedule, {len(curve.lrs)} steps")
+    if verbose:
+        print(f"schedule: {len(curve.lrs)} steps in {len(curve.stage_starts)} stage(s), learning rate "
+              f"{curve.lrs.min():.3g} to {curve.lrs.max():.3g}; plot written to {plot}", flush=True)
+    return curve
+
+
+def inspect(model_dir: str | Path | None = None, *, base: str | Path | None = None, cut: str | None = None,
+            backbone: str | None = None, verbose: bool = True):
+    """The freeze audit of a classifier artifact, or the layers and blocks of a model file or a backbone.
+
+    Exactly one of `model_dir`, `base` (a Keras model file, with an optional `cut`) or `backbone`.
+
+    Raises:
+        SettingsError: none or several of them, or `cut` without `base`.
+    """
+    from transferkit.errors import SettingsError
+
+    if (model_dir is not None) + (base is not None) + (backbone is not None) != 1:
+        raise SettingsError("inspect takes exactly one of MODEL_DIR (an artifact), --base FILE (a model file) or "
+                            "--backbone NAME.")
+    if cut is not None and base is None:
+        raise SettingsError(f"--cut {cut!r} goes with --base FILE; expected no --cut with MODEL_DIR or --backbone.")
+    if backbone is not None:
+        from transferkit.finetuning.hub import inspect_backbone
+
+        return inspect_backbone(backbone)
+    if base is not None:
+        from transferkit.finetuning.bases import inspect_base
+
+        return inspect_base(str(base), cut)
+    from transferkit.commands.inspect import inspect as audit_artifact
+
+    return audit_artifact(model_dir, verbose=verbose)
+
+
+def diagnose(model: Any, data: Any = None, batches: int = 4, **options: Any):
+    """Per-layer activation and gradient health of `model` (a Keras model, an artifact folder or a `.keras`
+    file) on a few batches, with verdicts; see `transferkit.commands.diagnose.diagnose`."""
+    from transferkit.commands.diagnose import diagnose as run
+
+    return run(model, data, batches, **options)

@@ -142,10 +142,9 @@ def finetune(recipe: str | None, **settings: Any) -> None:
 def lr_find(recipe: str | None, stage_name: str | None, plot: str | None, start_lr: float, end_lr: float,
             num_steps: int, **settings: Any) -> None:
     """The LR range test on the model finetune would train; prints valley, minimum/10 and steep."""
-    from transferkit.api import resolve_recipe
-    from transferkit.commands.learning_rates import run_lr_find
+    from transferkit.api import find_lr
 
-    run_lr_find(resolve_recipe(recipe, "finetune", settings), stage_name, plot, start_lr, end_lr, num_steps)
+    find_lr(recipe, stage=stage_name, plot=plot, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, **settings)
 
 
 @cli.command()
@@ -156,14 +155,9 @@ def lr_find(recipe: str | None, stage_name: str | None, plot: str | None, start_
 @handle_errors
 def schedule(recipe: str | None, command: str, plot: str, **settings: Any) -> None:
     """Draw the learning rate and momentum a recipe would use, step by step, without training."""
-    from transferkit.api import resolve_recipe
-    from transferkit.commands.learning_rates import plot_schedule, schedule_curve
+    from transferkit.api import plot_schedule
 
-    resolved = resolve_recipe(recipe, command, settings)
-    curve = schedule_curve(resolved, command)
-    plot_schedule(curve, plot, title=f"{command}: {resolved.schedule} schedule, {len(curve.lrs)} steps")
-    click.echo(f"schedule: {len(curve.lrs)} steps in {len(curve.stage_starts)} stage(s), learning rate "
-               f"{curve.lrs.min():.3g} to {curve.lrs.max():.3g}; plot written to {plot}")
+    plot_schedule(plot, recipe, command=command, **settings)
 
 
 _TTA_HELP = ("Test-time augmentation: also average the probabilities over the input and N-1 augmented copies "
@@ -226,26 +220,9 @@ def predict(model_dir: str, inputs: tuple[str, ...], mc_samples: int, output: st
 @handle_errors
 def inspect(model_dir: str | None, base: str | None, cut: str | None, backbone: str | None) -> None:
     """The freeze audit of MODEL_DIR: per block, what trains, BatchNorm's mode, parameters, lr factor."""
-    if (model_dir is not None) + (base is not None) + (backbone is not None) != 1:
-        raise SettingsError("inspect takes exactly one of MODEL_DIR (an artifact), --base FILE (a model file) or "
-                            "--backbone NAME.")
-    if cut is not None and base is None:
-        raise SettingsError(f"--cut {cut!r} goes with --base FILE; expected no --cut with MODEL_DIR or --backbone.")
-    if backbone is not None:
-        from transferkit.finetuning.hub import inspect_backbone
+    from transferkit.api import inspect as run
 
-        inspect_backbone(backbone)
-        return
-    if base is not None:
-        from transferkit.finetuning.bases import inspect_base
-
-        inspect_base(base, cut)
-        return
-    from transferkit.commands.inspect import inspect as run
-
-    run(model_dir)
-
-
+    run(model_dir, base=base, cut=cut, backbone=backbone)
 
 
 @cli.command()
@@ -262,7 +239,7 @@ def diagnose(model: str, data: str | None, batches: int, batch_size: int, seed: 
     """Per-layer activations and gradients of MODEL (an artifact folder or a .keras file) on a few batches,
     with verdicts (vanishing/exploding gradients, saturation, dead units, broken self-normalization)
     and the remedies that apply."""
-    from transferkit.commands.diagnose import diagnose as run
+    from transferkit.api import diagnose as run
 
     report = run(model, data, batches=batches, batch_size=batch_size, seed=seed)
     click.echo(report.format())
