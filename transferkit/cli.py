@@ -56,7 +56,8 @@ def _common_options(f: Callable) -> Callable:
         click.option("--clipvalue", type=float, help="Clip each gradient component to [-v, v]."),
         click.option("--device", type=click.Choice(DEVICES), help="Where to train."),
         click.option("--strategy", type=click.Choice(STRATEGIES),
-                     help="tf.distribute strategy (auto: TPU if found, mirrored with 2+ GPUs, else default)."),
+                     help="auto: TPU if found, mirrored with 2+ GPUs, else default (TensorFlow); multiworker: "
+                          "every device of several processes (JAX, keras.distribution; README \"Several machines\")."),
         click.option("--precision", type=click.Choice(PRECISIONS), help="float32 or mixed precision."),
         click.option("--jit-compile/--no-jit-compile", default=None, help="XLA-compile the training step."),
         click.option("--health-every", type=int,

@@ -45,6 +45,7 @@ from transferkit.bases import base_blocks, base_inputs, load_body
 from transferkit.bases import describe as describe_base
 from transferkit.class_weights import resolve_class_weight
 from transferkit.defaults import describe_chosen, resolve_finetune
+from transferkit.distributed import on_this_process
 from transferkit.data import Data, Split, as_array, pipeline, split_data
 from transferkit.errors import SettingsError
 from transferkit.discriminative import block_factors
@@ -53,6 +54,7 @@ from transferkit.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.health import TrainingHealth
 from transferkit.losses import SparseCategoricalCrossentropyWithSmoothing
 from transferkit.recipe import Recipe
+from transferkit.runtime import is_chief
 from transferkit.semi_supervised import (
     NEIGHBOURS, SPREAD, check_pool, per_class, pool_epochs, propagate_labels, pseudo_labels, unlabeled_pool,
 )
@@ -189,7 +191,7 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     """Build the classifier, train it stage by stage, test it, save it."""
     runs.check_out_writable(runs.out_dir(recipe, "classifier"))
     with runs.training_context(recipe) as strategy:
-        return _train(plan_finetune(recipe, strategy.num_replicas_in_sync), verbose)
+        return _train(plan_finetune(recipe, strategy.num_replicas_in_sync), verbose and is_chief())
 
 
 @dataclasses.dataclass
@@ -306,8 +308,8 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
             keep = BackupCallback(backup, clf.model, index, history, recipe.backup_every, final_epoch=total_epochs,
                                   head=clf.head if cached else None, stopping=stopping)
             health = [TrainingHealth(pipeline(inputs["train"], y, plan.batch_size), every=recipe.health_steps,
-                                     log_dir=recipe.tensorboard, initial_step=first * per_epoch)
-                      ] if recipe.health_steps else []
+                                     log_dir=recipe.tensorboard if is_chief() else None,
+                                     initial_step=first * per_epoch)] if recipe.health_steps else []
             backend.build_compiled(trained, pipeline(inputs["train"], y, plan.batch_size))
             batches = pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed)
             fit = trained.fit(
@@ -410,11 +412,13 @@ def _examples(plan: Plan, phase: Phase, propagated: np.ndarray | None, backup: B
         chosen = artifacts.read_json(backup.folder, saved.name)
         rows, labels = np.asarray(chosen["rows"], dtype=np.int64), np.asarray(chosen["labels"], dtype=np.int64)
     else:
-        probs = plan.clf.model.predict(pipeline(data.x[pool], batch_size=plan.batch_size), verbose=0)
+        with on_this_process():  # each process labels the whole pool (the same labels on all)
+            probs = plan.clf.model.predict(pipeline(data.x[pool], batch_size=plan.batch_size), verbose=0)
         picked, labels = pseudo_labels(probs, phase.round, recipe.pseudo_rounds, recipe.pseudo_threshold)
         rows = pool[picked]
-        backup.folder.mkdir(parents=True, exist_ok=True)
-        artifacts.write_json(saved, {"rows": rows.tolist(), "labels": labels.tolist()})
+        if is_chief():
+            backup.folder.mkdir(parents=True, exist_ok=True)
+            artifacts.write_json(saved, {"rows": rows.tolist(), "labels": labels.tolist()})
     return Examples(np.concatenate([split.labeled, rows]),
                     np.concatenate([data.y[split.labeled], labels]).astype(data.y.dtype))
 

@@ -54,6 +54,7 @@ from transferkit.health import TrainingHealth
 from transferkit.errors import SettingsError
 from transferkit.pretext_layers import _TrainingOnlyScale
 from transferkit.recipe import Recipe
+from transferkit.runtime import is_chief
 from transferkit.setups import activation_layer, conv_stack, dense_stack, setup_for
 
 # task -> "module:function" training it (imported when used: the pretext and GAN modules import this one)
@@ -162,7 +163,7 @@ def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
     recipe = recipe.validate()
     runs.check_out_writable(runs.out_dir(recipe, "encoder"))
     with runs.training_context(recipe):
-        return _pretrain(recipe, verbose)
+        return _pretrain(recipe, verbose and is_chief())
 
 
 def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
@@ -372,7 +373,7 @@ def fit_task(job: Job, model: keras.Model, x: Any, y: Any, loss: Any, validation
     callbacks.extend(guards)
     if recipe.health_steps:
         callbacks.append(TrainingHealth(pipeline(x, y, recipe.batch_size), every=recipe.health_steps,
-                                        log_dir=recipe.tensorboard, loss=loss,
+                                        log_dir=recipe.tensorboard if is_chief() else None, loss=loss,
                                         initial_step=max(start, job.resume_at) * steps))
     callbacks.extend(runs.curves(recipe))
     return fit_resumable(job, model, (x, y), history, start=start, stage=stage, kept=kept, validation=val,

@@ -123,11 +123,12 @@ def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: 
     `figures` maps PNG file names to matplotlib figures, drawn into the same temporary folder.
     """
     from transferkit.curves import write_history_csv
+    from transferkit.distributed import on_this_process
     from transferkit.runtime import is_chief
 
     if not is_chief():
         return out
-    with artifacts.atomic_dir(out) as tmp:
+    with artifacts.atomic_dir(out) as tmp, on_this_process():
         model.save(tmp / artifacts.MODEL)
         (tmp / artifacts.RECIPE).write_text(dump_toml(recipe.to_dict()))
         artifacts.write_json(tmp / artifacts.MANIFEST, manifest)
@@ -230,9 +231,13 @@ def stage_guards(stage: str, patience: int, validated: bool, learning_rate: floa
 def curves(recipe: Recipe) -> list:
     """Keras's TensorBoard callback writing each stage's training curves to `recipe.tensorboard` (none if unset).
 
+    Across processes, the first writes them.
+
     Stages continue the epoch count, so the curves of a run follow on one axis.
     """
-    if not recipe.tensorboard:
+    from transferkit.runtime import is_chief
+
+    if not recipe.tensorboard or not is_chief():
         return []
     import keras
 
