@@ -103,3 +103,28 @@ def test_backend_option_once_keras_runs_on_another_is_one_line_exit_2():
     assert result.output.strip().splitlines() == [
         f"Error: Keras already runs on {HERE} in this process; set KERAS_BACKEND={OTHER} before it is imported. "
         f"Received: backend={OTHER!r}"]
+
+
+def export_with_dropout(classifier: str, out: str) -> list:
+    """Export `classifier` (dropout before its head) to `out`; `serve` on 4 digits and two `serve_mc` means."""
+    import tensorflow as tf
+
+    import transferkit as tk
+    from transferkit.data import load_data
+
+    signatures = tf.saved_model.load(str(tk.export(classifier, out, mc_samples=10, verbose=False).artifact)).signatures
+    x = tf.constant(load_data("digits").x[:4])
+    return [signatures["serve"](inputs=x)["probabilities"].numpy().tolist()] + [
+        signatures["serve_mc"](inputs=x)["mean"].numpy().tolist() for _ in range(2)]
+
+
+def test_a_classifier_with_dropout_exports_on_both_backends(dropout_classifier_dir, tmp_path):
+    # #18: on JAX, tracking the MC model after adding 'serve' gave jax2tf more variables than shapes (a pytree
+    # error at write_out). Both SavedModels hold the same weights: the same 'serve'; 'serve_mc' varies per call
+    here = export_with_dropout(str(dropout_classifier_dir), str(tmp_path / "here"))
+    there = json.loads(on_other_backend(
+        "import json; from test_backends import export_with_dropout; "
+        f"print(json.dumps(export_with_dropout({str(dropout_classifier_dir)!r}, {str(tmp_path / 'there')!r})))"))
+    np.testing.assert_allclose(here[0], there[0], rtol=1e-4, atol=1e-6)
+    for _, first_mc, second_mc in (here, there):
+        assert np.max(np.abs(np.subtract(first_mc, second_mc))) > 1e-3
