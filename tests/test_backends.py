@@ -128,3 +128,24 @@ def test_a_classifier_with_dropout_exports_on_both_backends(dropout_classifier_d
     np.testing.assert_allclose(here[0], there[0], rtol=1e-4, atol=1e-6)
     for _, first_mc, second_mc in (here, there):
         assert np.max(np.abs(np.subtract(first_mc, second_mc))) > 1e-3
+
+
+def test_count_nonfinite_counts_nan_and_infinity_in_every_tensor():
+    from transferkit.backend import count_nonfinite
+
+    values = [np.array([1.0, np.nan, np.inf], "float32"), np.full((2, 2), -np.inf, "float32"), np.arange(3)]
+    tensors = [keras.Variable(values[0]), *(keras.ops.convert_to_tensor(v) for v in values[1:])]
+    assert count_nonfinite(tensors) == 2 + 4 + 0
+    assert count_nonfinite(tensors[2:]) == 0
+
+
+def test_a_stage_compiles_its_step_on_jax_and_with_xla_on_tensorflow_only_when_asked():
+    # on JAX, jit_compile=False would run every op of every step eagerly, several times slower (bench/backends.py)
+    from transferkit import runs
+    from transferkit.recipe import Recipe
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    for asked in (False, True):
+        runs.compile_stage(model, Recipe(jit_compile=asked), 1e-3, 10, "mse")
+        model.fit(np.ones((4, 3), "float32"), np.ones((4, 2), "float32"), epochs=1, verbose=0)
+        assert model.jit_compile is (asked or HERE == "jax")

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -68,6 +69,37 @@ def _jax_forward(model: "weakref.ref[keras.Model]") -> Callable:
     return run
 
 
+def count_nonfinite(tensors: Sequence) -> int:
+    """How many entries of `tensors` (variables or tensors) are NaN or infinite, counted where they are.
+
+    On JAX one compiled function for the whole list (eager ops would compile
+    four small programs for every distinct shape); on TensorFlow eager ops.
+    """
+    if name() == "jax":
+        return int(_jax_counter()([getattr(t, "value", t) for t in tensors]))
+    ops = keras.ops
+    return sum(int(ops.convert_to_numpy(ops.sum(ops.cast(ops.logical_not(ops.isfinite(t)), "int32"))))
+               for t in tensors)
+
+
+@functools.cache
+def _jax_counter() -> Callable:
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(lambda values: sum(jnp.sum(~jnp.isfinite(v), dtype="int32") for v in values))
+
+
+def jit_compile(xla: bool) -> bool | str:
+    """`compile`'s `jit_compile` for `--jit-compile` (`xla`): on TensorFlow as given (False: a graph without XLA).
+
+    On JAX a step is XLA-compiled or not compiled at all: False would run every
+    op of every step eagerly (and compile each op on its own), several times
+    slower; there it is Keras's `"auto"`, which compiles unless the model cannot be.
+    """
+    return xla or ("auto" if name() == "jax" else False)
+
+
 def value_and_grads(fn: Callable[[list], tuple[Any, Any]], wrt: Sequence) -> tuple[Any, list, Any]:
     """`fn(wrt) -> (scalar, aux)`, and the scalar's gradients with respect to each tensor of `wrt`.
 
@@ -89,7 +121,7 @@ def value_and_grads(fn: Callable[[list], tuple[Any, Any]], wrt: Sequence) -> tup
 
 
 def build_compiled(model: keras.Model, batches) -> None:
-    """On JAX, build `model`'s compiled loss and metrics on the first of `batches` (an unshuffled tf.data dataset).
+    """On JAX, build `model`'s compiled loss and metrics with a test step on the first of `batches` (unshuffled).
 
     Otherwise JAX's `fit` builds them on a batch it draws from the training data
     itself: an extra pass that takes one reshuffle of a seeded `shuffle`, so every
@@ -98,8 +130,6 @@ def build_compiled(model: keras.Model, batches) -> None:
     if name() != "jax":
         return
     x, y = next(iter(batches))
-    x, y = np.asarray(x), np.asarray(y)
-    predictions = model(x, training=False)
-    model.compute_loss(x=x, y=y, y_pred=predictions)
-    model.compute_metrics(x, y, predictions)
+    # one compiled test step (validation reuses it) rather than eager ops, each compiled on its own
+    model.test_on_batch(np.asarray(x), np.asarray(y))
     model.reset_metrics()

@@ -218,9 +218,9 @@ class StopOnDivergence(keras.callbacks.Callback):
             self.first_loss = loss
 
     def on_epoch_end(self, epoch, logs=None):
-        ops = keras.ops  # counted where the weights are: no copy of the whole model every epoch
-        broken = sum(int(ops.convert_to_numpy(ops.sum(ops.cast(ops.logical_not(ops.isfinite(w)), "int32"))))
-                     for w in self.model.weights)
+        from transferkit.backend import count_nonfinite
+
+        broken = count_nonfinite(self.model.weights)  # where the weights are: no copy of the model every epoch
         if broken:
             self._fail(f"{broken} weights became NaN or infinite", "its end")
         loss = (logs or {}).get("loss")

@@ -195,6 +195,7 @@ def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int,
     """
     import keras
 
+    from transferkit.backend import jit_compile
     from transferkit.discriminative import with_learning_rate_factors
     from transferkit.schedules import make_schedule, schedule_callbacks
 
@@ -203,7 +204,7 @@ def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int,
     opt = make_optimizer(recipe, rate, ema)
     if lr_factors:
         opt = with_learning_rate_factors(opt, lr_factors)
-    model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=recipe.jit_compile)
+    model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=jit_compile(recipe.jit_compile))
     averaging = [keras.callbacks.SwapEMAWeights()] if ema else []
     return schedule_callbacks(recipe.schedule, rate, optimizer=opt, **options) + averaging
 
