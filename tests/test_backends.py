@@ -40,7 +40,7 @@ def fixed_head_stage(encoder_dir: str, out: str) -> list:
     reshuffles in another sequence than a Python loop over the dataset (JAX's `fit`) does.
     """
     import transferkit as tk
-    from transferkit import finetuning
+    from transferkit.finetuning import train as finetuning
 
     build = finetuning.build_classifier
 
@@ -110,7 +110,7 @@ def export_with_dropout(classifier: str, out: str) -> list:
     import tensorflow as tf
 
     import transferkit as tk
-    from transferkit.data import load_data
+    from transferkit.data.sources import load_data
 
     signatures = tf.saved_model.load(str(tk.export(classifier, out, mc_samples=10, verbose=False).artifact)).signatures
     x = tf.constant(load_data("digits").x[:4])
@@ -131,7 +131,7 @@ def test_a_classifier_with_dropout_exports_on_both_backends(dropout_classifier_d
 
 
 def test_count_nonfinite_counts_nan_and_infinity_in_every_tensor():
-    from transferkit.backend import count_nonfinite
+    from transferkit.training.backend import count_nonfinite
 
     values = [np.array([1.0, np.nan, np.inf], "float32"), np.full((2, 2), -np.inf, "float32"), np.arange(3)]
     tensors = [keras.Variable(values[0]), *(keras.ops.convert_to_tensor(v) for v in values[1:])]
@@ -141,7 +141,7 @@ def test_count_nonfinite_counts_nan_and_infinity_in_every_tensor():
 
 def test_a_stage_compiles_its_step_on_jax_and_with_xla_on_tensorflow_only_when_asked():
     # on JAX, jit_compile=False would run every op of every step eagerly, several times slower (bench/backends.py)
-    from transferkit import runs
+    from transferkit.training import runs
     from transferkit.recipe import Recipe
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])

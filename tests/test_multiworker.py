@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.test_cli import run
-from transferkit.distributed import process_rows
+from transferkit.training.distributed import process_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
