@@ -102,3 +102,49 @@ def test_backend_option_once_keras_runs_on_another_is_one_line_exit_2():
     assert result.output.strip().splitlines() == [
         f"Error: Keras already runs on {HERE} in this process; set KERAS_BACKEND={OTHER} before it is imported. "
         f"Received: backend={OTHER!r}"]
+
+
+def export_with_dropout(classifier: str, out: str) -> list:
+    """Export `classifier` (dropout before its head) to `out`; `serve` on 4 digits and two `serve_mc` means."""
+    import tensorflow as tf
+
+    import transferkit as tk
+    from transferkit.data.sources import load_data
+
+    signatures = tf.saved_model.load(str(tk.export(classifier, out, mc_samples=10, verbose=False).artifact)).signatures
+    x = tf.constant(load_data("digits").x[:4])
+    return [signatures["serve"](inputs=x)["probabilities"].numpy().tolist()] + [
+        signatures["serve_mc"](inputs=x)["mean"].numpy().tolist() for _ in range(2)]
+
+
+def test_a_classifier_with_dropout_exports_on_both_backends(dropout_classifier_dir, tmp_path):
+    # #18: on JAX, tracking the MC model after adding 'serve' gave jax2tf more variables than shapes (a pytree
+    # error at write_out). Both SavedModels hold the same weights: the same 'serve'; 'serve_mc' varies per call
+    here = export_with_dropout(str(dropout_classifier_dir), str(tmp_path / "here"))
+    there = json.loads(on_other_backend(
+        "import json; from test_backends import export_with_dropout; "
+        f"print(json.dumps(export_with_dropout({str(dropout_classifier_dir)!r}, {str(tmp_path / 'there')!r})))"))
+    np.testing.assert_allclose(here[0], there[0], rtol=1e-4, atol=1e-6)
+    for _, first_mc, second_mc in (here, there):
+        assert np.max(np.abs(np.subtract(first_mc, second_mc))) > 1e-3
+
+
+def test_count_nonfinite_counts_nan_and_infinity_in_every_tensor():
+    from transferkit.pieces.callbacks import count_nonfinite
+
+    values = [np.array([1.0, np.nan, np.inf], "float32"), np.full((2, 2), -np.inf, "float32"), np.arange(3)]
+    tensors = [keras.Variable(values[0]), *(keras.ops.convert_to_tensor(v) for v in values[1:])]
+    assert count_nonfinite(tensors) == 2 + 4 + 0
+    assert count_nonfinite(tensors[2:]) == 0
+
+
+def test_a_stage_compiles_its_step_on_jax_and_with_xla_on_tensorflow_only_when_asked():
+    # on JAX, jit_compile=False would run every op of every step eagerly, several times slower (bench/backends.py)
+    from transferkit.training import runs
+    from transferkit.recipe import Recipe
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    for asked in (False, True):
+        runs.compile_stage(model, Recipe(jit_compile=asked), 1e-3, 10, "mse")
+        model.fit(np.ones((4, 3), "float32"), np.ones((4, 2), "float32"), epochs=1, verbose=0)
+        assert model.jit_compile is (asked or HERE == "jax")

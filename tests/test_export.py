@@ -100,6 +100,7 @@ def mc_conv_export(mc_conv_dir):
     return tf.saved_model.load(str(tk.export(mc_conv_dir, mc_samples=10, verbose=False).artifact)).signatures
 
 
+@pytest.mark.backend_neutral
 def test_serve_is_deterministic_with_mc_dropout_off_and_batchnorm_in_inference_mode(mc_conv_dir, mc_conv_export):
     import tensorflow as tf
 
@@ -119,6 +120,7 @@ def test_serve_is_deterministic_with_mc_dropout_off_and_batchnorm_in_inference_m
     np.testing.assert_allclose(one_by_one, first[:4], atol=1e-6)
 
 
+@pytest.mark.backend_neutral
 def test_serve_mc_differs_between_calls(mc_conv_export):
     import tensorflow as tf
 
@@ -128,6 +130,7 @@ def test_serve_mc_differs_between_calls(mc_conv_export):
     assert np.all(first["std"].numpy().max(axis=1) > 0)
 
 
+@pytest.mark.backend_neutral
 def test_an_empty_batch_gives_empty_outputs(mc_conv_export):
     import tensorflow as tf
 
@@ -137,6 +140,7 @@ def test_an_empty_batch_gives_empty_outputs(mc_conv_export):
     assert shapes == {"mean": [0, 10], "std": [0, 10], "entropy": [0]}
 
 
+@pytest.mark.backend_neutral
 def test_inputs_of_another_shape_are_refused_with_an_error(mc_conv_dir, mc_conv_export):
     # in a fresh process: under oneDNN a convolution fed the wrong rank can abort the process (PITFALLS 16)
     code = (

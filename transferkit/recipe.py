@@ -209,8 +209,9 @@ class Recipe:
                                             "inputs.", commands=FINETUNE, choices=GRAPHS)
     # where it runs
     device: str = setting("auto", "Where to train.", choices=DEVICES)
-    strategy: str = setting("auto", "Distribution strategy (auto: TPU if found, mirrored with 2+ GPUs, else "
-                                    "default).", choices=STRATEGIES)
+    strategy: str = setting("auto", "auto: TPU if found, mirrored with 2+ GPUs, else default (TensorFlow); "
+                                    "multiworker: every device of several processes (JAX, keras.distribution; "
+                                    "README \"Several machines\").", choices=STRATEGIES)
     precision: str = setting("float32", "float32 or mixed precision.", choices=PRECISIONS)
     jit_compile: bool = setting(False, "XLA-compile the training step.")
     # training health

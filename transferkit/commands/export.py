@@ -79,16 +79,20 @@ def run_export(model_dir: str | Path, out: str | Path | None = None, mc_samples:
     dtype = served.outputs[0].dtype
     outputs = tuple(served.outputs[0].shape[1:])
 
-    archive = keras.export.ExportArchive()
-    archive.track(served)
-    add_checked_endpoint(archive, "serve", lambda x: {output_name: served(x, training=False)}, spec,
-                         {output_name: (outputs, dtype)})
     mc_model = None
     if manifest["kind"] == "classifier" and has_dropout(model):
         if mc_samples < 2:
             raise SettingsError(f"--mc-samples must be at least 2. Received: mc_samples={mc_samples}")
         mc_model = monte_carlo_model(model)
-        archive.track(mc_model)
+    # every model is tracked before the first endpoint: on JAX an endpoint takes the variables tracked when it is
+    # added as its inputs' shapes, but those tracked when it is traced (at `write_out`) as its inputs (#18)
+    archive = keras.export.ExportArchive()
+    for tracked in (served, mc_model):
+        if tracked is not None:
+            archive.track(tracked)
+    add_checked_endpoint(archive, "serve", lambda x: {output_name: served(x, training=False)}, spec,
+                         {output_name: (outputs, dtype)})
+    if mc_model is not None:
 
         def serve_mc(x):
             mean, std, entropy, _ = summarize_samples(mc_samples_of(mc_model, x, mc_samples))

@@ -44,6 +44,8 @@ from transferkit.finetuning.feature_cache import MEMORY_LIMIT_BYTES, can_cache, 
 from transferkit.pieces.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.pieces.losses import SparseCategoricalCrossentropyWithSmoothing
 from transferkit.recipe import Recipe
+from transferkit.training.distributed import on_this_process
+from transferkit.training.runtime import is_chief
 from transferkit.finetuning.semi_supervised import NEIGHBOURS, SPREAD, propagate_labels, pseudo_labels
 from transferkit.training.stages import Stage, describe
 from transferkit.finetuning.plan import Phase, Plan, class_names, lr_factors, plan_finetune
@@ -53,7 +55,7 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     """Build the classifier, train it stage by stage, test it, save it."""
     runs.check_out_writable(runs.out_dir(recipe, "classifier"))
     with runs.training_context(recipe) as strategy:
-        return _train(plan_finetune(recipe, strategy.num_replicas_in_sync), verbose)
+        return _train(plan_finetune(recipe, strategy.num_replicas_in_sync), verbose and is_chief())
 
 
 @dataclasses.dataclass
@@ -262,11 +264,13 @@ def _examples(plan: Plan, phase: Phase, propagated: np.ndarray | None, backup: B
         chosen = artifacts.read_json(backup.folder, saved.name)
         rows, labels = np.asarray(chosen["rows"], dtype=np.int64), np.asarray(chosen["labels"], dtype=np.int64)
     else:
-        probs = plan.clf.model.predict(pipeline(data.x[pool], batch_size=plan.batch_size), verbose=0)
+        with on_this_process():  # each process labels the whole pool (the same labels on all)
+            probs = plan.clf.model.predict(pipeline(data.x[pool], batch_size=plan.batch_size), verbose=0)
         picked, labels = pseudo_labels(probs, phase.round, recipe.pseudo_rounds, recipe.pseudo_threshold)
         rows = pool[picked]
-        backup.folder.mkdir(parents=True, exist_ok=True)
-        artifacts.write_json(saved, {"rows": rows.tolist(), "labels": labels.tolist()})
+        if is_chief():
+            backup.folder.mkdir(parents=True, exist_ok=True)
+            artifacts.write_json(saved, {"rows": rows.tolist(), "labels": labels.tolist()})
     return Examples(np.concatenate([split.labeled, rows]),
                     np.concatenate([data.y[split.labeled], labels]).astype(data.y.dtype))
 

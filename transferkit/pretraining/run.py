@@ -46,6 +46,7 @@ from transferkit.data.sources import Data, Split
 from transferkit.training.defaults import describe_chosen, resolve_pretrain
 from transferkit.errors import SettingsError
 from transferkit.recipe import Recipe
+from transferkit.training.runtime import is_chief
 from transferkit.pretraining.job import Job, Pretrained
 from transferkit.pretraining.autoencoders import train_autoencoder, train_stacked
 from transferkit.pretraining.encoder import build_encoder
@@ -79,7 +80,7 @@ def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
     recipe = recipe.validate()
     runs.check_out_writable(runs.out_dir(recipe, "encoder"))
     with runs.training_context(recipe):
-        return _pretrain(recipe, verbose)
+        return _pretrain(recipe, verbose and is_chief())
 
 
 def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:

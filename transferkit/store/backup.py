@@ -6,7 +6,9 @@ hidden sibling of its output folder, `.NAME.backup/`: the model's weights
 variables; pretraining adds a second optimizer's and the random seed states),
 the stage, the next epoch and the history so far. Each file is written to a
 temporary name and renamed into place, the state last, so a kill at any moment
-leaves the previous backup whole. Running the same command again continues
+leaves the previous backup whole. Across processes (`--strategy multiworker`)
+the first writes it and every process reads it: resuming there needs the
+output folder on a file system they share. Running the same command again continues
 from it; a backup made with other settings is refused (or discarded with
 `restart`).
 
@@ -29,6 +31,7 @@ import numpy as np
 
 from transferkit.store import artifacts
 from transferkit.errors import SettingsError
+from transferkit.training.runtime import is_chief
 
 STATE = "state.json"
 WEIGHTS = "weights.npz"
@@ -53,7 +56,19 @@ class Backup:
         return cls(out.with_name(f".{out.name}.backup"), settings)
 
     def state(self, restart: bool = False) -> dict[str, Any] | None:
-        """The saved state, `None` when there is none; refuses one made with other settings."""
+        """The saved state, `None` when there is none; refuses one made with other settings.
+
+        Across processes, refuses states that differ between them (a folder they do not share).
+        """
+        from transferkit.training.distributed import same_on_every_process
+
+        state = self._read_state(restart)
+        if not same_on_every_process(-1 if state is None else int(state["epoch"])):
+            raise SettingsError(f"The processes found different backups in {str(self.folder)!r}: resuming across "
+                                "processes needs --out on a file system they all share (or pass --restart).")
+        return state
+
+    def _read_state(self, restart: bool) -> dict[str, Any] | None:
         path = self.folder / STATE
         if not path.is_file():
             return None
@@ -79,6 +94,8 @@ class Backup:
         were written by `save_weights` when the stage began. `stopping`: early stopping's progress
         (`ResumableEarlyStopping.state()`).
         """
+        if not is_chief():
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         _save_arrays(self.folder / (HEAD if head_only else WEIGHTS), variables_of(model))
         _save_arrays(self.folder / OPTIMIZER, variables_of(optimizer))
@@ -101,6 +118,8 @@ class Backup:
 
     def save_weights(self, model: Kept) -> None:
         """The whole model's weights alone: at the start of a stage whose backups keep only its head."""
+        if not is_chief():
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         _save_arrays(self.folder / WEIGHTS, variables_of(model))
 
@@ -125,7 +144,8 @@ class Backup:
             raise SettingsError(f"The backup in {str(self.folder)!r} does not fit this training; pass --restart.")
 
     def discard(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if is_chief():
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def variables_of(kept: Kept) -> list:

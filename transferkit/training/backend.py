@@ -16,8 +16,7 @@ Example:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -68,28 +67,18 @@ def _jax_forward(model: "weakref.ref[keras.Model]") -> Callable:
     return run
 
 
-def value_and_grads(fn: Callable[[list], tuple[Any, Any]], wrt: Sequence) -> tuple[Any, list, Any]:
-    """`fn(wrt) -> (scalar, aux)`, and the scalar's gradients with respect to each tensor of `wrt`.
+def jit_compile(xla: bool) -> bool | str:
+    """`compile`'s `jit_compile` for `--jit-compile` (`xla`): on TensorFlow as given (False: a graph without XLA).
 
-    Returns `(scalar, gradients, aux)`. A tensor the scalar does not depend on
-    gets `None` on TensorFlow and zeros on JAX.
+    On JAX a step is XLA-compiled or not compiled at all: False would run every
+    op of every step eagerly (and compile each op on its own), several times
+    slower; there it is Keras's `"auto"`, which compiles unless the model cannot be.
     """
-    if name() == "jax":
-        import jax
-
-        (value, aux), grads = jax.value_and_grad(fn, has_aux=True)(list(wrt))
-        return value, list(grads), aux
-    import tensorflow as tf
-
-    wrt = [tf.convert_to_tensor(t) for t in wrt]
-    with tf.GradientTape() as tape:
-        tape.watch(wrt)
-        value, aux = fn(wrt)
-    return value, tape.gradient(value, wrt), aux
+    return xla or ("auto" if name() == "jax" else False)
 
 
 def build_compiled(model: keras.Model, batches) -> None:
-    """On JAX, build `model`'s compiled loss and metrics on the first of `batches` (an unshuffled tf.data dataset).
+    """On JAX, build `model`'s compiled loss and metrics with a test step on the first of `batches` (unshuffled).
 
     Otherwise JAX's `fit` builds them on a batch it draws from the training data
     itself: an extra pass that takes one reshuffle of a seeded `shuffle`, so every
@@ -98,8 +87,6 @@ def build_compiled(model: keras.Model, batches) -> None:
     if name() != "jax":
         return
     x, y = next(iter(batches))
-    x, y = np.asarray(x), np.asarray(y)
-    predictions = model(x, training=False)
-    model.compute_loss(x=x, y=y, y_pred=predictions)
-    model.compute_metrics(x, y, predictions)
+    # one compiled test step (validation reuses it) rather than eager ops, each compiled on its own
+    model.test_on_batch(np.asarray(x), np.asarray(y))
     model.reset_metrics()

@@ -36,6 +36,7 @@ from transferkit.pieces.health import TrainingHealth
 from transferkit.recipe import Recipe
 from transferkit.store.backup import Backup, BackupCallback, Kept, random_state
 from transferkit.training import runs
+from transferkit.training.runtime import is_chief
 
 
 @dataclasses.dataclass
@@ -182,7 +183,8 @@ def fit_stage(run: Run, stage: Stage) -> Done:
                                         final_epoch=run.total_epochs, training=training, head=stage.head,
                                         stopping=stopping, epoch_values=stage.epoch_values))
     if recipe.health_steps:
-        callbacks.append(TrainingHealth(unshuffled, every=recipe.health_steps, log_dir=recipe.tensorboard,
+        callbacks.append(TrainingHealth(unshuffled, every=recipe.health_steps,
+                                        log_dir=recipe.tensorboard if is_chief() else None,
                                         loss=stage.loss, initial_step=first * stage.batches_per_epoch))
     callbacks.extend(runs.curves(recipe))
     fit = stage.model.fit(train, validation_data=stage.validation, initial_epoch=first, epochs=stage.end,

@@ -123,11 +123,12 @@ def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: 
     `figures` maps PNG file names to matplotlib figures, drawn into the same temporary folder.
     """
     from transferkit.training.curves import write_history_csv
+    from transferkit.training.distributed import on_this_process
     from transferkit.training.runtime import is_chief
 
     if not is_chief():
         return out
-    with artifacts.atomic_dir(out) as tmp:
+    with artifacts.atomic_dir(out) as tmp, on_this_process():
         model.save(tmp / artifacts.MODEL)
         (tmp / artifacts.RECIPE).write_text(dump_toml(recipe.to_dict()))
         artifacts.write_json(tmp / artifacts.MANIFEST, manifest)
@@ -194,6 +195,7 @@ def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int,
     """
     import keras
 
+    from transferkit.training.backend import jit_compile
     from transferkit.pieces.discriminative import with_learning_rate_factors
     from transferkit.pieces.momentum import schedule_callbacks
     from transferkit.pieces.schedules import make_schedule
@@ -203,7 +205,7 @@ def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int,
     opt = make_optimizer(recipe, rate, ema)
     if lr_factors:
         opt = with_learning_rate_factors(opt, lr_factors)
-    model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=recipe.jit_compile)
+    model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=jit_compile(recipe.jit_compile))
     averaging = [keras.callbacks.SwapEMAWeights()] if ema else []
     return schedule_callbacks(recipe.schedule, rate, optimizer=opt, **options) + averaging
 
@@ -231,9 +233,13 @@ def stage_guards(stage: str, patience: int, validated: bool, learning_rate: floa
 def curves(recipe: Recipe) -> list:
     """Keras's TensorBoard callback writing each stage's training curves to `recipe.tensorboard` (none if unset).
 
+    Across processes, the first writes them.
+
     Stages continue the epoch count, so the curves of a run follow on one axis.
     """
-    if not recipe.tensorboard:
+    from transferkit.training.runtime import is_chief
+
+    if not recipe.tensorboard or not is_chief():
         return []
     import keras
 

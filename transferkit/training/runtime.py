@@ -6,8 +6,9 @@ with two or more GPUs, and the default strategy otherwise. Models, optimizers an
 number of replicas, and the learning rate is left as given (scale it yourself
 with the batch if you want the linear scaling rule). On JAX, `auto` and
 `default` train on one device (`LocalRun`); the `tf.distribute` strategies are
-TensorFlow's; `multiworker` is refused on both (on TensorFlow by
-keras-team/keras#20585; JAX's `keras.distribution` is not driven yet).
+TensorFlow's; `multiworker` trains on all devices of all processes with
+`keras.distribution.DataParallel` (see `transferkit.training.distributed`). On
+TensorFlow `multiworker` is refused, whatever the Keras version (keras-team/keras#20585).
 
 Example:
 
@@ -73,11 +74,12 @@ def resolve_strategy(device: str = "auto", strategy: str = "auto"):
     return tf.distribute.get_strategy()
 
 
-# Keras 3 (3.16 included) cannot `fit` under MultiWorkerMirroredStrategy: it reduces per-replica batches
-# eagerly while building the model and again in its logs (keras-team/keras#20585)
+# Keras 3 (3.16.0 included, measured) cannot `fit` under MultiWorkerMirroredStrategy: it reduces per-replica
+# batches eagerly while building the model and again in its logs (keras-team/keras#20585). No version gate:
+# refused until a Keras release is measured to train under it
 MULTIWORKER_ON_TENSORFLOW = ("--strategy multiworker does not train on TensorFlow (Keras's fit fails under "
-                             "MultiWorkerMirroredStrategy, keras-team/keras#20585); the way to several machines is "
-                             "--backend jax with keras.distribution, which transferkit does not drive yet. "
+                             "MultiWorkerMirroredStrategy, keras-team/keras#20585); use --backend jax with "
+                             "keras.distribution, the same command on every machine (README: \"Several machines\"). "
                              "Received: strategy='multiworker'")
 
 
@@ -93,17 +95,18 @@ class LocalRun:
 def _jax_run(device: str, strategy: str):
     import jax
 
+    if strategy == "multiworker":  # before anything starts JAX's devices: joining the others must come first
+        from transferkit.training.distributed import start
+
+        return start(device)
     if strategy in ("mirrored", "tpu"):
         raise SettingsError(f"--strategy {strategy} is a tf.distribute strategy, for TensorFlow; on JAX use auto "
-                            f"(one device). Received: strategy={strategy!r}")
+                            f"(one device) or multiworker (keras.distribution). Received: strategy={strategy!r}")
     if device == "cpu":
         jax.config.update("jax_default_device", jax.devices("cpu")[0])
     elif device != "auto" and jax.default_backend() != device:
         raise TransferkitError(f"--device {device}, but JAX sees no {device.upper()} on this machine "
                                f"(it runs on {jax.default_backend()}).")
-    if strategy == "multiworker":
-        raise SettingsError("--strategy multiworker on JAX (keras.distribution.DataParallel across processes) is not "
-                            "implemented yet. Received: strategy='multiworker'")
     return LocalRun()
 
 
