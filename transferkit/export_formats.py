@@ -64,6 +64,19 @@ def parse_formats(value: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+_NEEDS = {"onnx": ("tf2onnx", "onnx", "onnxruntime"), "litert": ("ai_edge_litert",)}
+
+
+def require_packages(formats: Sequence[str]) -> None:
+    """Refuse, before any work, a format whose converter or runtime is not installed (its extra says what)."""
+    import importlib.util
+
+    for name in formats:
+        missing = [m for m in _NEEDS.get(name, ()) if importlib.util.find_spec(m) is None]
+        if missing:
+            raise SettingsError(f"--format {name} needs {', '.join(missing)}: pip install 'transferkit[{name}]'.")
+
+
 def check_quantize(quantize: str | None, formats: Sequence[str], kind: str) -> None:
     """Refuse a `quantize` that is unknown, without litert, or for an encoder (its check is accuracy)."""
     if quantize is None:
@@ -169,7 +182,7 @@ def write_format(key: str, folder: Path, source: Path, references: dict[str, Cal
     record: dict[str, Any] = {"format": fmt, "quantize": quantize, "endpoints": {}}
     for endpoint, reference in references.items():
         path = folder / f"{endpoint}.{suffix}"
-        what = f"{runner_kind.runtime}{' ' + quantize if quantize else ''} {endpoint!r}"
+        what = f"{'ONNX' if fmt == 'onnx' else 'LiteRT'}{' ' + quantize if quantize else ''} {endpoint!r}"
         try:
             with _quiet("absl"):
                 record["converter"] = (to_onnx(source, endpoint, path) if fmt == "onnx" else
@@ -187,6 +200,7 @@ def write_format(key: str, folder: Path, source: Path, references: dict[str, Cal
             check = {"max_relative_difference": compare(run, reference, manifest, what)}
         if endpoint == "serve_mc":
             check["min_std"] = _smallest_spread(run, manifest, what)
+        check_signature(run, reference, manifest, what)
         record["endpoints"][endpoint] = {"file": path.name, "bytes": path.stat().st_size, **check}
     record["runtime"] = f"{runner_kind.runtime} {runner_kind.version()}"
     if mc is not None:
@@ -194,6 +208,25 @@ def write_format(key: str, folder: Path, source: Path, references: dict[str, Cal
                         "masks": "mc_masks.npz"}
     write_record(folder, record, mc and mc["masks"])
     return record
+
+
+def check_signature(run: Callable, reference: Callable, manifest: dict[str, Any], what: str) -> None:
+    """An empty batch gives each output with batch size 0; an unbatched input is refused with an error.
+
+    Raises:
+        TransferkitError: either does not hold.
+    """
+    shape = tuple(manifest["input_shape"])
+    expected = {name: (0, *np.shape(value)[1:]) for name, value in reference(np.zeros((1, *shape), "float32")).items()}
+    got = {name: tuple(value.shape) for name, value in _run(run, np.zeros((0, *shape), "float32"), what).items()}
+    if got != expected:
+        raise TransferkitError(f"The exported {what} answers an empty batch with shapes {got} (expected {expected}); "
+                               "nothing was written.")
+    try:
+        run(np.zeros(shape, "float32"))
+    except Exception:  # the runtime's own error type
+        return
+    raise TransferkitError(f"The exported {what} accepts an unbatched input of shape {shape}; nothing was written.")
 
 
 def _smallest_spread(run: Callable, manifest: dict[str, Any], what: str) -> float:

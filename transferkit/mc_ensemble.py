@@ -139,7 +139,8 @@ def ensemble_endpoint(ensemble: keras.Model, samples: int) -> Callable:
 
     def serve_mc(x):
         probabilities = ensemble(ops.concatenate([x] * samples, axis=0), training=False)
-        grouped = ops.reshape(probabilities, (samples, ops.shape(x)[0], probabilities.shape[-1]))
+        # -1, not the batch size: ONNX's Reshape reads a 0 in the target shape as "keep this dimension"
+        grouped = ops.reshape(probabilities, (samples, -1, probabilities.shape[-1]))
         mean, std, entropy, _ = summarize_samples(grouped)
         return {"mean": mean, "std": std, "entropy": entropy}
 

@@ -32,7 +32,8 @@ import numpy as np
 from transferkit import artifacts, runs
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.export_formats import (CHECK_BATCH_SIZES, artifact_data, check_quantize, compare,
-                                        convertible_saved_model, folder_names, parse_formats, write_format)
+                                        convertible_saved_model, folder_names, parse_formats, require_packages,
+                                        write_format)
 from transferkit.uncertainty import deterministic_model, has_dropout, mc_predict, monte_carlo_model, summarize_samples
 from transferkit.uncertainty import mc_samples as mc_samples_of
 
@@ -87,6 +88,7 @@ def run_export(model_dir: str | Path, out: str | Path | None = None, mc_samples:
     formats = parse_formats(formats)
     manifest = artifacts.read_manifest(model_dir)
     check_quantize(quantize, formats, manifest["kind"])
+    require_packages(formats)
     if keras.backend.backend() != "tensorflow" and set(formats) - {"savedmodel"}:
         raise SettingsError(f"--format {','.join(formats)} needs the TensorFlow backend (its converters read "
                             f"TensorFlow graphs); run with --backend tensorflow. Received: backend="
