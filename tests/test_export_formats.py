@@ -16,6 +16,7 @@ from transferkit.cli import cli
 from transferkit.data import Split, load_data
 from transferkit.errors import TransferkitError
 from transferkit.runners import open_endpoint
+from transferkit.uncertainty import deterministic_model
 
 SAMPLES = 20  # MC dropout samples of serve_mc
 CONVERTED = ("onnx", "litert")
@@ -207,6 +208,19 @@ def test_a_quantized_litert_export_keeps_the_keras_class_and_records_its_accurac
     assert open_endpoint(folder, "serve_mc")(x[:5])["std"].max(axis=1).min() > 0
 
 
+def test_selu_layers_are_converted_in_a_form_whose_exp_int8_can_quantize(selu_dir):
+    model = tk.load_model(selu_dir)
+    convertible = export_formats.quantizable(model)
+    swapped = [layer for layer in convertible.get_layer("encoder").layers if isinstance(layer, keras.layers.Activation)]
+    assert len(swapped) == 2 and all(layer.activation is not keras.activations.selu for layer in swapped)
+    x = np.linspace(-8, 8, 1601, dtype="float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(swapped[0](x)),
+                               keras.ops.convert_to_numpy(keras.activations.selu(x)), rtol=1e-6, atol=1e-6)
+    x = digits(16)
+    np.testing.assert_allclose(*(keras.ops.convert_to_numpy(deterministic_model(m)(x, training=False))
+                                 for m in (model, convertible)), atol=1e-6)
+
+
 def run_cli(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], obj={})
 
@@ -251,18 +265,18 @@ def test_a_failed_check_of_one_format_publishes_none(selu_dir, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []  # no SavedModel, no ONNX, no temporary folder
 
 
-# --- slow: a MobileNetV2 (random weights, BatchNorm statistics set from the digits) ---
+# --- slow: a MobileNetV2 (from weights=None, trained on the digits' training split) as a --base ---
 
 
 @pytest.mark.slow
 def test_mobilenetv2_exports_to_every_format_and_matches(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    from exports import mobilenetv2_weights  # the bench's: BatchNorm statistics from a training-mode pass
+    from exports import mobilenetv2_base  # the bench's: BatchNorm statistics set by a training-mode call
 
-    weights = mobilenetv2_weights(tmp_path / "mobilenetv2.weights.h5")
-    clf = tk.finetune(data="digits", backbone="mobilenetv2", weights=str(weights), label_fraction=1.0,
-                      head_epochs=3, epochs=0, unfreeze_top=0, dropout=0.2, mc_dropout=True,
-                      out=str(tmp_path / "clf"), verbose=False).artifact
+    base = mobilenetv2_base(tmp_path / "mobilenetv2.keras", epochs=4)
+    clf = tk.finetune(data="digits", base=str(base), preprocess="tf", label_fraction=1.0, head_epochs=5, epochs=0,
+                      unfreeze_top=0, lr=0.01, dropout=0.2, mc_dropout=True, out=str(tmp_path / "clf"),
+                      verbose=False).artifact
     tk.export(clf, formats="savedmodel,onnx,litert", mc_samples=4, verbose=False)
     tk.export(clf, formats="litert", quantize="int8", mc_samples=4, verbose=False)
     model = tk.load_model(clf)
@@ -272,7 +286,9 @@ def test_mobilenetv2_exports_to_every_format_and_matches(tmp_path, monkeypatch):
     expected = softmax(keras.ops.convert_to_numpy(features(x, training=False)).astype("float64") @ kernel + bias)
     assert len(set(expected.argmax(1))) > 1  # the features vary: not every input gets the same class
     for fmt in CONVERTED:
-        got = open_endpoint(Path(clf) / f"serving-{fmt}", "serve")(x)["probabilities"]
+        folder = Path(clf) / f"serving-{fmt}"
+        got = open_endpoint(folder, "serve")(x)["probabilities"]
         np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
+        assert open_endpoint(folder, "serve_mc")(np.zeros((0, 8, 8, 1), "float32"))["mean"].shape == (0, 10)
     record = json.loads((Path(clf) / "manifest.json").read_text())["exports"]["litert-int8"]
     assert record["endpoints"]["serve"]["agreement"] >= export_formats.MIN_AGREEMENT

@@ -32,8 +32,8 @@ import numpy as np
 from transferkit import artifacts, runs
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.export_formats import (CHECK_BATCH_SIZES, artifact_data, check_quantize, compare,
-                                        convertible_saved_model, folder_names, parse_formats, require_packages,
-                                        write_format)
+                                        convertible_saved_model, folder_names, parse_formats, quantizable,
+                                        require_packages, write_format)
 from transferkit.uncertainty import deterministic_model, has_dropout, mc_predict, monte_carlo_model, summarize_samples
 from transferkit.uncertainty import mc_samples as mc_samples_of
 
@@ -160,13 +160,15 @@ def _write_converted(keys: list[str], tmp: dict[str, Path], served: keras.Model,
     from transferkit.mc_ensemble import ensemble_endpoint, fixed_mask_model, masks_of
 
     references: dict[str, Callable] = {"serve": lambda x: {output_name: served(x, training=False)}}
+    convertible = quantizable(model)  # the same function, in a form int8 quantizes well; checked against `model`
     ensemble, mc = None, None
     if mc_samples is not None:
-        ensemble = fixed_mask_model(model, mc_samples, MC_SEED)
-        references["serve_mc"] = ensemble_endpoint(ensemble, mc_samples)
-        mc = {"samples": mc_samples, "seed": MC_SEED, "masks": masks_of(ensemble)}
-    with convertible_saved_model(served, ensemble, tuple(manifest["input_shape"]), output_name,
-                                 mc_samples or 0) as source:
+        reference = fixed_mask_model(model, mc_samples, MC_SEED)
+        references["serve_mc"] = ensemble_endpoint(reference, mc_samples)
+        ensemble = fixed_mask_model(convertible, mc_samples, MC_SEED)  # the same masks: the same seeds, in order
+        mc = {"samples": mc_samples, "seed": MC_SEED, "masks": masks_of(reference)}
+    with convertible_saved_model(deterministic_model(convertible), ensemble, tuple(manifest["input_shape"]),
+                                 output_name, mc_samples or 0) as source:
         return {key: write_format(key, tmp[key], source, references, manifest, quantize, data, mc) for key in keys}
 
 
