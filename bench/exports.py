@@ -6,7 +6,8 @@ MobileNetV2 at 32x32 (alpha 1.0, from `weights=None`: trained on the digits'
 training split for a few epochs, its BatchNorm statistics then set from the
 data by a training-mode call, and fine-tuned as `--base` with a new head, MC
 dropout before it; a MobileNetV2 left with random weights has features that
-carry almost nothing of the digits, logistic regression on them scores 0.20). Each is exported as a SavedModel, ONNX, LiteRT and quantized LiteRT
+carry almost nothing of the digits, logistic regression on them scores 0.20).
+Each is exported as a SavedModel, ONNX, LiteRT and quantized LiteRT
 (`transferkit export`, which checks each), then every format's `serve` is run
 in its own runtime (TensorFlow, ONNX Runtime, the LiteRT interpreter, each with
 its default threads) on the test split:
@@ -106,8 +107,8 @@ def rows_for(name: str, artifact: Path, quantizations: list[str], calls: int, mc
     keras_accuracy = float(np.mean(expected.argmax(1) == y))
     one = x[:1]
     keras_latency = latency(model.predict_on_batch, one, calls)
-    rows = [{"model": name, "format": "Keras", "examples": len(x), "bytes": size_of(artifact / "model.keras"), "diff": 0.0,
-             "accuracy": keras_accuracy, "drop": None, "latency": keras_latency, "ratio": 1.0}]
+    rows = [{"model": name, "format": "Keras", "examples": len(x), "bytes": size_of(artifact / "model.keras"),
+             "diff": 0.0, "accuracy": keras_accuracy, "drop": None, "latency": keras_latency, "ratio": 1.0}]
     folders = {"SavedModel": artifact / "serving", "ONNX": artifact / "serving-onnx",
                "LiteRT": artifact / "serving-litert",
                **{f"LiteRT {q}": artifact / f"serving-litert-{q}" for q in quantizations}}
@@ -154,6 +155,10 @@ def main() -> None:
     mobilenet = tk.finetune(data="digits", base=str(base), preprocess="tf", label_fraction=1.0, head_epochs=10,
                             epochs=0, unfreeze_top=0, lr=0.01, dropout=0.2, mc_dropout=True,
                             out=str(work / "mobilenetv2"), verbose=False).artifact
+    from transferkit.data import Split, load_data, split_data
+
+    test = Split.from_dict(json.loads((Path(mobilenet) / "split.json").read_text())).test
+    assert set(test).isdisjoint(split_data(load_data("digits", verbose=False), seed=0).train)  # no test leak
     rows = (rows_for("digits (SELU encoder)", Path(demo), quantizations, args.calls, args.mc_samples)
             + rows_for("MobileNetV2 32x32", Path(mobilenet), quantizations, args.calls, args.mc_samples))
     print(f"\nexports of two digits classifiers; test split ({rows[0]['examples']} examples); batch-1 latency: median "

@@ -92,7 +92,7 @@ def check_quantize(quantize: str | None, formats: Sequence[str], kind: str) -> N
 
 
 def folder_names(out: Path, formats: Sequence[str], quantize: str | None) -> dict[str, Path]:
-    """Each format's folder by its key: the SavedModel at `out`, `onnx` and `litert[-QUANTIZE]` beside it (`OUT-KEY`)."""
+    """Each format's folder by its key: the SavedModel at `out`; `onnx`, `litert[-QUANTIZE]` beside it as `OUT-KEY`."""
     keys = {"savedmodel": "savedmodel", "onnx": "onnx", "litert": "litert" + (f"-{quantize}" if quantize else "")}
     return {keys[f]: out if f == "savedmodel" else out.with_name(f"{out.name}-{keys[f]}") for f in formats}
 
@@ -125,9 +125,10 @@ def quantizable(model):
 
     if not any(is_selu(layer) for layer in all_layers(model)):
         return model
-    return keras.models.clone_model(
-        model, recursive=True,
-        clone_function=lambda layer: keras.layers.Activation(_selu_for_int8, name=layer.name) if is_selu(layer) else layer)
+    def clone(layer):
+        return keras.layers.Activation(_selu_for_int8, name=layer.name) if is_selu(layer) else layer
+
+    return keras.models.clone_model(model, clone_function=clone, recursive=True)
 
 
 @contextlib.contextmanager
@@ -172,7 +173,7 @@ def to_onnx(saved_model: Path, endpoint: str, path: Path) -> str:
 
 def to_litert(saved_model: Path, endpoint: str, path: Path, quantize: str | None,
               representative: np.ndarray | None) -> str:
-    """Convert `endpoint` of `saved_model` to the LiteRT file `path` (builtin ops only); returns the converter's name."""
+    """Convert `endpoint` of `saved_model` to the LiteRT file `path` (builtin ops only); returns the converter."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=[endpoint])

@@ -184,11 +184,13 @@ def describe(record: dict[str, Any], folder: Path) -> str:
                  f"examples; test accuracy {serve['accuracy']:.4f} (Keras {serve['keras_accuracy']:.4f}, "
                  f"drop {serve['accuracy_drop']:+.4f})")
     else:
-        check = (f"{record['runtime'].rsplit(' ', 1)[0]} matches the Keras model (max difference {serve['max_relative_difference']:.2g} "
-                 f"of the output's scale at batch sizes {', '.join(map(str, CHECK_BATCH_SIZES))})")
+        check = (f"{record['runtime'].rsplit(' ', 1)[0]} matches the Keras model (max difference "
+                 f"{serve['max_relative_difference']:.2g} of the output's scale at batch sizes "
+                 f"{', '.join(map(str, CHECK_BATCH_SIZES))})")
     line = f"export: {kind} with {endpoints} written to {folder}; {check}"
     if record.get("mc", {}).get("form") == "fixed ensemble":
-        line += f"; 'serve_mc' is a fixed ensemble of {record['mc']['samples']} dropout masks (seed {record['mc']['seed']})"
+        mc = record["mc"]
+        line += f"; 'serve_mc' is a fixed ensemble of {mc['samples']} dropout masks (seed {mc['seed']})"
     return line
 
 
