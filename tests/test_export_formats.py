@@ -205,7 +205,7 @@ def test_a_quantized_litert_export_keeps_the_keras_class_and_records_its_accurac
     assert checked["accuracy"] == pytest.approx(np.mean(got.argmax(1) == y), abs=2 / len(test))
     assert checked["accuracy_drop"] == pytest.approx(checked["keras_accuracy"] - checked["accuracy"])
     assert result.metrics[f"litert_{quantize}_accuracy_drop"] == checked["accuracy_drop"]
-    assert open_endpoint(folder, "serve_mc")(x[:5])["std"].max(axis=1).min() > 0
+    assert open_endpoint(folder, "serve_mc")(x[:5])["std"].max() > 0  # quantized: in steps, > 0 for some input
 
 
 def test_selu_layers_are_converted_in_a_form_whose_exp_int8_can_quantize(selu_dir):
