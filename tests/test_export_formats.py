@@ -1,6 +1,7 @@
 """ONNX and LiteRT exports: each reloads in its own runtime and matches the Keras model, computed here independently."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import transferkit as tk
-from transferkit import export_formats
+from transferkit import export_checks, export_formats
 from transferkit.cli import cli
 from transferkit.data import Split, load_data
 from transferkit.errors import TransferkitError
@@ -178,7 +179,7 @@ def test_the_manifest_records_each_export_and_its_check(exported, selu_dir):
     for key, record in exports.items():
         assert Path(record["path"]) == exported[key]
         assert set(record["endpoints"]) == {"serve", "serve_mc"}
-        assert record["endpoints"]["serve"]["max_relative_difference"] <= export_formats.RTOL
+        assert record["endpoints"]["serve"]["max_relative_difference"] <= export_checks.RTOL
     assert exports["onnx"]["converter"].startswith("tf2onnx 1.17")
     assert sorted(p.name for p in exported["litert"].iterdir()) == [
         "export.json", "mc_masks.npz", "serve.tflite", "serve_mc.tflite"]
@@ -221,6 +222,52 @@ def test_selu_layers_are_converted_in_a_form_whose_exp_int8_can_quantize(selu_di
                                  for m in (model, convertible)), atol=1e-6)
 
 
+def test_fixed_masks_are_plain_dropout_drawn_once_from_the_seed():
+    from transferkit.layers import MCDropout
+    from transferkit.mc_ensemble import FixedMasks, fixed_mask_model
+
+    inputs = keras.Input((3, 4))
+    model = keras.Model(inputs, MCDropout(0.25, noise_shape=(None, 1, 4), name="drop")(inputs))
+    ensemble = fixed_mask_model(model, samples=5, seed=7)
+    keep = np.random.default_rng([7, 0]).random((5, 1, 4)) >= 0.25  # the documented draw
+    x = np.random.default_rng(1).normal(size=(2, 3, 4)).astype("float32")
+    stacked = np.concatenate([x] * 5)  # sample-major: rows s*2 and s*2+1 get mask s
+    expected = (x[None] * keep[:, None] / 0.75).reshape(10, 3, 4)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(ensemble(stacked)), expected, rtol=1e-6)
+    layer = ensemble.get_layer("drop")
+    rebuilt = FixedMasks.from_config(layer.get_config())
+    rebuilt.build((None, 3, 4))
+    assert rebuilt.get_config() == layer.get_config()
+    np.testing.assert_array_equal(rebuilt.masks, layer.masks)
+
+
+def test_an_encoder_exports_its_features_to_onnx_and_litert(encoder_dir, tmp_path):
+    tk.export(encoder_dir, tmp_path / "served", formats="onnx,litert", verbose=False)
+    model = keras.saving.load_model(Path(encoder_dir) / "model.keras")
+    x = digits(7)
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    for fmt in CONVERTED:
+        got = open_endpoint(tmp_path / f"served-{fmt}", "serve")(x)["features"]
+        np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
+    assert not (tmp_path / "served").exists()  # no savedmodel asked for
+
+
+def test_onnx_and_litert_on_jax_are_refused_before_any_work(selu_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "transferkit.cli", "--backend", "jax", "export", str(selu_dir),
+                           "--out", str(tmp_path / "out"), "--format", "savedmodel,onnx"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "needs the TensorFlow backend" in done.stderr and not list(tmp_path.iterdir())
+
+
+def test_a_format_without_its_packages_names_the_extra(selu_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(export_formats._NEEDS, "onnx", ("tf2onnx", "no_such_module_here"))
+    result = run_cli("export", selu_dir, "--out", tmp_path / "out", "--format", "onnx")
+    assert result.exit_code == 2
+    assert "pip install 'transferkit[onnx]'" in one_error_line(result) and not list(tmp_path.iterdir())
+
+
 def run_cli(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], obj={})
 
@@ -250,14 +297,14 @@ def test_quantizing_an_encoder_is_refused(encoder_dir, tmp_path):
 
 
 def test_a_failed_check_of_one_format_publishes_none(selu_dir, tmp_path, monkeypatch):
-    compare = export_formats.compare
+    compare = export_checks.compare
 
     def litert_differs(run, reference, manifest, what):
         if what.startswith("LiteRT"):
             raise TransferkitError(f"The exported {what} differs from the Keras model; nothing was written.")
         return compare(run, reference, manifest, what)
 
-    monkeypatch.setattr(export_formats, "compare", litert_differs)
+    monkeypatch.setattr(export_checks, "compare", litert_differs)
     result = run_cli("export", selu_dir, "--out", tmp_path / "served", "--format", "savedmodel,onnx,litert",
                      "--mc-samples", 4)
     assert result.exit_code == 1, result.output
@@ -291,4 +338,4 @@ def test_mobilenetv2_exports_to_every_format_and_matches(tmp_path, monkeypatch):
         np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
         assert open_endpoint(folder, "serve_mc")(np.zeros((0, 8, 8, 1), "float32"))["mean"].shape == (0, 10)
     record = json.loads((Path(clf) / "manifest.json").read_text())["exports"]["litert-int8"]
-    assert record["endpoints"]["serve"]["agreement"] >= export_formats.MIN_AGREEMENT
+    assert record["endpoints"]["serve"]["agreement"] >= export_checks.MIN_AGREEMENT

@@ -31,9 +31,9 @@ import numpy as np
 
 from transferkit import artifacts, runs
 from transferkit.errors import SettingsError, TransferkitError
-from transferkit.export_formats import (CHECK_BATCH_SIZES, artifact_data, check_quantize, compare,
-                                        convertible_saved_model, folder_names, parse_formats, quantizable,
-                                        require_packages, write_format)
+from transferkit.export_checks import CHECK_BATCH_SIZES, compare
+from transferkit.export_formats import (artifact_data, check_quantize, convertible_saved_model, folder_names,
+                                        parse_formats, quantizable, require_packages, write_format)
 from transferkit.uncertainty import deterministic_model, has_dropout, mc_predict, monte_carlo_model, summarize_samples
 from transferkit.uncertainty import mc_samples as mc_samples_of
 
