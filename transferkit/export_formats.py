@@ -118,6 +118,7 @@ def quantizable(model):
 
     if not any(is_selu(layer) for layer in all_layers(model)):
         return model
+
     def clone(layer):
         return keras.layers.Activation(_selu_for_int8, name=layer.name) if is_selu(layer) else layer
 
