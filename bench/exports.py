@@ -46,8 +46,8 @@ def mobilenetv2_base(path: Path, epochs: int = 8, side: int = 32, seed: int = 0)
     """
     import keras
 
-    from transferkit.backbones import to_pixels
-    from transferkit.data import load_data, split_data
+    from transferkit.pieces.backbones import to_pixels
+    from transferkit.data.sources import load_data, split_data
 
     keras.utils.set_random_seed(seed)
     data = load_data("digits", verbose=False)
@@ -91,9 +91,9 @@ def rows_for(name: str, artifact: Path, quantizations: list[str], calls: int, mc
     import keras
 
     import transferkit as tk
-    from transferkit.data import Split, load_data
-    from transferkit.runners import open_endpoint
-    from transferkit.uncertainty import deterministic_model
+    from transferkit.data.sources import Split, load_data
+    from transferkit.commands.runners import open_endpoint
+    from transferkit.pieces.uncertainty import deterministic_model
 
     tk.export(artifact, formats="savedmodel,onnx,litert", mc_samples=mc_samples)
     for quantize in quantizations:
@@ -155,7 +155,7 @@ def main() -> None:
     mobilenet = tk.finetune(data="digits", base=str(base), preprocess="tf", label_fraction=1.0, head_epochs=10,
                             epochs=0, unfreeze_top=0, lr=0.01, dropout=0.2, mc_dropout=True,
                             out=str(work / "mobilenetv2"), verbose=False).artifact
-    from transferkit.data import Split, load_data, split_data
+    from transferkit.data.sources import Split, load_data, split_data
 
     test = Split.from_dict(json.loads((Path(mobilenet) / "split.json").read_text())).test
     assert set(test).isdisjoint(split_data(load_data("digits", verbose=False), seed=0).train)  # no test leak

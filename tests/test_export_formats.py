@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 import transferkit as tk
-from transferkit import export_checks, export_formats
+from transferkit.commands import export_checks, export_formats
 from transferkit.cli import cli
-from transferkit.data import Split, load_data
+from transferkit.data.sources import Split, load_data
 from transferkit.errors import TransferkitError
-from transferkit.runners import open_endpoint
-from transferkit.uncertainty import deterministic_model
+from transferkit.commands.runners import open_endpoint
+from transferkit.pieces.uncertainty import deterministic_model
 
 SAMPLES = 20  # MC dropout samples of serve_mc
 CONVERTED = ("onnx", "litert")
@@ -141,7 +141,7 @@ def test_signatures_refuse_other_shapes_and_types_without_aborting(exported):
     # in a fresh process: a runtime that aborts (PITFALLS 16) fails the test instead of the test run
     code = (
         "import json, numpy as np\n"
-        "from transferkit.runners import open_endpoint\n"
+        "from transferkit.commands.runners import open_endpoint\n"
         "answers = {}\n"
         f"for fmt, folder in {json.dumps({k: str(v) for k, v in exported.items()})}.items():\n"
         "    for endpoint in ('serve', 'serve_mc'):\n"
@@ -223,8 +223,8 @@ def test_selu_layers_are_converted_in_a_form_whose_exp_int8_can_quantize(selu_di
 
 
 def test_fixed_masks_are_plain_dropout_drawn_once_from_the_seed():
-    from transferkit.layers import MCDropout
-    from transferkit.mc_ensemble import FixedMasks, fixed_mask_model
+    from transferkit.pieces.layers import MCDropout
+    from transferkit.commands.mc_ensemble import FixedMasks, fixed_mask_model
 
     inputs = keras.Input((3, 4))
     model = keras.Model(inputs, MCDropout(0.25, noise_shape=(None, 1, 4), name="drop")(inputs))

@@ -1,0 +1,200 @@
+"""A folder's images as a lazy array: the file list and how to decode it, decoded only batch by batch.
+
+`ImageFiles` stands where a `(N, H, W, C)` float32 array of decoded images
+would: it has `len`, `shape`, `dtype` and `ndim`, and indexing it with a slice
+or an index array gives another `ImageFiles` (nothing is decoded). Pixels come
+from `transferkit.data.images` (`decode_image`, `fit_size`), so they are the pixels
+`read_images` gives, bit for bit. `transferkit.data.sources.pipeline` decodes them in a
+parallel `tf.data` map, a batch at a time; `decode()` reads a few into an array
+on purpose (pictures of 8 samples). Converting a large one with `np.asarray`
+still works but warns: memory then grows with the number of images.
+
+Example:
+
+>>> from transferkit.data.image_files import ImageFiles
+>>> files = ImageFiles(["a.png", "b.png", "c.png"], size=(32, 32), channels=3)
+>>> files.shape, files[[2, 0]].paths.tolist()
+((3, 32, 32, 3), ['c.png', 'a.png'])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.recipe import RESIZE_MODES
+
+# np.asarray(files) decodes silently up to this many images (a batch, a picture), and warns past it
+QUIET_DECODE = 512
+
+
+class ImageFiles:
+    """Image files with one size, channel count and resize mode: an array-like decoded only when read.
+
+    Args:
+        paths: Sequence of file paths (already checked to decode).
+        size: `(height, width)` every image is brought to.
+        channels: Integer, 1 or 3.
+        resize: String, `"stretch"`, `"crop"` or `"pad"` (see `transferkit.data.images.fit_size`).
+            Defaults to `"stretch"`.
+        root: Optional folder the paths lie under: the fingerprint names files relative to it.
+        standardize: Optional `(mean, std)` per channel: the decoded values become `(v - mean) / std`
+            (the targets of an autoencoder). Defaults to `None`.
+    """
+
+    dtype = np.dtype("float32")
+    ndim = 4
+
+    def __init__(self, paths, size: tuple[int, int], channels: int, resize: str = "stretch",
+                 root: str | Path | None = None, standardize: tuple[np.ndarray, np.ndarray] | None = None):
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}. Received: resize={resize!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3. Received: channels={channels!r}")
+        self.paths = paths if isinstance(paths, np.ndarray) else np.array([str(p) for p in paths], dtype=object)
+        self.size = (int(size[0]), int(size[1]))
+        self.channels = int(channels)
+        self.resize = resize
+        self.root = None if root is None else str(root)
+        self.standardize = standardize
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), *self.size, self.channels)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the decoded array would take (it is never built unless asked for)."""
+        return int(np.prod(self.shape)) * 4
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return f"ImageFiles({len(self)} files, size={self.size}, channels={self.channels}, resize={self.resize!r})"
+
+    def _with(self, paths: np.ndarray, **changes: Any) -> "ImageFiles":
+        settings = dict(size=self.size, channels=self.channels, resize=self.resize, root=self.root,
+                        standardize=self.standardize)
+        return ImageFiles(paths, **{**settings, **changes})
+
+    def __getitem__(self, key):
+        """A slice or index array: another `ImageFiles`; an integer: that image decoded; anything else: decoded, then indexed."""
+        if isinstance(key, (int, np.integer)):
+            return self._decode_paths(self.paths[[key]])[0]
+        if isinstance(key, slice) or (isinstance(key, (list, np.ndarray)) and np.asarray(key).ndim == 1):
+            return self._with(self.paths[key])
+        return np.asarray(self)[key]
+
+    def standardized(self, mean: np.ndarray, variance: np.ndarray) -> "ImageFiles":
+        """The same files read as `(v - mean) / sqrt(variance)` (Keras's `Normalization`, its epsilon included)."""
+        std = np.maximum(np.sqrt(np.asarray(variance, "float32")), np.float32(1e-7))
+        return self._with(self.paths, standardize=(np.asarray(mean, "float32"), std))
+
+    def same_files(self, other: Any) -> bool:
+        """Whether `other` reads the same files the same way (perhaps standardized otherwise): one decode serves both."""
+        return (isinstance(other, ImageFiles) and (self.size, self.channels, self.resize)
+                == (other.size, other.channels, other.resize)
+                and (self.paths is other.paths or np.array_equal(self.paths, other.paths)))
+
+    def decode(self) -> np.ndarray:
+        """Every image of this (small) selection as one `(N, H, W, C)` float32 array."""
+        return self._transform(self._decode_paths(self.paths))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if len(self) > QUIET_DECODE:
+            warnings.warn(f"Decoding {len(self)} images into one array of {self.nbytes / 2**20:.0f} MiB: memory grows "
+                          "with the number of images here (stream them with transferkit.data.sources.pipeline).",
+                          ResourceWarning, stacklevel=2)
+        x = self.decode()
+        return x if dtype is None else x.astype(dtype, copy=False)
+
+    def _decode_paths(self, paths) -> np.ndarray:
+        from transferkit.data.images import decode_image, fit_size
+
+        out = np.empty((len(paths), *self.size, self.channels), dtype="float32")
+        for i, path in enumerate(paths):
+            path = Path(path.decode() if isinstance(path, bytes) else path)
+            if not _decode_plain(path, self.size, self.channels, self.resize, out[i]):
+                out[i] = fit_size(decode_image(path, self.channels), self.size, self.resize)
+        return out
+
+    def _transform(self, x):
+        """Standardize decoded values (numpy arrays or tensors) when asked to."""
+        if self.standardize is None:
+            return x
+        mean, std = self.standardize
+        return (x - mean) / std
+
+    def gather(self, indices):
+        """A TensorFlow op: the images at `indices` (a 1-D int tensor), decoded in Python by Pillow."""
+        return gather_together([self], indices)[0]
+
+    def fingerprint_into(self, h) -> None:
+        """Feed `h` the files' names (relative to `root`), byte sizes and modification times, and the decode settings."""
+        h.update(repr((self.shape, self.resize)).encode())
+        for path in self.paths:
+            stat = os.stat(path)
+            name = os.path.relpath(path, self.root) if self.root else path
+            h.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+
+    @property
+    def key(self) -> str:
+        """A hash of the files and settings (not of their contents): same key, same decoded images."""
+        h = hashlib.sha256()
+        h.update(repr((self.shape, self.resize, self.standardize is None)).encode())
+        for path in self.paths:
+            h.update(f"{path}\n".encode())
+        return h.hexdigest()
+
+
+def _decode_plain(path: Path, size: tuple[int, int], channels: int, resize: str, out: np.ndarray) -> bool:
+    """The common case (8-bit RGB or gray stored as read, upright, stretched) straight from Pillow into `out`.
+
+    The same pixels as `decode_image` then `fit_size` (which resize the same
+    8-bit image with the same bicubic filter), without their copies; False,
+    touching nothing, for any other image.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if resize != "stretch" or im.mode != ("RGB" if channels == 3 else "L") or im.format not in ("JPEG", "PNG"):
+            return False
+        im.load()
+        if "exif" in im.info:  # perhaps turned by its orientation (a PNG has it only once decoded)
+            return False
+        if im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        pixels = np.asarray(im)
+    out[...] = pixels if channels == 3 else pixels[..., None]
+    return True
+
+
+def gather_together(items, indices) -> list:
+    """The rows `indices` of each of `items` (arrays, tensors or `ImageFiles`), as tensors, in one step.
+
+    `ImageFiles` reading the same files are decoded once (an autoencoder's
+    inputs and its standardized targets); the decoding runs in a
+    `tf.numpy_function`, so a `tf.data` map runs it in parallel.
+    """
+    import tensorflow as tf
+
+    out: list = [None] * len(items)
+    decoded: list[tuple[ImageFiles, Any]] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, ImageFiles):
+            out[i] = tf.gather(item, indices)
+            continue
+        raw = next((tensor for files, tensor in decoded if files.same_files(item)), None)
+        if raw is None:
+            raw = tf.numpy_function(lambda rows, files=item: files._decode_paths(files.paths[rows]),
+                                    [indices], tf.float32, stateful=False)
+            raw.set_shape((None, *item.size, item.channels))
+            decoded.append((item, raw))
+        out[i] = item._transform(raw)
+    return out
