@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +70,16 @@ def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
 
 
 def export(model_dir: str | Path, out: str | Path | None = None, *, mc_samples: int = 30,
-           verbose: bool = True) -> Result:
-    """Export an artifact as a SavedModel (default `model_dir/serving`) and check it.
+           formats: str | Sequence[str] = "savedmodel", quantize: str | None = None, verbose: bool = True) -> Result:
+    """Export an artifact (SavedModel at `model_dir/serving`; `formats` adds ONNX and LiteRT beside it) and check it.
 
-    Models with dropout also get a `serve_mc` endpoint of `mc_samples` MC dropout samples.
+    Models with dropout also get a `serve_mc` endpoint of `mc_samples` MC dropout samples
+    (in ONNX and LiteRT a fixed ensemble of `mc_samples` dropout masks). `quantize`
+    (`dynamic`, `float16`, `int8`) quantizes the LiteRT export. See `commands.export.run_export`.
     """
     from transferkit.commands.export import run_export
 
-    return run_export(model_dir, out, mc_samples=mc_samples, verbose=verbose)
+    return run_export(model_dir, out, mc_samples=mc_samples, formats=formats, quantize=quantize, verbose=verbose)
 
 
 def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int = 0, top_k: int | None = None,

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from transferkit.commands.export_formats import FORMATS, QUANTIZE, parse_formats
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.recipe import Recipe
 from transferkit.training.runtime import BACKENDS, choose_backend
@@ -165,17 +166,32 @@ _TTA_HELP = ("Test-time augmentation: also average the probabilities over the in
              "(1: off; images only).")
 
 
+def _parse_formats(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    try:
+        return parse_formats(value)
+    except SettingsError as err:
+        raise click.BadParameter(str(err)) from None
+
+
 @cli.command()
 @click.argument("model_dir", type=click.Path(file_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), help="SavedModel folder (default MODEL_DIR/serving).")
+@click.option("--out", type=click.Path(file_okay=False), show_default="MODEL_DIR/serving",
+              help="SavedModel folder; ONNX goes to OUT-onnx, LiteRT to OUT-litert (OUT-litert-QUANTIZE when "
+                   "quantized).")
+@click.option("--format", "formats", default="savedmodel", show_default=True, callback=_parse_formats,
+              help=f"Comma list of {', '.join(FORMATS)}; each is reloaded in its own runtime and checked.")
+@click.option("--quantize", type=click.Choice(QUANTIZE),
+              help="Quantize the LiteRT export: dynamic (int8 weights), float16, or int8 (calibrated on the "
+                   "training split); checked by class agreement and test accuracy.")
 @click.option("--mc-samples", type=click.IntRange(min=2), default=30, show_default=True,
-              help="MC dropout samples per example in the serve_mc endpoint (models with dropout).")
+              help="MC dropout samples per example in the serve_mc endpoint (models with dropout; ONNX and "
+                   "LiteRT: a fixed ensemble of this many dropout masks).")
 @handle_errors
-def export(model_dir: str, out: str | None, mc_samples: int) -> None:
-    """Export MODEL_DIR as a SavedModel with `serve` (and `serve_mc`), and check it."""
+def export(model_dir: str, out: str | None, formats: tuple[str, ...], quantize: str | None, mc_samples: int) -> None:
+    """Export MODEL_DIR as a SavedModel (and ONNX, LiteRT) with `serve` (and `serve_mc`), and check each."""
     from transferkit.api import export as run
 
-    run(model_dir, out, mc_samples=mc_samples)
+    run(model_dir, out, mc_samples=mc_samples, formats=formats, quantize=quantize)
 
 
 @cli.command()

@@ -1,4 +1,4 @@
-"""Export a transferkit artifact as a SavedModel, and check it against the Keras model.
+"""Export a transferkit artifact as a SavedModel (and ONNX, LiteRT), and check it against the Keras model.
 
 The `serve` endpoint (also `serving_default`) takes raw float32 inputs named
 `inputs` with a free batch size (preprocessing is inside the model) and returns
@@ -7,7 +7,9 @@ deterministic: dropout off (`MCDropout` included) and BatchNorm on its moving
 statistics. A classifier with dropout also gets `serve_mc`, the stochastic
 one. On JAX the model is converted with jax2tf (Keras's `ExportArchive`), and
 the SavedModel also holds it unchecked as `serve_unchecked` (`serve_mc_unchecked`). Both refuse an input of another shape with an error (before it reaches a
-kernel: PITFALLS 16) and answer an empty batch with empty outputs.
+kernel: PITFALLS 16) and answer an empty batch with empty outputs. ONNX and
+LiteRT exports (`transferkit.commands.export_formats`) are written beside the SavedModel;
+their `serve_mc` is a fixed ensemble of dropout masks (`transferkit.commands.mc_ensemble`).
 
 Example:
 
@@ -19,8 +21,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -28,62 +32,105 @@ import numpy as np
 from transferkit.store import artifacts
 from transferkit.training import runs
 from transferkit.errors import SettingsError, TransferkitError
+from transferkit.commands.export_checks import CHECK_BATCH_SIZES, compare
+from transferkit.commands.export_formats import (artifact_data, check_quantize, convertible_saved_model, folder_names,
+                                        parse_formats, quantizable, require_packages, write_format)
 from transferkit.pieces.uncertainty import deterministic_model, has_dropout, mc_predict, monte_carlo_model, summarize_samples
 from transferkit.pieces.uncertainty import mc_samples as mc_samples_of
 
-CHECK_BATCH_SIZES = (1, 7, 32)
-# float32 round-off through a deep network grows with the output's scale: a MobileNetV2's probabilities differ
-# by ~1e-5 between Keras and its SavedModel (PITFALLS 17). 1e-4 of the scale is ~800 float32 ulps; a wrong
-# export (dropout or batch statistics left on, other preprocessing) differs by 1e-2 of it or more.
-RTOL = 1e-4
 MC_CHECK_SAMPLES = 1200  # per example, on each side of the MC check
 MC_ATOL = 0.1
+MC_SEED = 0  # of the fixed ensemble of dropout masks in ONNX's and LiteRT's serve_mc
 
 
 def run_export(model_dir: str | Path, out: str | Path | None = None, mc_samples: int = 30,
+               formats: str | Sequence[str] = "savedmodel", quantize: str | None = None,
                verbose: bool = True) -> runs.Result:
-    """Write `model_dir`'s model as a SavedModel (default `model_dir/serving`), then check it.
+    """Write `model_dir`'s model in each of `formats`, reload each in its own runtime and check it.
 
     `serve` runs the model with dropout off and BatchNorm in inference mode. A
     classifier with dropout also gets `serve_mc`: `mc_samples` MC dropout
-    samples per example, returning `mean`, `std` and `entropy`.
+    samples per example, returning `mean`, `std` and `entropy`; random in the
+    SavedModel, a fixed ensemble of `mc_samples` dropout masks (seed `MC_SEED`)
+    in ONNX and LiteRT (`transferkit.commands.mc_ensemble`). Every folder is published
+    only when every format has passed its check.
+
+    Example:
+
+    >>> run_export("saved_models/digits-classifier", formats="savedmodel,onnx,litert")   # doctest: +SKIP
 
     Args:
         model_dir: String or Path. A transferkit artifact folder.
-        out: String, Path or `None`. Where to write the SavedModel. Defaults
+        out: String, Path or `None`. The SavedModel folder; ONNX goes to `OUT-onnx` and
+            LiteRT to `OUT-litert` (`OUT-litert-QUANTIZE` when quantized). Defaults
             to `model_dir/serving`.
         mc_samples: Integer >= 2. MC dropout samples per example in `serve_mc`.
             Defaults to `30`.
-        verbose: Bool. Print one line on success. Defaults to `True`.
+        formats: String or sequence of strings. A comma list of `savedmodel`, `onnx` and
+            `litert`. Defaults to `"savedmodel"`.
+        quantize: String or `None`. LiteRT's quantization: `dynamic`, `float16` or `int8`
+            (calibrated on the artifact's training split); its check is argmax agreement
+            and accuracy on the test split. Defaults to `None` (float32).
+        verbose: Bool. Print one line per format on success. Defaults to `True`.
 
     Returns:
-        A `Result` whose `artifact` is the SavedModel folder and whose metrics
-        hold `max_relative_difference`, the check's worst difference over the
-        output's scale.
+        A `Result` whose `artifact` is the SavedModel folder (else the first one written) and
+        whose metrics hold `max_relative_difference` (the SavedModel check's worst difference
+        over the output's scale) and `KEY_...` figures of the other formats. Each format's
+        record is also written to the manifest's `exports`.
 
     Raises:
-        SettingsError: `model_dir` is not an artifact, or `mc_samples` < 2.
-        TransferkitError: the SavedModel does not match the Keras model
-            (nothing is written then).
+        SettingsError: `model_dir` is not an artifact, an unknown format or quantization,
+            `quantize` without litert or for an encoder, ONNX or LiteRT on another backend
+            than TensorFlow, or `mc_samples` < 2.
+        TransferkitError: an export does not match the Keras model (nothing is written then).
     """
-    import tensorflow as tf
-
     model_dir = Path(model_dir)
+    formats = parse_formats(formats)
     manifest = artifacts.read_manifest(model_dir)
+    check_quantize(quantize, formats, manifest["kind"])
+    require_packages(formats)
+    if keras.backend.backend() != "tensorflow" and set(formats) - {"savedmodel"}:
+        raise SettingsError(f"--format {','.join(formats)} needs the TensorFlow backend (its converters read "
+                            f"TensorFlow graphs); run with --backend tensorflow. Received: backend="
+                            f"{keras.backend.backend()!r}")
     model = artifacts.load_model(model_dir)
     out = Path(out) if out else model_dir / "serving"
+    folders = folder_names(out, formats, quantize)
     output_name = "probabilities" if manifest["kind"] == "classifier" else "features"
+    served = deterministic_model(model)
+    mc = manifest["kind"] == "classifier" and has_dropout(model)
+    if mc and mc_samples < 2:
+        raise SettingsError(f"--mc-samples must be at least 2. Received: mc_samples={mc_samples}")
+    data = artifact_data(model_dir, manifest) if quantize else None
+    records: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        tmp = {key: stack.enter_context(artifacts.atomic_dir(path)) for key, path in folders.items()}
+        if "savedmodel" in tmp:
+            records["savedmodel"] = write_saved_model(tmp["savedmodel"], served, model, manifest, output_name,
+                                                      mc_samples if mc else None)
+        converted = [key for key in tmp if key != "savedmodel"]
+        if converted:
+            records.update(_write_converted(converted, tmp, served, model, manifest, output_name,
+                                            mc_samples if mc else None, quantize, data))
+    exports = {**manifest.get("exports", {}), **{key: {"path": str(folders[key]), **records[key]} for key in records}}
+    artifacts.write_json(model_dir / artifacts.MANIFEST, {**manifest, "exports": exports})
+    for key, record in records.items():
+        runs.print_line(describe(record, folders[key]), verbose)
+    return runs.Result(model=model, history={}, metrics=_metrics(records), artifact=next(iter(folders.values())),
+                       manifest={**manifest, "exports": exports})
+
+
+def write_saved_model(folder: Path, served: keras.Model, model: keras.Model, manifest: dict[str, Any],
+                      output_name: str, mc_samples: int | None) -> dict[str, Any]:
+    """The SavedModel with `serve` (and the random `serve_mc`) in `folder`, checked; returns its record."""
+    import tensorflow as tf
+
     input_shape = tuple(manifest["input_shape"])
     spec = tf.TensorSpec((None, *input_shape), tf.float32, name="inputs")
-    served = deterministic_model(model)
     dtype = served.outputs[0].dtype
     outputs = tuple(served.outputs[0].shape[1:])
-
-    mc_model = None
-    if manifest["kind"] == "classifier" and has_dropout(model):
-        if mc_samples < 2:
-            raise SettingsError(f"--mc-samples must be at least 2. Received: mc_samples={mc_samples}")
-        mc_model = monte_carlo_model(model)
+    mc_model = None if mc_samples is None else monte_carlo_model(model)
     # every model is tracked before the first endpoint: on JAX an endpoint takes the variables tracked when it is
     # added as its inputs' shapes, but those tracked when it is traced (at `write_out`) as its inputs (#18)
     archive = keras.export.ExportArchive()
@@ -100,17 +147,64 @@ def run_export(model_dir: str | Path, out: str | Path | None = None, mc_samples:
 
         empty = {"mean": (outputs, dtype), "std": (outputs, dtype), "entropy": ((), dtype)}
         add_checked_endpoint(archive, "serve_mc", serve_mc, spec, empty)
-    with artifacts.atomic_dir(out) as tmp:
-        archive.write_out(str(tmp), verbose=False)
-        worst = check_export(tmp, served, manifest, output_name)
-        if mc_model is not None:
-            check_mc_export(tmp, mc_model, manifest, mc_samples)
-    endpoints = "'serve' and 'serve_mc'" if mc_model is not None else "'serve'"
-    runs.print_line(f"export: SavedModel with {endpoints} written to {out}; 'serve' matches the Keras model "
-                    f"(max difference {worst:.2g} of the output's scale at batch sizes "
-                    f"{', '.join(map(str, CHECK_BATCH_SIZES))})", verbose)
-    return runs.Result(model=model, history={}, metrics={"max_relative_difference": worst}, artifact=out,
-                       manifest=manifest)
+    archive.write_out(str(folder), verbose=False)
+    record = {"format": "savedmodel", "runtime": f"TensorFlow {tf.__version__}", "endpoints": {
+        "serve": {"max_relative_difference": check_export(folder, served, manifest, output_name)}}}
+    if mc_model is not None:
+        record["endpoints"]["serve_mc"] = {"mean_difference": check_mc_export(folder, mc_model, manifest, mc_samples)}
+        record["mc"] = {"form": "random", "samples": mc_samples}
+    return record
+
+
+def _write_converted(keys: list[str], tmp: dict[str, Path], served: keras.Model, model: keras.Model,
+                     manifest: dict[str, Any], output_name: str, mc_samples: int | None, quantize: str | None,
+                     data) -> dict[str, dict[str, Any]]:
+    """ONNX and LiteRT, from one SavedModel written for the converters."""
+    from transferkit.commands.mc_ensemble import ensemble_endpoint, fixed_mask_model, masks_of
+
+    references: dict[str, Callable] = {"serve": lambda x: {output_name: served(x, training=False)}}
+    convertible = quantizable(model)  # the same function, in a form int8 quantizes well; checked against `model`
+    ensemble, mc = None, None
+    if mc_samples is not None:
+        reference = fixed_mask_model(model, mc_samples, MC_SEED)
+        references["serve_mc"] = ensemble_endpoint(reference, mc_samples)
+        ensemble = fixed_mask_model(convertible, mc_samples, MC_SEED)  # the same masks: the same seeds, in order
+        mc = {"samples": mc_samples, "seed": MC_SEED, "masks": masks_of(reference)}
+    with convertible_saved_model(deterministic_model(convertible), ensemble, tuple(manifest["input_shape"]),
+                                 output_name, mc_samples or 0) as source:
+        return {key: write_format(key, tmp[key], source, references, manifest, quantize, data, mc) for key in keys}
+
+
+def describe(record: dict[str, Any], folder: Path) -> str:
+    """One line on what an export holds and how it was checked."""
+    kind = {"savedmodel": "SavedModel", "onnx": "ONNX", "litert": "LiteRT"}[record["format"]]
+    if record.get("quantize"):
+        kind += f" ({record['quantize']} quantization)"
+    endpoints = " and ".join(f"'{e}'" for e in record["endpoints"])
+    serve = record["endpoints"]["serve"]
+    if "agreement" in serve:
+        check = (f"its class agrees with the Keras model's on {serve['agreement']:.1%} of {serve['examples']} test "
+                 f"examples; test accuracy {serve['accuracy']:.4f} (Keras {serve['keras_accuracy']:.4f}, "
+                 f"drop {serve['accuracy_drop']:+.4f})")
+    else:
+        check = (f"{record['runtime'].rsplit(' ', 1)[0]} matches the Keras model (max difference "
+                 f"{serve['max_relative_difference']:.2g} of the output's scale at batch sizes "
+                 f"{', '.join(map(str, CHECK_BATCH_SIZES))})")
+    line = f"export: {kind} with {endpoints} written to {folder}; {check}"
+    if record.get("mc", {}).get("form") == "fixed ensemble":
+        mc = record["mc"]
+        line += f"; 'serve_mc' is a fixed ensemble of {mc['samples']} dropout masks (seed {mc['seed']})"
+    return line
+
+
+def _metrics(records: dict[str, dict[str, Any]]) -> dict[str, float]:
+    metrics = {}
+    for key, record in records.items():
+        prefix = "" if key == "savedmodel" else f"{key.replace('-', '_')}_"
+        for name, value in record["endpoints"]["serve"].items():
+            if isinstance(value, float) and name != "keras_accuracy":
+                metrics[prefix + name] = value
+    return metrics
 
 
 def add_checked_endpoint(archive, name: str, fn: Callable, spec, empty: dict[str, tuple]) -> None:
@@ -172,26 +266,11 @@ def check_export(path: Path, model: keras.Model, manifest: dict, output_name: st
     Raises:
         TransferkitError: that ratio exceeds `RTOL`, or an output is not finite.
     """
-    import tensorflow as tf
+    from transferkit.commands.runners import SavedModelRunner
 
-    serve = tf.saved_model.load(str(path)).signatures["serve"]
-    rng = np.random.default_rng(0)
-    lo, hi = manifest["value_range"]
-    differences, scale = {}, 0.0
-    for batch in CHECK_BATCH_SIZES:
-        x = rng.uniform(lo, hi, size=(batch, *manifest["input_shape"])).astype("float32")
-        expected = keras.ops.convert_to_numpy(model(x, training=False)).astype("float64")
-        served = serve(inputs=tf.constant(x))[output_name].numpy().astype("float64")
-        differences[batch] = float(np.max(np.abs(served - expected)))
-        scale = max(scale, float(np.max(np.abs(expected))))
-    batch = max(differences, key=lambda b: (not np.isfinite(differences[b]), differences[b]))
-    worst = differences[batch] / max(scale, float(np.finfo("float32").tiny))
-    if not worst <= RTOL:
-        raise TransferkitError(
-            f"The exported 'serve' differs from the Keras model by {differences[batch]:.3g} at batch size {batch}, "
-            f"{worst:.3g} of the output's scale {scale:.3g} (expected at most {RTOL}); nothing was written."
-        )
-    return worst
+    serve = SavedModelRunner(path, "serve")
+    return compare(lambda x: {output_name: serve(x)[output_name]}, lambda x: {output_name: model(x, training=False)},
+                   manifest, "'serve'")
 
 
 def check_mc_export(path: Path, mc_model: keras.Model, manifest: dict, samples: int) -> float:
