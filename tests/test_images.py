@@ -11,7 +11,8 @@ from PIL import Image
 
 from transferkit.data import load_data
 from transferkit.errors import SettingsError
-from transferkit.images import fit_size, list_images, read_images
+from transferkit.image_listing import list_images
+from transferkit.images import fit_size, read_images
 
 RNG = np.random.default_rng(0)
 ROOT = Path(__file__).resolve().parents[1]

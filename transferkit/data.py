@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 
 from transferkit.errors import SettingsError, TransferkitError
-from transferkit.image_files import ImageFiles, gather_together
-from transferkit.images import IMAGE_SUFFIXES, Checked, Listing, check_images, list_images, progress_bar
+from transferkit.image_files import ImageFiles
+from transferkit.image_listing import IMAGE_SUFFIXES, Listing, list_images
+from transferkit.images import Checked, check_images
 from transferkit.images import read_images  # noqa: F401 - part of this module's interface (prediction uses it)
+from transferkit.progress import progress_bar, showing
 from transferkit.recipe import RESIZE_MODES
 
 SCHEMES = ("digits", "npz", "dir", "tfds")
@@ -233,25 +235,18 @@ def pipeline(x: np.ndarray | ImageFiles, y: np.ndarray | ImageFiles | None = Non
              shuffle: bool = False, seed: int = 0):
     """A batched, prefetched `tf.data.Dataset` of `x` (and `y`): the one way into tf.data for every pass.
 
-    Arrays are cached in the dataset. `ImageFiles` are decoded a batch at a time
-    in a parallel, ordered map, never all at once; the shuffled order is the
-    one the same arrays would get (a shuffle of the row numbers with `seed`).
-    `x` may also be an unbatched, already cached `tf.data.Dataset` (spilled features).
+    Arrays are cached in the dataset. `ImageFiles` are decoded image by image
+    in a parallel, ordered map (`ImageFiles.examples`), never all at once; the
+    shuffled order is the one the same arrays would get (a shuffle of the row
+    numbers with `seed`). `x` may also be an unbatched, already cached
+    `tf.data.Dataset` (spilled features).
     """
     import tensorflow as tf
 
     if isinstance(x, ImageFiles) or isinstance(y, ImageFiles):
-        items = (x,) if y is None else (x, y)
-        ds = tf.data.Dataset.range(len(x))
-        if shuffle:
-            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-
-        def rows(indices):
-            batch = tuple(gather_together(items, indices))
-            return batch if len(batch) > 1 else batch[0]
-
-        return ds.batch(batch_size).map(rows, num_parallel_calls=tf.data.AUTOTUNE,
-                                        deterministic=True).prefetch(tf.data.AUTOTUNE)
+        source = x if isinstance(x, ImageFiles) else y
+        ds = source.examples((x,) if y is None else (x, y), shuffle, seed)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     if isinstance(x, tf.data.Dataset):
         ds = x if y is None else tf.data.Dataset.zip((x, tf.data.Dataset.from_tensor_slices(y)))
     else:
@@ -418,9 +413,10 @@ def _load_dir(spec: str, arg: str, options: _Options) -> Data:
         if len(empty):
             raise SettingsError(f"Class folder {str(root / listing.class_names[empty[0]])!r} holds no image that "
                                 "can be read; expected at least one per class (or remove the folder).")
-    if options.verbose:
+    if showing(options.verbose):
         print(_summary(spec, listing, checked), file=sys.stderr, flush=True)
-    x = ImageFiles([listing.files[i] for i in checked.kept], checked.size, checked.channels, options.resize, root=root)
+    x = ImageFiles([listing.files[i] for i in checked.kept], checked.size, checked.channels, options.resize, root=root,
+                   plain=checked.plain)
     return Data(x=x, y=y, spec=spec, class_names=listing.class_names, value_range=(0.0, 255.0),
                 skipped=tuple(path for path, _ in checked.bad))
 
