@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from transferkit.progress import quiet
 from transferkit.recipe import Recipe
 from transferkit.runs import Result
 
@@ -37,7 +38,7 @@ def pretrain(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     Args:
         recipe: Optional path of a recipe TOML file (its `[pretrain]` table
             applies), or a `Recipe`.
-        verbose: Bool. Print progress. Defaults to `True`.
+        verbose: Bool. Print progress (progress bars included). Defaults to `True`.
         **settings: Any `Recipe` field (`data`, `task`, `arch`, `activation`,
             `epochs`, `seed`, `out`, ...), over the recipe's values.
 
@@ -46,7 +47,8 @@ def pretrain(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     """
     from transferkit.pretraining import run_pretrain
 
-    return run_pretrain(resolve_recipe(recipe, "pretrain", settings), verbose=verbose)
+    with quiet(not verbose):  # the passes over the data show no progress bar either
+        return run_pretrain(resolve_recipe(recipe, "pretrain", settings), verbose=verbose)
 
 
 def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True, **settings: Any) -> Result:
@@ -55,7 +57,7 @@ def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     Args:
         recipe: Optional path of a recipe TOML file (its `[finetune]` table
             applies), or a `Recipe`.
-        verbose: Bool. Print progress. Defaults to `True`.
+        verbose: Bool. Print progress (progress bars included). Defaults to `True`.
         **settings: Any `Recipe` field (`from_`, `backbone`, `weights`, `base`, `cut`, `preprocess`,
             `label_fraction`, `unfreeze_top`, `head_epochs`, `epochs`, `lr`, `augment`, `mixup`, `cutmix`,
             `class_weight`, `ema`, ...).
@@ -65,7 +67,8 @@ def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     """
     from transferkit.finetuning import run_finetune
 
-    return run_finetune(resolve_recipe(recipe, "finetune", settings), verbose=verbose)
+    with quiet(not verbose):
+        return run_finetune(resolve_recipe(recipe, "finetune", settings), verbose=verbose)
 
 
 def export(model_dir: str | Path, out: str | Path | None = None, *, mc_samples: int = 30,
@@ -105,8 +108,9 @@ def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int 
     """
     from transferkit.evaluation import run_evaluate
 
-    return run_evaluate(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output, tta=tta,
-                        verbose=verbose)
+    with quiet(not verbose):
+        return run_evaluate(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output,
+                            tta=tta, verbose=verbose)
 
 
 def predict(model_dir: str | Path, inputs: list[str] | str, *, mc_samples: int = 0,
@@ -117,5 +121,6 @@ def predict(model_dir: str | Path, inputs: list[str] | str, *, mc_samples: int =
     """
     from transferkit.prediction import run_predict
 
-    return run_predict(model_dir, [inputs] if isinstance(inputs, str) else list(inputs), mc_samples=mc_samples,
-                       output=output, tta=tta, verbose=verbose)
+    with quiet(not verbose):
+        return run_predict(model_dir, [inputs] if isinstance(inputs, str) else list(inputs),
+                           mc_samples=mc_samples, output=output, tta=tta, verbose=verbose)
