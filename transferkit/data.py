@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import SettingsError, TransferkitError
+from transferkit.errors import SettingsError
 from transferkit.image_files import ImageFiles
 from transferkit.image_listing import IMAGE_SUFFIXES, Listing, list_images
 from transferkit.images import Checked, check_images
@@ -362,55 +362,7 @@ def _summary(spec: str, listing: Listing, checked: Checked) -> str:
 
 
 def _load_tfds(spec: str, arg: str, options: _Options) -> Data:
-    name, _, split = arg.partition(":")
-    import tensorflow_datasets as tfds
+    from transferkit.tfds_source import load_tfds
 
-    _check_tfds_reachable(tfds, name)
-    try:
-        ds, info = tfds.load(name, split=split or "train", with_info=True, as_supervised=False)
-    except Exception as err:  # tfds raises many kinds: unknown name, no network, bad split
-        raise TransferkitError(f"tensorflow-datasets could not load {arg!r}: {str(err).splitlines()[0]}") from None
-    image_key = next((k for k, f in info.features.items() if isinstance(f, tfds.features.Image)), None)
-    label_key = next((k for k, f in info.features.items() if isinstance(f, tfds.features.ClassLabel)), None)
-    if image_key is None:
-        raise SettingsError(f"Dataset {name!r} has no image feature; expected one of type tfds.features.Image.")
-    xs, ys = [], []
-    for example in tfds.as_numpy(ds):
-        xs.append(example[image_key])
-        if label_key is not None:
-            ys.append(example[label_key])
-    x = np.stack(xs).astype("float32")
-    if options.image_size:
-        import keras
-
-        side, resize = options.image_size, options.resize
-        x = keras.ops.convert_to_numpy(keras.ops.image.resize(
-            x, (side, side), crop_to_aspect_ratio=resize == "crop", pad_to_aspect_ratio=resize == "pad"))
-    y = np.asarray(ys, dtype="int64") if label_key is not None else None
-    names = tuple(info.features[label_key].names) if label_key is not None else None
-    return Data(x=x, y=y, spec=spec, class_names=names, value_range=(0.0, 255.0))
-
-
-def _check_tfds_reachable(tfds, name: str, timeout: float = 3.0) -> None:
-    """Fail in seconds, not minutes of retries, when `name` is not prepared here and there is no network."""
-    import socket
-
-    try:
-        builder = tfds.builder(name)
-    except Exception as err:  # unknown name: tfds suggests close ones
-        raise SettingsError(f"tensorflow-datasets has no dataset {name!r}: {str(err).splitlines()[0]}") from None
-    if Path(builder.data_dir).joinpath("dataset_info.json").exists() or _tfds_is_mocked(tfds):
-        return
-    try:
-        socket.create_connection(("storage.googleapis.com", 443), timeout=timeout).close()
-    except OSError:
-        raise TransferkitError(
-            f"tfds:{name} is not prepared in {builder.data_dir!r} and there is no network to download it; "
-            "prepare it on a machine with network (tfds build) or use npz: or dir: data."
-        ) from None
-
-
-def _tfds_is_mocked(tfds) -> bool:
-    """Under `tfds.testing.mock_data`, loading needs neither files nor network."""
-    return "mock" in type(tfds.core.DatasetBuilder.as_dataset).__name__.lower() or "mock" in repr(
-        tfds.core.DatasetBuilder.as_dataset).lower()
+    x, y, class_names = load_tfds(arg, options.image_size, options.resize)
+    return Data(x=x, y=y, spec=spec, class_names=class_names, value_range=(0.0, 255.0))

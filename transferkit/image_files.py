@@ -56,24 +56,28 @@ class ImageFiles:
     def __init__(self, paths, size: tuple[int, int], channels: int, resize: str = "stretch",
                  root: str | Path | None = None, standardize: tuple[np.ndarray, np.ndarray] | None = None,
                  plain: np.ndarray | None = None):
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}. Received: resize={resize!r}")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3. Received: channels={channels!r}")
+        self._settings(size, channels, resize, standardize)
         self.paths = paths if isinstance(paths, np.ndarray) else np.array([str(p) for p in paths], dtype=object)
-        self.size = (int(size[0]), int(size[1]))
-        self.channels = int(channels)
-        self.resize = resize
         self.root = None if root is None else str(root)
-        self.standardize = standardize
         self.plain = np.zeros(len(self.paths), bool) if plain is None else np.asarray(plain, dtype=bool)
         if self.plain.shape != (len(self.paths),):
             raise ValueError(f"plain must hold one boolean per path ({len(self.paths)}). "
                              f"Received: plain of shape {self.plain.shape}")
 
+    def _settings(self, size, channels, resize, standardize) -> None:
+        """Check and keep how every image is read (shared with the other kinds of lazy images)."""
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}. Received: resize={resize!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3. Received: channels={channels!r}")
+        self.size = (int(size[0]), int(size[1]))
+        self.channels = int(channels)
+        self.resize = resize
+        self.standardize = standardize
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.paths), *self.size, self.channels)
+        return (len(self), *self.size, self.channels)
 
     @property
     def nbytes(self) -> int:
@@ -130,6 +134,7 @@ class ImageFiles:
 
         from transferkit.image_ops import read_image_op
 
+        index = tf.convert_to_tensor(index)
         paths, plain = tf.constant(self.paths.astype(str)), tf.constant(self.plain)
         alike = self.plain.all() or not self.plain.any()  # then one branch serves every file
 
@@ -188,16 +193,17 @@ class ImageFiles:
         return h.hexdigest()
 
 
-def gather_together(items, indices) -> list:
+def gather_together(items, indices, decoded: list | None = None) -> list:
     """The rows `indices` (an int tensor: one row, or 1-D) of each of `items` (arrays, tensors or `ImageFiles`).
 
     `ImageFiles` reading the same files are decoded once (an autoencoder's
-    inputs and its standardized targets), by `ImageFiles.read`.
+    inputs and its standardized targets), by `ImageFiles.read`, unless
+    `decoded` already holds `(files, raw tensor)` for them.
     """
     import tensorflow as tf
 
     out: list = [None] * len(items)
-    decoded: list[tuple[ImageFiles, Any]] = []
+    decoded = list(decoded or [])
     for i, item in enumerate(items):
         if not isinstance(item, ImageFiles):
             out[i] = tf.gather(item, indices)

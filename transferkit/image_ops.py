@@ -79,6 +79,13 @@ def pillow_read(path, size: tuple[int, int], channels: int, resize: str) -> np.n
     return _fit(decode_image(path, channels), size, resize)
 
 
+def pillow_decode_bytes(encoded: bytes, size: tuple[int, int], channels: int, resize: str) -> np.ndarray:
+    """One encoded image decoded by Pillow and fitted to `size`, as `pillow_read` reads a file."""
+    from transferkit.images import decode_image
+
+    return _fit(decode_image(bytes(encoded), channels), size, resize)
+
+
 def _fit(values: np.ndarray, size: tuple[int, int], resize: str) -> np.ndarray:
     from transferkit.images import fit_size
 

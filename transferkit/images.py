@@ -235,16 +235,18 @@ def read_header(path: Path) -> tuple[int, int, bool]:
     return (width, height, gray) if orientation in _SWAPS_SIDES else (height, width, gray)
 
 
-def decode_image(path: Path, channels: int) -> np.ndarray:
-    """One image file as `(H, W, channels)` levels on the 8-bit scale (uint8, or float32 when finer)."""
+def decode_image(path: Path | bytes, channels: int) -> np.ndarray:
+    """One image file (or its encoded bytes) as `(H, W, channels)` levels on the 8-bit scale (uint8, or float32)."""
+    import io
+
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
             im.load()  # decode now, inside the `with`: the file is closed when it ends
             image = ImageOps.exif_transpose(im)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
-        raise BadImage(_reason(path, err)) from None
+        raise BadImage(f"{type(err).__name__}: {err}" if isinstance(path, bytes) else _reason(path, err)) from None
     return to_channels(levels(image), channels)
 
 
