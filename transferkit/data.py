@@ -271,6 +271,17 @@ def batches_of(x: np.ndarray | ImageFiles, batch_size: int = 256, desc: str | No
                 tick(min(batch_size, len(x) - start))
 
 
+def rows_of(x: np.ndarray | ImageFiles, rows: np.ndarray) -> np.ndarray:
+    """`x[rows]` as one array; of image files only those rows are decoded (read in stored order, then reordered)."""
+    if not isinstance(x, ImageFiles):
+        return np.asarray(x[rows])
+    ascending = np.argsort(rows, kind="stable")
+    decoded = x[np.asarray(rows)[ascending]].decode()  # a tfds split streams once, without its copy on disk
+    out = np.empty_like(decoded)
+    out[ascending] = decoded
+    return out
+
+
 def as_array(x: np.ndarray | ImageFiles) -> np.ndarray:
     """`x` as one array, decoding image files on purpose: for the few passes that cannot stream, of a bounded size."""
     return x.decode() if isinstance(x, ImageFiles) else x

@@ -303,8 +303,9 @@ def diagnose(
 def prepare_batches(data: Any, batches: int, batch_size: int = 32, seed: int = 0) -> list[tuple[np.ndarray, Any]]:
     """Up to `batches` fixed `(x, y)` numpy batches from arrays, a Dataset or a data spec.
 
-    Arrays are sampled without replacement with `seed`; a Dataset's first
-    `batches` batches are taken as they come.
+    Arrays (and image files, of which only the sampled rows are decoded) are
+    sampled without replacement with `seed`; a Dataset's first `batches`
+    batches are taken as they come.
 
     Example:
 
@@ -328,15 +329,18 @@ def prepare_batches(data: Any, batches: int, batch_size: int = 32, seed: int = 0
         return out
     if data is None:
         raise SettingsError("diagnose needs data: (x, y) arrays, a tf.data.Dataset or a data spec.")
+    from transferkit.data import rows_of
+    from transferkit.image_files import ImageFiles
+
     x, y = (data[0], data[1]) if isinstance(data, (tuple, list)) and len(data) == 2 else (data, None)
-    x = np.asarray(x)
+    x = x if isinstance(x, ImageFiles) else np.asarray(x)  # image files: only the sampled rows are decoded
     if x.ndim < 2 or len(x) == 0:
         raise SettingsError(f"Inputs must be a non-empty batch of examples. Received: x with shape {x.shape}")
     if y is not None and len(y) != len(x):
         raise SettingsError(f"Inputs and labels disagree: {len(x)} inputs but {len(y)} labels.")
     order = np.random.default_rng(seed).permutation(len(x))[: batches * batch_size]
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return [(x[c].astype("float32"), None if y is None else np.asarray(y)[c]) for c in chunks]
+    return [(rows_of(x, c).astype("float32"), None if y is None else np.asarray(y)[c]) for c in chunks]
 
 
 class Probe:
