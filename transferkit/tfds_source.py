@@ -145,7 +145,7 @@ class TfdsImages(ImageFiles):
         ds = ds.filter(lambda at, encoded: at >= 0).take(len(self.rows))
         ds = ds.apply(tf.data.experimental.assert_cardinality(len(self.rows)))  # Keras then knows the batches
         if shuffle:
-            ds = ds.shuffle(min(len(self.rows), SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
+            ds = ds.shuffle(max(1, min(len(self.rows), SHUFFLE_BUFFER)), seed=seed, reshuffle_each_iteration=True)
 
         def row(at, encoded):
             values = tuple(gather_together(items, at, decoded=[(self, self.decode_op(encoded))]))
