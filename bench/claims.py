@@ -7,7 +7,7 @@ PNG pictures (small: 80 dpi).
     python bench/claims.py [--out docs] [--epochs 10] [--seeds 3]
 
 About 5 minutes on 2 CPU cores. Deep nets: 50 Dense layers of 100 units from
-`transferkit.setups.dense_stack` (the activation table picks each initializer),
+`transferkit.pieces.setups.dense_stack` (the activation table picks each initializer),
 a softmax head, SGD with momentum 0.9 at 1e-3 (the chapter's deep-net setting),
 batch 32, inputs standardized with the training split's statistics; accuracy is
 on the validation split, MC dropout on the test split.
@@ -87,7 +87,7 @@ def mean_field_chi(width: int) -> float:
 
 # ---------------------------------------------------------------- keras: the digits
 def digits_splits():
-    from transferkit.data import load_data, split_data
+    from transferkit.data.sources import load_data, split_data
 
     data = load_data("digits")
     split = split_data(data, seed=0)
@@ -103,7 +103,7 @@ def deep_net(activation: str, normal_weights: bool = False, batchnorm: str | Non
     """dense_stack (initializer from the activation table) + softmax head; optionally N(0, 1) hidden kernels."""
     import keras
 
-    from transferkit.setups import dense_stack
+    from transferkit.pieces.setups import dense_stack
 
     keras.utils.set_random_seed(seed)
     model = keras.Sequential([keras.Input((64,)),
@@ -171,7 +171,7 @@ def self_normalization_numpy(claims: Claims, out: Path) -> None:
 
 
 def depth_and_activations(claims: Claims, data, epochs: int, out: Path) -> None:
-    from transferkit.diagnostics import diagnose, plot_report
+    from transferkit.commands.diagnose import diagnose, plot_report
 
     import keras
 
@@ -289,7 +289,7 @@ def critical_width(low: int = 2, high: int = 1000) -> int:
 
 def width_sweep(data, widths=(16, 32, 64, 100, 200), seeds=(0, 1)) -> list[tuple[int, float, float]]:
     """Median measured first/top gradient ratio at init of the 50-layer sigmoid N(0, 1) net, and chi."""
-    from transferkit.diagnostics import diagnose
+    from transferkit.commands.diagnose import diagnose
 
     rows = []
     for width in widths:
@@ -302,7 +302,7 @@ def width_sweep(data, widths=(16, 32, 64, 100, 200), seeds=(0, 1)) -> list[tuple
 def clipping(claims: Claims, data, epochs: int) -> list[str]:
     import keras
 
-    from transferkit.diagnostics import diagnose
+    from transferkit.commands.diagnose import diagnose
 
     def exploding():  # 10 ReLU layers with He weights doubled: activations and gradients grow 2x per layer
         return deep_net("relu", depth=10, gain=2.0)
@@ -325,7 +325,7 @@ def clipping(claims: Claims, data, epochs: int) -> list[str]:
 def one_cycle(claims: Claims, data, seeds: int, epochs: int = 15, target: float = 0.97) -> dict:
     import keras
 
-    from transferkit.schedules import make_schedule, schedule_callbacks
+    from transferkit.pieces.schedules import make_schedule, schedule_callbacks
 
     steps = epochs * -(-len(data["train"][0]) // 32)
     runs = {"1cycle, peak 0.1": ("onecycle", 0.1), "constant 0.01": ("constant", 0.01),
@@ -358,7 +358,7 @@ def one_cycle(claims: Claims, data, seeds: int, epochs: int = 15, target: float 
 def mc_dropout(claims: Claims, data, seeds: int, epochs: int = 20, samples: int = 50) -> list[str]:
     import keras
 
-    from transferkit.uncertainty import calibration, mc_predict
+    from transferkit.pieces.uncertainty import calibration, mc_predict
 
     rows, table = {}, []
     x_test, y_test = data["test"]
@@ -391,7 +391,7 @@ def mc_dropout(claims: Claims, data, seeds: int, epochs: int = 20, samples: int 
 
 
 def save(fig, path: Path) -> None:
-    from transferkit.pictures import save_figure
+    from transferkit.store.pictures import save_figure
 
     save_figure(fig, path, dpi=80)
     size = path.stat().st_size
@@ -439,10 +439,10 @@ def main() -> None:
         "",
         f"`python bench/claims.py` ({dt.date.today().isoformat()}, {elapsed / 60:.1f} minutes on "
         f"{os.cpu_count()} CPU cores, Python {platform.python_version()}, TensorFlow {tf.__version__}, "
-        f"Keras {keras.__version__}). Real data: scikit-learn's 8x8 digits (`transferkit.data.load_data(\"digits\")`, "
+        f"Keras {keras.__version__}). Real data: scikit-learn's 8x8 digits (`transferkit.data.sources.load_data(\"digits\")`, "
         "the seed-0 split: 1257 train / 180 validation / 360 test), inputs standardized with the training "
         "split's statistics; numpy where the claim is about the math. Deep nets are 50 Dense layers of 100 "
-        "units from `transferkit.setups.dense_stack` (the activation table picks He for ReLU/ELU, LeCun for "
+        "units from `transferkit.pieces.setups.dense_stack` (the activation table picks He for ReLU/ELU, LeCun for "
         "SELU; the sigmoid nets get N(0, 1) hidden kernels instead) and a softmax head, trained with SGD 1e-3, "
         f"momentum 0.9, batch 32, for {args.epochs} epochs. \"Learns\" means validation accuracy >= "
         f"{LEARNS:.1f} after them, \"does not learn\" < {DOES_NOT_LEARN:.1f} (chance is 0.10).",
@@ -466,7 +466,7 @@ def main() -> None:
         "",
         "### 1cycle against a constant learning rate",
         "",
-        f"2 hidden layers of 100 ReLU units, SGD with momentum 0.9 (1cycle: `transferkit.schedules.OneCycle`, "
+        f"2 hidden layers of 100 ReLU units, SGD with momentum 0.9 (1cycle: `transferkit.pieces.schedules.OneCycle`, "
         f"fastai's cosine shape, with `OneCycleMomentum` cycling 0.95-0.85-0.95), {cycle['epochs']} epochs, "
         f"epochs to reach {cycle['target']:.0%} validation accuracy per seed:",
         "",
@@ -481,8 +481,8 @@ def main() -> None:
         "",
         f"2 hidden layers of 200 ReLU units with dropout 0.3, Nadam 1e-3, 20 epochs, on all or 10% of the "
         f"training split; test split (360 examples), mean of {args.seeds} seeds; MC dropout is "
-        "`transferkit.uncertainty.mc_predict` with 50 samples (dropout on, BatchNorm in inference), metrics from "
-        "`transferkit.uncertainty.calibration` (ECE over 15 equal-width confidence bins).",
+        "`transferkit.pieces.uncertainty.mc_predict` with 50 samples (dropout on, BatchNorm in inference), metrics from "
+        "`transferkit.pieces.uncertainty.calibration` (ECE over 15 equal-width confidence bins).",
         "",
         "| labels | prediction | accuracy | mean confidence | NLL | ECE |",
         "|---|---|---|---|---|---|",

@@ -7,7 +7,7 @@ read at 160x160). For each, in child processes:
   none --head-epochs 1 --epochs 0 --image-size 160` (its check pass, the cached
   base outputs, the head's epoch, the test evaluation): peak RSS and images/s
   (folder images over the whole run's wall time);
-- `ours`: read -> resize -> batch (64) through `transferkit.data.pipeline`, every
+- `ours`: read -> resize -> batch (64) through `transferkit.data.sources.pipeline`, every
   image once: images/s and peak RSS;
 - `keras`: the same through `keras.utils.image_dataset_from_directory`
   (`image_size=(160, 160)`, batch 64, no shuffle): the baseline.
@@ -42,7 +42,7 @@ SIDE = 160
 PIPELINE_OURS = """
 import sys, time
 import keras  # imported before the clock starts, as for keras's pipeline
-from transferkit.data import load_data, pipeline
+from transferkit.data.sources import load_data, pipeline
 data = load_data(sys.argv[1], image_size={side}, verbose=False)
 start, n = time.perf_counter(), 0
 for batch in pipeline(data.x, batch_size=64):

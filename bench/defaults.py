@@ -42,7 +42,7 @@ TUNED_VGG = dict(OLD_DEFAULTS, head_epochs=200, lr=0.01)
 def logistic_score(data, split) -> float:
     from sklearn.linear_model import LogisticRegression
 
-    from transferkit.data import as_array
+    from transferkit.data.sources import as_array
 
     lo, hi = data.value_range
     x = as_array(data.x)  # a folder streams: decode it here (1,797 small images)
@@ -81,7 +81,7 @@ def digits_folder(root: Path) -> Path:
 
 def run_seed(seed: int, options: dict) -> dict:
     import transferkit as tk
-    from transferkit.data import load_data, split_data
+    from transferkit.data.sources import load_data, split_data
 
     work = Path(options["work"]) / f"seed{seed}"
     data = load_data("digits")

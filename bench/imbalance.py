@@ -29,7 +29,7 @@ KEEP = 0.1
 
 def imbalanced_digits(seed: int, folder: Path) -> tuple[str, np.ndarray, np.ndarray]:
     """An npz of the digits with classes 0-4 at 10%; and the left-out examples (x, y)."""
-    from transferkit.data import load_data
+    from transferkit.data.sources import load_data
 
     data = load_data("digits")
     rng = np.random.default_rng(seed)

@@ -31,8 +31,8 @@ def main() -> None:
     import keras
 
     import transferkit as tk
-    from transferkit.data import load_data
-    from transferkit.uncertainty import mc_predict, monte_carlo_model
+    from transferkit.data.sources import load_data
+    from transferkit.pieces.uncertainty import mc_predict, monte_carlo_model
 
     work = tempfile.mkdtemp(prefix="tk-bench-mc-")
     encoder = tk.pretrain(epochs=1, out=f"{work}/enc", verbose=False).artifact

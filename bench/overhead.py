@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import transferkit as tk
-    from transferkit.data import load_data, split_data
+    from transferkit.data.sources import load_data, split_data
 
     work = Path(tempfile.mkdtemp(prefix="tk-bench-"))
     encoder_dir = tk.pretrain(data="digits", epochs=2, out=str(work / "encoder"), verbose=False).artifact

@@ -92,7 +92,7 @@ def finetune_score(encoder: Path, fraction: float, seed: int, settings: dict, wo
 
 def run_seed(seed: int, options: dict) -> dict[str, dict[float, float]]:
     """Every method's test accuracy at every label fraction, for one seed."""
-    from transferkit.data import load_data, split_data
+    from transferkit.data.sources import load_data, split_data
 
     data, work = load_data("digits"), Path(options["work"])
     encoders = pretrain_all(options["tasks"], seed, work, options["pretrain"])

@@ -49,7 +49,7 @@ def encoder_from_classifier(classifier: Path, untrained_encoder: Path, out: Path
     """An encoder artifact holding the trained base of `classifier` (the rest from `untrained_encoder`)."""
     import keras
 
-    from transferkit import artifacts
+    from transferkit.store import artifacts
 
     if out.exists():
         shutil.rmtree(out)
@@ -64,7 +64,7 @@ def encoder_from_classifier(classifier: Path, untrained_encoder: Path, out: Path
 
 def label_fraction_for(spec: str, per_class: int, seed: int) -> float:
     """The label fraction that keeps `per_class` labels of each class of the training split."""
-    from transferkit.data import load_data, split_data
+    from transferkit.data.sources import load_data, split_data
 
     data = load_data(spec)
     train = split_data(data, seed=seed, test_fraction=0.2, val_fraction=0.0).train

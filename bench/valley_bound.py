@@ -31,7 +31,7 @@ def ratio(scales, weights, batch_size: int, num_steps: int, seed: int) -> float:
     import keras
     import numpy as np
 
-    from transferkit.lr_finder import lr_find
+    from transferkit.pieces.lr_finder import lr_find
 
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((1024, len(scales))) * np.array(scales)).astype("float32")

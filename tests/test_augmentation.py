@@ -8,9 +8,9 @@ import pytest
 
 import transferkit as tk
 from tests.helpers import assert_config_round_trip, assert_reloads_with_same_outputs
-from transferkit.augment_spec import parse_augment
-from transferkit.augmentation import Augmentation, tta_predict
-from transferkit.data import load_data
+from transferkit.pieces.augment_spec import parse_augment
+from transferkit.pieces.augmentation import Augmentation, tta_predict
+from transferkit.data.sources import load_data
 from transferkit.errors import SettingsError
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import transferkit as tk
-from transferkit.backbones import BACKBONES, ImagenetPreprocess, blocks_of, build_backbone
+from transferkit.pieces.backbones import BACKBONES, ImagenetPreprocess, blocks_of, build_backbone
 from tests.helpers import assert_config_round_trip, assert_reloads_with_same_outputs
 
 
@@ -38,7 +38,7 @@ def assert_blocks_cover_every_layer_once(base, blocks):
 
 
 def assert_unfreeze_top_1_unfreezes_only_the_top_block(base, blocks):
-    from transferkit.freezing import freeze_all_but_top
+    from transferkit.pieces.freezing import freeze_all_but_top
 
     freeze_all_but_top(base, blocks, 1)
     top = {id(w) for layer in blocks[-1][1] if not isinstance(layer, keras.layers.BatchNormalization)

@@ -40,7 +40,7 @@ def fixed_head_stage(encoder_dir: str, out: str) -> list:
     reshuffles in another sequence than a Python loop over the dataset (JAX's `fit`) does.
     """
     import transferkit as tk
-    from transferkit import finetuning
+    from transferkit.finetuning import train as finetuning
 
     build = finetuning.build_classifier
 

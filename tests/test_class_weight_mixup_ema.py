@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 import transferkit as tk
-from transferkit.augmentation import mix_batches
-from transferkit.class_weights import resolve_class_weight
+from transferkit.pieces.augmentation import mix_batches
+from transferkit.finetuning.class_weights import resolve_class_weight
 from transferkit.cli import cli
-from transferkit.data import load_data
+from transferkit.data.sources import load_data
 
 
 def head_weights(artifact):
@@ -147,6 +147,6 @@ def test_saved_weights_are_the_moving_average_of_the_trained_weights(encoder_dir
 
 def test_exact_cutmix_config_round_trips():
     from tests.helpers import assert_config_round_trip
-    from transferkit.augmentation import ExactCutMix
+    from transferkit.pieces.augmentation import ExactCutMix
 
     assert_config_round_trip(ExactCutMix(factor=0.5, seed=3))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferkit.data import Data, load_data, parse_spec, pipeline, require_classes, split_data
+from transferkit.data.sources import Data, load_data, parse_spec, pipeline, require_classes, split_data
 from transferkit.errors import SettingsError
 
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 import transferkit as tk
 from transferkit.cli import cli
-from transferkit.data import load_data
-from transferkit.defaults import FINETUNE_STEPS, HEAD_STEPS, MIN_EPOCHS, PRETRAIN_STEPS
+from transferkit.data.sources import load_data
+from transferkit.training.defaults import FINETUNE_STEPS, HEAD_STEPS, MIN_EPOCHS, PRETRAIN_STEPS
 from transferkit.recipe import Recipe
 
 def validation_loss(artifact: Path, loss) -> float:
@@ -65,7 +65,7 @@ def test_pretraining_that_overfits_keeps_its_best_epoch(tmp_path):
 
 
 def test_default_stages_count_steps_not_epochs(encoder_dir):
-    from transferkit.finetuning import plan_finetune
+    from transferkit.finetuning.train import plan_finetune
 
     # 0.02 of the training split: one batch of 32 per epoch
     plan = plan_finetune(Recipe(from_=str(encoder_dir), label_fraction=0.02))
@@ -82,7 +82,7 @@ def test_default_stages_count_steps_not_epochs(encoder_dir):
 
 
 def test_a_backbone_unfreezes_at_the_keras_guides_ratio():
-    from transferkit.defaults import resolve_finetune
+    from transferkit.training.defaults import resolve_finetune
 
     # the Keras guide: Adam at 1e-3 for the new head, 1e-5 for the whole model
     recipe, chosen = resolve_finetune(Recipe(), labeled=100, num_blocks=5, base_kind="backbone")
@@ -91,7 +91,7 @@ def test_a_backbone_unfreezes_at_the_keras_guides_ratio():
 
 
 def test_default_pretraining_is_denoising_on_a_step_budget():
-    from transferkit.defaults import resolve_pretrain
+    from transferkit.training.defaults import resolve_pretrain
 
     recipe, chosen = resolve_pretrain(Recipe(), examples=1258)
     assert recipe.task == "denoising"
@@ -173,8 +173,8 @@ def test_tensorboard_gets_the_curves_of_every_stage(encoder_dir, tmp_path):
 
 
 def test_a_base_whose_features_do_not_vary_is_named(encoder_dir, tmp_path, capsys):
-    from transferkit.feature_cache import compute_features
-    from transferkit.finetuning import plan_finetune
+    from transferkit.finetuning.feature_cache import compute_features
+    from transferkit.finetuning.train import plan_finetune
 
     # a random MobileNetV2 keeps BatchNorm's initial statistics: its features vanish for every input
     settings = dict(backbone="mobilenetv2", weights="none", label_fraction=0.05)

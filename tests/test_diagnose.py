@@ -16,11 +16,11 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from transferkit.cli import cli
-from transferkit.data import Data, load_data, split_data
-from transferkit.diagnose_cli import diagnose as diagnose_command
-from transferkit.diagnostics import diagnose
+from transferkit.data.sources import Data, load_data, split_data
+from transferkit.commands.diagnose_cli import diagnose as diagnose_command
+from transferkit.commands.diagnose import diagnose
 from transferkit.errors import SettingsError
-from transferkit.health import TrainingHealth
+from transferkit.pieces.health import TrainingHealth
 
 if "diagnose" not in cli.commands:
     cli.add_command(diagnose_command)
@@ -297,7 +297,7 @@ def test_cli_diagnoses_an_artifact_on_its_training_split_only(tmp_path):
 
 
 def test_command_module_imports_neither_tensorflow_nor_cli():
-    code = ("import sys; import transferkit.diagnose_cli; "
+    code = ("import sys; import transferkit.commands.diagnose_cli; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'transferkit.cli') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

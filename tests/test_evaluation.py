@@ -9,9 +9,9 @@ import pytest
 from sklearn import metrics
 
 import transferkit as tk
-from transferkit.curves import epoch_stages, history_rows
-from transferkit.data import load_data
-from transferkit.report import class_report, most_confused, top_losses
+from transferkit.training.curves import epoch_stages, history_rows
+from transferkit.data.sources import load_data
+from transferkit.commands.report import class_report, most_confused, top_losses
 from tests.test_cli import run
 
 
@@ -61,7 +61,7 @@ def test_top_k_accuracy_equals_a_numpy_count(dropout_classifier_dir, test_split)
 def test_top_k_is_off_by_default_with_five_classes_or_fewer():
     p = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]])
     assert class_report(p, np.array([0, 1, 2]), list("abc"))["top_k_accuracy"] is None
-    from transferkit.report import resolve_top_k
+    from transferkit.commands.report import resolve_top_k
 
     assert resolve_top_k(None, 5) is None and resolve_top_k(None, 6) == 5
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import transferkit as tk
-from transferkit import serving
-from transferkit.data import load_data
+from transferkit.commands import export as serving
+from transferkit.data.sources import load_data
 from transferkit.errors import TransferkitError
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import transferkit as tk
-from transferkit.backbones import blocks_of
-from transferkit.data import load_data, split_data
+from transferkit.pieces.backbones import blocks_of
+from transferkit.data.sources import load_data, split_data
 from transferkit.errors import SettingsError
 
 

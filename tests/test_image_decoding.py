@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferkit.data import load_data, pipeline
-from transferkit.image_files import ImageFiles
-from transferkit.images import check_images, read_images
+from transferkit.data.sources import load_data, pipeline
+from transferkit.data.image_files import ImageFiles
+from transferkit.data.images import check_images, read_images
 
 RNG = np.random.default_rng(7)
 
@@ -47,7 +47,7 @@ def test_plain_files_decode_by_tensorflow_to_the_pixels_pillow_gives(tmp_path, r
 
 
 def test_plain_files_of_the_size_asked_for_never_reach_python(tmp_path, monkeypatch):
-    from transferkit import image_ops
+    from transferkit.data import image_ops
 
     paths = [p for p in plain_kinds(tmp_path / "plain") if p.name.startswith("3-") or p.name.endswith("0.jpg")]
     paths += [p for p in plain_kinds(tmp_path / "more") if p.name in ("progressive.jpg", "420.jpg")]

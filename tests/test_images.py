@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferkit.data import load_data
+from transferkit.data.sources import load_data
 from transferkit.errors import SettingsError
-from transferkit.image_listing import list_images
-from transferkit.images import fit_size, read_images
+from transferkit.data.image_listing import list_images
+from transferkit.data.images import fit_size, read_images
 
 RNG = np.random.default_rng(0)
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,7 +335,7 @@ def test_2000_images_load_under_ulimit_256(tmp_path):
             print("all opened")
         except OSError as err:
             print("opening all at once fails:", err.errno)
-        from transferkit.data import load_data
+        from transferkit.data.sources import load_data
         data = load_data("dir:{root}")
         print(data.x.shape, data.y.sum(), data.x[:, 0, 0, 0].sum())
     """)
@@ -349,7 +349,7 @@ def test_2000_images_train_a_step_under_ulimit_256(tmp_path):
     root = two_thousand_images(tmp_path)
     out = run_with_256_file_descriptors(f"""
         import keras
-        from transferkit.data import load_data, pipeline
+        from transferkit.data.sources import load_data, pipeline
         data = load_data("dir:{root}", verbose=False)
         model = keras.Sequential([keras.Input(data.input_shape), keras.layers.Flatten(), keras.layers.Dense(2)])
         model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import assert_config_round_trip, assert_reloads_with_same_outputs
-from transferkit.layers import MCAlphaDropout, MCDropout, RReLU
+from transferkit.pieces.layers import MCAlphaDropout, MCDropout, RReLU
 
 pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import transferkit as tk
-from transferkit.learning_rates import schedule_curve
+from transferkit.commands.learning_rates import schedule_curve
 from transferkit.recipe import Recipe
 from tests.test_cli import run
 
@@ -32,7 +32,7 @@ def test_schedule_plot_draws_each_stage_from_its_own_start(encoder_dir, tmp_path
 
 @pytest.mark.parametrize("mode", ["propagate", "pseudo"])
 def test_schedule_draws_the_semi_supervised_phases(mode, encoder_dir):
-    from transferkit.finetuning import plan_finetune
+    from transferkit.finetuning.train import plan_finetune
 
     recipe = Recipe(from_=str(encoder_dir), lr=0.01, unfreeze_top=1, head_epochs=2, epochs=3, label_fraction=0.1,
                     semi_supervised=mode, pseudo_rounds=2)

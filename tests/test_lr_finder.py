@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from transferkit.errors import SettingsError
-from transferkit.lr_finder import _minimum, _steep, _valley, lr_find
+from transferkit.pieces.lr_finder import _minimum, _steep, _valley, lr_find
 
 
 def regression(n=256, d=4, seed=0):

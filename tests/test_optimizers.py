@@ -3,7 +3,7 @@
 import keras
 import pytest
 
-from transferkit.optimizers import OPTIMIZERS, optimizer
+from transferkit.pieces.optimizers import OPTIMIZERS, optimizer
 
 pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import transferkit as tk
-from transferkit.backup import Backup
+from transferkit.store.backup import Backup
 from transferkit.errors import SettingsError
 
 TINY = dict(data="digits", batch_size=64, units=(16, 8), filters=(4, 4), verbose=False)

@@ -60,8 +60,8 @@ def test_task_lowers_its_loss_saves_an_encoder_and_fine_tunes_from_the_cli(task,
 
 
 def test_tied_weights_share_one_kernel_variable():
-    from transferkit.pretraining import build_autoencoder, build_decoder, build_encoder
-    from transferkit.tied import DenseTranspose
+    from transferkit.pretraining.train import build_autoencoder, build_decoder, build_encoder
+    from transferkit.pieces.tied import DenseTranspose
 
     recipe = Recipe(units=(16, 8), tied_weights=True)
     x = np.random.default_rng(0).normal(size=(64, 12)).astype("float32")
@@ -80,7 +80,7 @@ def test_tied_weights_share_one_kernel_variable():
 
 
 def test_dense_transpose_round_trips_its_config_and_reloads_tied(tmp_path):
-    from transferkit.tied import DenseTranspose
+    from transferkit.pieces.tied import DenseTranspose
 
     inputs = keras.Input((6,))
     dense = keras.layers.Dense(3, activation="selu", name="dense")
@@ -92,7 +92,7 @@ def test_dense_transpose_round_trips_its_config_and_reloads_tied(tmp_path):
 
 
 def test_pair_scores_round_trip_its_config(tmp_path):
-    from transferkit.pretext import PairScores
+    from transferkit.pretraining.pretext import PairScores
 
     a, b = keras.Input((4,)), keras.Input((4,))
     layer = PairScores(5.0)
@@ -103,8 +103,8 @@ def test_pair_scores_round_trip_its_config(tmp_path):
 
 
 def test_greedy_stacking_trains_one_block_at_a_time(slice_spec):
-    from transferkit import runs
-    from transferkit.pretraining import Job, build_encoder, encoder_blocks, train_stacked
+    from transferkit.training import runs
+    from transferkit.pretraining.train import Job, build_encoder, encoder_blocks, train_stacked
 
     recipe = Recipe(data=slice_spec, task="stacked", units=(16, 8, 4), epochs=2, batch_size=32, lr=1e-3)
     data, split = runs.prepare(recipe)
@@ -125,7 +125,7 @@ def test_greedy_stacking_trains_one_block_at_a_time(slice_spec):
 
 
 def test_rotation_labels_are_right_for_a_known_image():
-    from transferkit.pretext import rotations
+    from transferkit.pretraining.pretext import rotations
 
     image = np.array([[1, 2], [3, 4]], "float32")[None, ..., None]  # 1 2 / 3 4
     images, labels = rotations(image)
@@ -138,7 +138,7 @@ def test_rotation_labels_are_right_for_a_known_image():
 
 
 def test_pairs_of_the_same_image_are_labelled_same():
-    from transferkit.pretext import pair_accuracy, same_or_different_loss, same_pairs
+    from transferkit.pretraining.pretext import pair_accuracy, same_or_different_loss, same_pairs
 
     ids = np.array([7.0, 2.0, 7.0, 5.0])
     labels = keras.ops.convert_to_numpy(same_pairs(ids))
@@ -150,7 +150,7 @@ def test_pairs_of_the_same_image_are_labelled_same():
 
 
 def test_dropout_noise_masks_without_rescaling_while_training_only():
-    from transferkit.pretraining import corruption
+    from transferkit.pretraining.train import corruption
 
     noise = keras.Sequential(corruption(0.5, "dropout", seed=3))
     x = np.full((1, 1000), 2.0, "float32")

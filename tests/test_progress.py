@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 import transferkit as tk
-from transferkit import progress
-from transferkit.data import load_data
+from transferkit.data import progress
+from transferkit.data.sources import load_data
 
 
 class Terminal(io.StringIO):

@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from transferkit.layers import MCAlphaDropout
-from transferkit.optimizers import optimizer
+from transferkit.pieces.layers import MCAlphaDropout
+from transferkit.pieces.optimizers import optimizer
 
 pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`
 

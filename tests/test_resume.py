@@ -103,7 +103,7 @@ def test_five_kills_at_random_moments_still_finish_like_an_uninterrupted_run(enc
 
 
 def test_a_head_only_backup_restores_the_base_from_the_stage_start_and_the_head_from_its_last_save(tmp_path):
-    from transferkit.backup import HEAD, Backup, BackupCallback
+    from transferkit.store.backup import HEAD, Backup, BackupCallback
 
     def classifier(seed):
         keras.utils.set_random_seed(seed)

@@ -15,7 +15,7 @@ from PIL import Image
 
 import transferkit as tk
 from transferkit.errors import TransferkitError
-from transferkit.runtime import is_chief
+from transferkit.training.runtime import is_chief
 from tests.test_cli import run
 
 ROOT = Path(__file__).resolve().parents[1]

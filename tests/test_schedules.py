@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from helpers import assert_config_round_trip
 
-from transferkit.callbacks import OneCycleMomentum
+from transferkit.pieces.callbacks import OneCycleMomentum
 from transferkit.errors import SettingsError
-from transferkit.schedules import (SCHEDULES, OneCycle, PowerDecay, exponential_schedule, make_schedule,
+from transferkit.pieces.schedules import (SCHEDULES, OneCycle, PowerDecay, exponential_schedule, make_schedule,
                                    one_cycle_momentum, piecewise_schedule, power_schedule, schedule_callbacks)
 
 pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 from sklearn.datasets import make_blobs, make_moons
 
-from transferkit import finetuning
+from transferkit.finetuning import train as finetuning
 from transferkit.cli import cli
 from transferkit.errors import SettingsError
-from transferkit.semi_supervised import pool_epochs, propagate_labels, pseudo_labels
+from transferkit.finetuning.semi_supervised import pool_epochs, propagate_labels, pseudo_labels
 
 FAST = dict(head_epochs=3, epochs=2, unfreeze_top=1, batch_size=64, verbose=False)
 
@@ -130,7 +130,7 @@ def test_the_same_seed_gives_the_same_pseudo_labels(encoder_dir, tmp_path, captu
 
 def test_propagate_trains_on_soft_labels_of_the_pool_then_the_true_labels(tmp_path, captured):
     import transferkit as tk
-    from transferkit.data import load_data
+    from transferkit.data.sources import load_data
 
     # one 64-unit SELU layer, barely trained: features that keep the digits' neighbourhoods
     encoder = tk.pretrain(data="digits", units=(64,), epochs=1, out=str(tmp_path / "enc"), verbose=False).artifact

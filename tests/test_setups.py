@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from transferkit.errors import SettingsError
-from transferkit.setups import ACTIVATION_SETUPS, conv_stack, dense_stack, setup_for
+from transferkit.pieces.setups import ACTIVATION_SETUPS, conv_stack, dense_stack, setup_for
 from tests.helpers import assert_reloads_with_same_outputs
 
 pytestmark = pytest.mark.backend_neutral  # also run on JAX by `make test-jax`
@@ -88,7 +88,7 @@ def test_a_deep_selu_stack_self_normalizes_and_a_sigmoid_one_saturates():
 
 
 def test_selu_with_batchnorm_warns_once_what_breaks_and_what_instead():
-    import transferkit.setups as setups
+    import transferkit.pieces.setups as setups
 
     setups._warned.clear()
     with pytest.warns(UserWarning, match="SELU with BatchNorm breaks self-normalization; use batchnorm=None"):

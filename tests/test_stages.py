@@ -6,10 +6,10 @@ import pytest
 import tensorflow as tf
 
 import transferkit as tk
-from transferkit import finetuning
-from transferkit.discriminative import with_learning_rate_factors
+from transferkit.finetuning import train as finetuning
+from transferkit.pieces.discriminative import with_learning_rate_factors
 from transferkit.errors import SettingsError
-from transferkit.stages import gradual_stages, parse_stages
+from transferkit.training.stages import gradual_stages, parse_stages
 from tests.test_cli import run
 
 
@@ -101,7 +101,7 @@ def test_lr_decay_gives_lower_blocks_lower_rates_in_the_audit(bn_encoder_dir, tm
                          ids=["head", "head-after-unfreezing", "propagate-reuses-the-graph-features"])
 def test_cached_head_training_gives_the_same_model(schedule, semi, encoder_dir, tmp_path, monkeypatch):
     # a head stage after a stage that trained the base must not reuse the outputs of the base before it
-    import transferkit.finetuning as finetuning
+    import transferkit.finetuning.train as finetuning
 
     passes = []  # the number of rows of each pass of the base
     compute = finetuning.compute_features

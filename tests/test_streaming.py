@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 import transferkit as tk
-from transferkit.data import load_data, pipeline, split_data
-from transferkit.image_files import ImageFiles
-from transferkit.runs import channel_stats
+from transferkit.data.sources import load_data, pipeline, split_data
+from transferkit.data.image_files import ImageFiles
+from transferkit.training.runs import channel_stats
 
 FAST = dict(units=(8,), lr=1e-3, batch_size=16, verbose=False)
 
@@ -90,7 +90,7 @@ def test_a_folder_streams_what_its_decoded_arrays_give(tmp_path):
 
 
 def test_image_files_index_without_decoding_and_decode_like_read_images(tmp_path):
-    from transferkit.images import read_images
+    from transferkit.data.images import read_images
 
     root = photos(tmp_path / "photos", classes=("a",), per_class=5)
     paths = sorted(root.glob("a/*.png"))
@@ -121,9 +121,9 @@ def test_predict_writes_json_as_json_dumps_would(classifier_dir, tmp_path):
 
 
 def test_diagnose_on_a_folder_decodes_only_the_batches_it_runs(tmp_path, monkeypatch):
-    from transferkit import artifacts
-    from transferkit.data import Split
-    from transferkit.diagnostics import diagnose
+    from transferkit.store import artifacts
+    from transferkit.data.sources import Split
+    from transferkit.commands.diagnose import diagnose
 
     spec = f"dir:{photos(tmp_path / 'photos')}"
     encoder = tk.pretrain(data=spec, task="denoising", noise=0.2, epochs=1, out=str(tmp_path / "enc"), **FAST)

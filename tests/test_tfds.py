@@ -5,11 +5,11 @@ import pytest
 from PIL import Image
 
 import transferkit as tk
-from transferkit.data import load_data, pipeline, split_data
-from transferkit.image_files import ImageFiles
+from transferkit.data.sources import load_data, pipeline, split_data
+from transferkit.data.image_files import ImageFiles
 
 tfds = pytest.importorskip("tensorflow_datasets")
-from transferkit.tfds_source import TfdsImages  # noqa: E402
+from transferkit.data.tfds_source import TfdsImages  # noqa: E402
 
 FAST = dict(units=(8,), lr=1e-3, batch_size=8, verbose=False)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import transferkit as tk
-from transferkit.data import load_data
-from transferkit.uncertainty import calibration, mc_predict, summarize_samples
+from transferkit.data.sources import load_data
+from transferkit.pieces.uncertainty import calibration, mc_predict, summarize_samples
 from tests.test_cli import run
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from transferkit.progress import quiet
+from transferkit.data.progress import quiet
 from transferkit.recipe import Recipe
-from transferkit.runs import Result
+from transferkit.training.runs import Result
 
 
 def resolve_recipe(recipe: str | Path | Recipe | None, command: str, settings: dict[str, Any]) -> Recipe:
@@ -45,7 +45,7 @@ def pretrain(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     Returns:
         A `Result` with the encoder, history, metrics and artifact folder.
     """
-    from transferkit.pretraining import run_pretrain
+    from transferkit.pretraining.train import run_pretrain
 
     with quiet(not verbose):  # the passes over the data show no progress bar either
         return run_pretrain(resolve_recipe(recipe, "pretrain", settings), verbose=verbose)
@@ -65,7 +65,7 @@ def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     Returns:
         A `Result` with the classifier, history, test metrics and artifact folder.
     """
-    from transferkit.finetuning import run_finetune
+    from transferkit.finetuning.train import run_finetune
 
     with quiet(not verbose):
         return run_finetune(resolve_recipe(recipe, "finetune", settings), verbose=verbose)
@@ -77,7 +77,7 @@ def export(model_dir: str | Path, out: str | Path | None = None, *, mc_samples: 
 
     Models with dropout also get a `serve_mc` endpoint of `mc_samples` MC dropout samples.
     """
-    from transferkit.serving import run_export
+    from transferkit.commands.export import run_export
 
     return run_export(model_dir, out, mc_samples=mc_samples, verbose=verbose)
 
@@ -106,7 +106,7 @@ def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int 
     Raises:
         SettingsError: A bad artifact, data, `top_k`, `mc_samples`, `plots` or `output`.
     """
-    from transferkit.evaluation import run_evaluate
+    from transferkit.commands.evaluate import run_evaluate
 
     with quiet(not verbose):
         return run_evaluate(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output,
@@ -119,7 +119,7 @@ def predict(model_dir: str | Path, inputs: list[str] | str, *, mc_samples: int =
 
     `tta` > 1 adds `tta_class` and `tta_probability`: the mean over each input and `tta - 1` augmented copies.
     """
-    from transferkit.prediction import run_predict
+    from transferkit.commands.predict import run_predict
 
     with quiet(not verbose):
         return run_predict(model_dir, [inputs] if isinstance(inputs, str) else list(inputs),

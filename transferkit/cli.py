@@ -15,11 +15,11 @@ from typing import Any
 
 import click
 
-from transferkit.diagnose_cli import diagnose
+from transferkit.commands.diagnose_cli import diagnose
 from transferkit.errors import SettingsError, TransferkitError
-from transferkit.optimizers import OPTIMIZERS
+from transferkit.pieces.optimizers import OPTIMIZERS
 from transferkit.recipe import GRAPHS, NOISE_KINDS, PREPROCESS, RESIZE_MODES, SCHEDULES, SEMI_SUPERVISED, TASKS
-from transferkit.runtime import BACKENDS, DEVICES, PRECISIONS, STRATEGIES, choose_backend
+from transferkit.training.runtime import BACKENDS, DEVICES, PRECISIONS, STRATEGIES, choose_backend
 
 
 def _common_options(f: Callable) -> Callable:
@@ -213,7 +213,7 @@ def lr_find(recipe: str | None, stage_name: str | None, plot: str | None, start_
             num_steps: int, **settings: Any) -> None:
     """The LR range test on the model finetune would train; prints valley, minimum/10 and steep."""
     from transferkit.api import resolve_recipe
-    from transferkit.learning_rates import run_lr_find
+    from transferkit.commands.learning_rates import run_lr_find
 
     run_lr_find(resolve_recipe(recipe, "finetune", settings), stage_name, plot, start_lr, end_lr, num_steps)
 
@@ -228,7 +228,7 @@ def lr_find(recipe: str | None, stage_name: str | None, plot: str | None, start_
 def schedule(recipe: str | None, command: str, plot: str, **settings: Any) -> None:
     """Draw the learning rate and momentum a recipe would use, step by step, without training."""
     from transferkit.api import resolve_recipe
-    from transferkit.learning_rates import plot_schedule, schedule_curve
+    from transferkit.commands.learning_rates import plot_schedule, schedule_curve
 
     resolved = resolve_recipe(recipe, command, settings)
     curve = schedule_curve(resolved, command)
@@ -301,18 +301,18 @@ def inspect(model_dir: str | None, base: str | None, cut: str | None) -> None:
     if cut is not None and base is None:
         raise SettingsError(f"--cut {cut!r} goes with --base FILE; expected no --cut with MODEL_DIR.")
     if base is not None:
-        from transferkit.bases import inspect_base
+        from transferkit.finetuning.bases import inspect_base
 
         inspect_base(base, cut)
         return
-    from transferkit.freezing import inspect as run
+    from transferkit.pieces.freezing import inspect as run
 
     run(model_dir)
 
 
 
 
-# what an unset setting becomes (transferkit.defaults), for --help
+# what an unset setting becomes (transferkit.training.defaults), for --help
 _AUTO = {
     "epochs": "auto: about 1500 optimizer steps to pretrain, 300 per unfreezing stage, at least 5 epochs",
     "head_epochs": "auto: about 600 optimizer steps, at least 5 epochs",

@@ -19,10 +19,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from transferkit.augment_spec import parse_augment
-from transferkit.class_weights import check_class_weight_setting
+from transferkit.pieces.augment_spec import parse_augment
+from transferkit.finetuning.class_weights import check_class_weight_setting
 from transferkit.errors import SettingsError
-from transferkit.runtime import DEVICES, PRECISIONS, STRATEGIES
+from transferkit.training.runtime import DEVICES, PRECISIONS, STRATEGIES
 
 TASKS = ("autoencoder", "denoising", "stacked", "rotation", "pairs", "gan")
 NOISE_KINDS = ("gaussian", "dropout")
@@ -33,7 +33,7 @@ ARCHS = ("dense", "conv")
 BATCHNORM = ("none", "before", "after")
 COMMANDS = ("pretrain", "finetune")
 RESIZE_MODES = ("stretch", "crop", "pad")  # keras.layers.Resizing: stretch, crop_ or pad_to_aspect_ratio
-PREPROCESS = ("none", "scale:1/255", "tf", "imagenet-caffe", "imagenet-torch")  # --base: see transferkit.bases
+PREPROCESS = ("none", "scale:1/255", "tf", "imagenet-caffe", "imagenet-torch")  # --base: see transferkit.finetuning.bases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Recipe:
     resize: str = "stretch"
     skip_bad_files: bool = False
     # training
-    epochs: int | None = None  # None: from a step budget (transferkit.defaults)
+    epochs: int | None = None  # None: from a step budget (transferkit.training.defaults)
     batch_size: int = 32
     lr: float | str | None = None  # None: 1e-2 to fine-tune, 1e-3 to pretrain (2e-4 for gan)
     patience: int = 20
@@ -84,7 +84,7 @@ class Recipe:
     backbone: str | None = None
     weights: str = "none"
     base: str | None = None  # a Keras model file
-    cut: str | None = None  # None: before the base's classifier (transferkit.bases)
+    cut: str | None = None  # None: before the base's classifier (transferkit.finetuning.bases)
     preprocess: str | None = None  # None: none (the base takes 0..255 pixels)
     head_epochs: int | None = None  # None: from a step budget
     head_patience: int | None = None  # the older name of `patience`, for head-only stages
@@ -93,7 +93,7 @@ class Recipe:
     gradual: bool = False
     finetune_lr_factor: float | None = None  # None: 0.1 on an encoder, 0.01 on a backbone
     label_smoothing: float = 0.0
-    augment: str = "none"  # random image augmentation inside the model, in training only (transferkit.augment_spec)
+    augment: str = "none"  # random image augmentation inside the model, in training only (transferkit.pieces.augment_spec)
     mixup: float = 0.0  # MixUp's alpha (0: off)
     cutmix: float = 0.0  # CutMix's factor (0: off)
     class_weight: str = "none"  # none, balanced, or a JSON file of class name -> weight

@@ -2,7 +2,7 @@
 
 Keras 3 finds a custom class named in a saved config only in its registry:
 `serialization_lib` imports a config's `module` for Keras's own packages only,
-so a model holding an `MCDropout` loads only once `transferkit.layers` has run
+so a model holding an `MCDropout` loads only once `transferkit.pieces.layers` has run
 its `register_keras_serializable` (PITFALLS 14). `import transferkit` must
 therefore register every class, yet must not import Keras (and TensorFlow):
 `transferkit --help` stays instant. So `import transferkit` registers at once

@@ -1,0 +1,1 @@
+"""The commands after training: export, evaluate, predict, diagnose, inspect, lr-find, schedule."""

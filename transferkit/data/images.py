@@ -1,0 +1,342 @@
+"""Image files to arrays with Pillow: decode one file at a time, bring every image to one size.
+
+Every image is read with its true levels on the 8-bit scale (float32, 0..255):
+8-bit grayscale and RGB as stored; 16-bit grayscale (`I;16`) times 255/65535;
+1-bit as 0 or 255; palette images through their palette; CMYK as
+`(255 - C) * (255 - K) / 255` per channel; JPEGs turned upright by their EXIF
+orientation; the first frame of an animated GIF. Alpha is composited on white
+(`c * a + 255 * (1 - a)`, with `a` in 0..1), the way a viewer shows the picture
+on a page.
+
+Channels: a folder is read as grayscale (1 channel) when every image is
+(modes 1, L, LA, I, I;16, F), else as RGB (3 channels), grayscale images
+repeated into R, G and B. A palette image counts as colour.
+
+Sizes: `image_size` when given; else the common size when every image has it;
+else the median height and the median width (the lower median, so each is a
+size some image has). `resize` says how an image of another aspect ratio reaches
+that size, with Keras's meaning (`keras.layers.Resizing`): `stretch` it,
+center-`crop` it to the aspect ratio, or `pad` it with zeros (black) to the
+aspect ratio; then Pillow's bicubic resampling.
+
+Listing a folder: `transferkit.data.image_listing`. While checking that every file
+decodes, each is marked plain or not: a plain file (8-bit RGB or gray JPEG or
+PNG, upright, opaque) is decoded by TensorFlow ops to the same pixels, in
+parallel and without Python, and only resized by `fit_size` when its size is not
+the one asked for (`transferkit.data.image_ops`); the others are Pillow's throughout.
+
+Example:
+
+>>> from transferkit.data.images import read_images
+>>> x = read_images(["cat.png", "dog.jpg"], image_size=32)   # doctest: +SKIP
+>>> x.shape                                                   # doctest: +SKIP
+(2, 32, 32, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.errors import SettingsError
+from transferkit.data.progress import progress_bar
+from transferkit.recipe import RESIZE_MODES
+
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """Decoded images; `kept` indexes the files that were read, `bad` holds (path, reason) of the others."""
+
+    x: np.ndarray
+    kept: np.ndarray
+    bad: tuple[tuple[str, str], ...]
+    resized_to_median: bool
+
+
+class BadImage(Exception):
+    """A file that Pillow cannot open or decode; the message is the reason."""
+
+
+def read_images(paths: list[str | Path], image_size: int | tuple[int, int] | None = None,
+                channels: int | None = None, resize: str = "stretch") -> np.ndarray:
+    """Images as `(N, H, W, C)` float32 in 0..255; a bad file raises `SettingsError` naming it.
+
+    Args:
+        paths: List of image file paths.
+        image_size: Optional integer side or `(height, width)`. Defaults to the
+            common size, or the median size when the images differ.
+        channels: Optional integer, 1 or 3. Defaults to 1 when every image is grayscale, else 3.
+        resize: String, `"stretch"`, `"crop"` or `"pad"`. Defaults to `"stretch"`.
+    """
+    return decode_images(paths, image_size, channels, resize).x
+
+
+def decode_images(paths: list[str | Path] | tuple[Path, ...], image_size: int | tuple[int, int] | None = None,
+                  channels: int | None = None, resize: str = "stretch", skip_bad_files: bool = False,
+                  progress: bool = False) -> Decoded:
+    """Read the headers of `paths` (sizes, modes), then decode one file at a time into one array.
+
+    No file stays open between two images, so a folder of any length loads under
+    a small `ulimit -n`. A file that cannot be read raises `SettingsError` naming
+    it, or with `skip_bad_files` is left out and listed in `Decoded.bad`.
+    """
+    scan = _Scan(paths, image_size, channels, resize, skip_bad_files)
+    x = np.empty((len(scan.headers),) + scan.size + (scan.channels,), dtype="float32")
+    kept = []
+    with progress_bar(len(scan.headers) if progress else 0) as tick:
+        for i in scan.headers:
+            try:
+                image = decode_image(scan.paths[i], scan.channels)
+            except BadImage as err:
+                scan.refuse_or_skip(scan.paths[i], str(err))
+            else:
+                x[len(kept)] = fit_size(image, scan.size, resize)
+                kept.append(i)
+            tick()
+    return scan.result(x[:len(kept)], kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What `check_images` found: the files that decode (`kept`), the others, and the size and channels chosen.
+
+    `plain[j]` says whether file `kept[j]` decodes by TensorFlow ops to Pillow's pixels (`transferkit.data.image_ops`).
+    """
+
+    kept: np.ndarray
+    bad: tuple[tuple[str, str], ...]
+    size: tuple[int, int]
+    channels: int
+    resized_to_median: bool
+    plain: np.ndarray
+
+
+def check_images(paths: list[str | Path] | tuple[Path, ...], image_size: int | tuple[int, int] | None = None,
+                 channels: int | None = None, resize: str = "stretch", skip_bad_files: bool = False,
+                 progress: bool = False) -> Checked:
+    """What `decode_images` decides (size, channels, which files decode), holding no image: memory stays flat.
+
+    Every file is decoded once to prove it can be (a truncated JPEG fails only
+    there), JPEGs at Pillow's reduced draft scale, which reads all their data but
+    computes an eighth of the pixels, in two threads (Pillow decodes without the
+    GIL); what Pillow learns on the way says whether the file is plain.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    scan = _Scan(paths, image_size, channels, resize, skip_bad_files)
+    order = list(scan.headers)
+    with progress_bar(len(order) if progress else 0, "checking images") as tick, ThreadPoolExecutor(2) as pool:
+        def check(i: int) -> tuple[str | None, str | None]:
+            try:
+                return _verify(scan.paths[i]), None
+            except BadImage as err:
+                return None, str(err)
+
+        kept, plain = [], []
+        for i, (kind, reason) in zip(order, pool.map(check, order)):
+            if reason is None:
+                kept.append(i)
+                plain.append(kind == "L" or kind == "RGB" and scan.channels == 3)
+            else:
+                scan.refuse_or_skip(scan.paths[i], reason)
+            tick()
+    done = scan.result(np.empty((len(kept), 0)), kept)
+    return Checked(kept=done.kept, bad=done.bad, size=scan.size, channels=scan.channels,
+                   resized_to_median=done.resized_to_median, plain=np.asarray(plain, dtype=bool))
+
+
+def _verify(path: Path) -> str | None:
+    """Decode `path` (JPEG at its draft scale) and keep nothing; raise `BadImage` when it cannot be.
+
+    Returns `"RGB"` or `"L"` for a plain file (8-bit RGB or gray JPEG or PNG, stored
+    upright, with no transparency), else `None`.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            args = im.tile[0].args if len(im.tile) == 1 else None
+            rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+            im.load()
+            plain = (im.format in ("JPEG", "PNG") and im.mode in ("RGB", "L") and rawmode == im.mode
+                     and "transparency" not in im.info and im.getexif().get(0x0112, 1) == 1)
+            return im.mode if plain else None
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
+        raise BadImage(_reason(path, err)) from None
+
+
+class _Scan:
+    """The headers of a file list, the size and channels they call for, and the bad files found so far."""
+
+    def __init__(self, paths, image_size, channels, resize: str, skip_bad_files: bool):
+        if resize not in RESIZE_MODES:
+            raise SettingsError(f"resize must be one of {', '.join(RESIZE_MODES)}. Received: resize={resize!r}")
+        self.paths = [Path(p) for p in paths]
+        self.skip_bad_files = skip_bad_files
+        self.image_size = image_size
+        self.bad: list[tuple[str, str]] = []
+        self.headers = {}
+        for i, path in enumerate(self.paths):
+            try:
+                self.headers[i] = read_header(path)
+            except BadImage as err:
+                self.refuse_or_skip(path, str(err))
+        self.sizes = [(h, w) for h, w, _ in self.headers.values()]
+        if image_size is not None:
+            self.size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        elif self.sizes:
+            self.size = common_size(self.sizes)
+        else:
+            self.size = (1, 1)
+        if channels is None:
+            channels = 1 if all(gray for _, _, gray in self.headers.values()) else 3
+        self.channels = channels
+
+    def refuse_or_skip(self, path: Path, reason: str) -> None:
+        if not self.skip_bad_files:
+            raise SettingsError(f"Image {str(path)!r} cannot be read: {reason}; expected an image file "
+                                "(fix or remove it, or pass --skip-bad-files).")
+        self.bad.append((str(path), reason))
+
+    def result(self, x: np.ndarray, kept: list[int]) -> Decoded:
+        order = {str(p): j for j, p in enumerate(self.paths)}
+        self.bad.sort(key=lambda b: order[b[0]])
+        return Decoded(x=x, kept=np.asarray(kept, dtype="int64"), bad=tuple(self.bad),
+                       resized_to_median=self.image_size is None and len(set(self.sizes)) > 1)
+
+
+def common_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The size all images share, else the lower median height and the lower median width."""
+    heights, widths = sorted(h for h, _ in sizes), sorted(w for _, w in sizes)
+    middle = (len(sizes) - 1) // 2
+    return heights[middle], widths[middle]
+
+
+def read_header(path: Path) -> tuple[int, int, bool]:
+    """Height and width as shown (after the EXIF orientation) and whether the image is grayscale."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            gray = im.mode in GRAY_MODES
+            # PNG reads EXIF only by decoding; JPEG, TIFF and WebP have it in the header
+            orientation = im.getexif().get(0x0112, 1) if "exif" in im.info or im.format == "TIFF" else 1
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
+        raise BadImage(_reason(path, err)) from None
+    return (width, height, gray) if orientation in _SWAPS_SIDES else (height, width, gray)
+
+
+def decode_image(path: Path | bytes, channels: int) -> np.ndarray:
+    """One image file (or its encoded bytes) as `(H, W, channels)` levels on the 8-bit scale (uint8, or float32)."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
+            im.load()  # decode now, inside the `with`: the file is closed when it ends
+            image = ImageOps.exif_transpose(im)
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
+        raise BadImage(f"{type(err).__name__}: {err}" if isinstance(path, bytes) else _reason(path, err)) from None
+    return to_channels(levels(image), channels)
+
+
+def _reason(path: Path, err: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "the file is empty (0 bytes)"
+    except OSError as os_err:
+        return f"{type(os_err).__name__}: {os_err.strerror}"
+    if isinstance(err, UnidentifiedImageError):
+        return f"its content is not an image Pillow can read, despite the suffix {path.suffix!r}"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def levels(image) -> np.ndarray:
+    """A loaded PIL image as `(H, W, 1 or 3)` levels on the 8-bit scale; see the module docstring."""
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("PA", "RGBa", "La"):
+        image = image.convert("LA" if mode == "La" else "RGBA")
+    mode = image.mode
+    if mode in ("RGBA", "LA"):
+        values = np.asarray(image, dtype="float32")
+        alpha = values[..., -1:] / 255
+        return values[..., :-1] * alpha + 255 * (1 - alpha)
+    if mode.startswith("I"):
+        return np.asarray(image, dtype="float32")[..., None] * np.float32(255 / 65535)
+    if mode == "F":
+        return np.asarray(image, dtype="float32")[..., None]
+    if mode == "CMYK":
+        cmyk = np.asarray(image, dtype="float32")
+        return (255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255
+    if mode in ("1", "L"):
+        return np.asarray(image.convert("L"))[..., None]
+    return np.asarray(image.convert("RGB"))
+
+
+def to_channels(values: np.ndarray, channels: int) -> np.ndarray:
+    """Gray repeated into RGB, or RGB to gray by ITU-R 601-2 luma (Pillow's `convert("L")`)."""
+    if values.shape[-1] == channels:
+        return values
+    if channels == 3:
+        return np.repeat(values, 3, axis=-1)
+    if values.dtype == np.uint8:
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(values).convert("L"))[..., None]
+    return (values @ np.array([0.299, 0.587, 0.114], dtype="float32"))[..., None]
+
+
+def fit_size(values: np.ndarray, size: tuple[int, int], resize: str = "stretch") -> np.ndarray:
+    """`(H, W, C)` levels brought to `size` (height, width): stretched, center-cropped or zero-padded.
+
+    Crop and pad boxes are `keras.layers.Resizing`'s (`crop_to_aspect_ratio`,
+    `pad_to_aspect_ratio`), in the same float32 arithmetic; the resampling is Pillow's bicubic.
+    """
+    height, width = values.shape[:2]
+    target_h, target_w = size
+    if resize in ("crop", "pad"):
+        to_h = int(np.float32(width * target_h) / np.float32(target_w))
+        to_w = int(np.float32(height * target_w) / np.float32(target_h))
+        if resize == "crop":
+            to_h, to_w = max(min(height, to_h), 1), max(min(width, to_w), 1)
+            top, left = int(np.float32(height - to_h) / 2), int(np.float32(width - to_w) / 2)
+            values = values[top:top + to_h, left:left + to_w]
+        else:
+            to_h, to_w = max(height, to_h), max(width, to_w)
+            top, left = int(np.float32(to_h - height) / 2), int(np.float32(to_w - width) / 2)
+            # as Keras does: the same margin on both sides, so an odd difference loses a row or column
+            padded = np.zeros((height + 2 * top, width + 2 * left, values.shape[2]), dtype=values.dtype)
+            padded[top:top + height, left:left + width] = values
+            values = padded
+    if values.shape[:2] == (target_h, target_w):
+        return values
+    return _resample(values, (target_h, target_w))
+
+
+def _resample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pillow's bicubic resize: 8-bit images as 8-bit (as transferkit always did), finer ones channel by channel."""
+    from PIL import Image
+
+    target = (size[1], size[0])
+    if values.dtype == np.uint8:
+        image = Image.fromarray(values[..., 0] if values.shape[2] == 1 else values)
+        out = np.asarray(image.resize(target, Image.Resampling.BICUBIC))
+        return out[..., None] if out.ndim == 2 else out
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(values[..., c], dtype="float32"))
+                         .resize(target, Image.Resampling.BICUBIC)) for c in range(values.shape[2])]
+    return np.stack(planes, axis=-1)

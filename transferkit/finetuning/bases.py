@@ -1,0 +1,223 @@
+"""Any saved Keras model as the base to fine-tune (`--base FILE`): where its body ends, its blocks, its inputs.
+
+The body is the model from its input to the end of the `cut` layer, which it
+keeps: `cut` is a layer's name or a negative index into `model.layers`
+(`-1`: the whole model, `-2`: all but the last layer). By default, as fastai's
+`create_body`, the classifier is dropped: everything after the last
+GlobalAveragePooling2D, GlobalMaxPooling2D or Flatten layer, or, in a model
+without one, the last Dense layer and what follows it.
+
+Blocks, for `unfreeze_top`, bottom to top, by the first rule that applies:
+
+1. a Keras Applications model (known by its name, `mobilenetv2_1.00_224`):
+   the registry's blocks, as for `--backbone`;
+2. a model whose layers are named by stage (`block1_conv`, `stage2_...`,
+   `conv3_...`) from its first layer with weights on, in two stages or more:
+   those stages;
+3. else each layer with trainable weights starts a block, which the
+   normalization and PReLU layers after it join (a convolution with its BatchNorm).
+
+Layers before the first block belong to none and never train. The data's
+images reach the base as 0..255 pixels at its input size (gray ones made RGB
+for a 3-channel base), then `preprocess` maps them to the range its weights
+expect, inside the classifier, so the classifier and its export take raw pixels.
+
+Example:
+
+>>> body = load_body("emotion_model.hdf5", cut="add_4")        # doctest: +SKIP
+>>> body.cut, base_blocks(body.model)[0]                      # doctest: +SKIP
+('add_4', 'weighted layers')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from transferkit.pieces.backbones import ImagenetPreprocess, backbone_named, blocks_of, to_pixels
+from transferkit.errors import SettingsError
+
+Blocks = list[tuple[str, list[keras.layers.Layer]]]
+
+POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D, keras.layers.Flatten)
+NAMED_STAGES = (r"^(block_?\d+)(?:_|$)", r"^(stage_?\d+)(?:_|$)", r"^(conv\d+)_")
+# layers that join the block of the layer with weights before them
+FOLLOWERS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization, keras.layers.GroupNormalization,
+             keras.layers.PReLU)
+
+# --preprocess: 0..255 pixels → what the base's weights expect
+PREPROCESS = {
+    "none": lambda: None,
+    "scale:1/255": lambda: keras.layers.Rescaling(1 / 255, name="preprocess"),
+    "tf": lambda: keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess"),
+    "imagenet-caffe": lambda: ImagenetPreprocess("caffe", name="preprocess"),
+    "imagenet-torch": lambda: ImagenetPreprocess("torch", name="preprocess"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Body:
+    """A saved model up to its cut: the model, the file, the layer it ends with and how that was chosen."""
+
+    model: keras.Model
+    file: str
+    cut: str
+    cut_rule: str
+
+
+def load_body(path: str | Path, cut: str | int | None = None, model: keras.Model | None = None) -> Body:
+    """The body of the Keras model file `path` (loaded already: `model`), ending with layer `cut`.
+
+    `cut` defaults to the end of the body before the model's classifier (see the module's docstring).
+
+    Raises:
+        SettingsError: `path` is not a Keras model file, the model does not take one
+            image input, or `cut` names no layer or leaves none.
+    """
+    model = model if model is not None else load_model_file(path)
+    if cut is None:
+        output, rule = default_cut(model), "default"
+    else:
+        output, rule = _layer(model, cut, path).output, "given"
+    cut_layer = output._keras_history[0]
+    if isinstance(cut_layer, keras.layers.InputLayer):
+        raise SettingsError(f"--cut {cut if cut is not None else '(default)'} leaves no layers of {str(path)!r}; "
+                            f"expected a layer after its input (transferkit inspect --base FILE lists them).")
+    return Body(keras.Model(model.inputs[0], output, name=model.name), str(path), cut_layer.name, rule)
+
+
+def load_model_file(path: str | Path) -> keras.Model:
+    """A `.keras` or legacy `.h5` model, without its training configuration; one image input."""
+    from transferkit.registration import register_keras_objects
+
+    file = Path(path)
+    if not file.is_file():
+        raise SettingsError(f"--base {str(path)!r} does not exist; expected a Keras model file (.keras or .h5).")
+    register_keras_objects()
+    try:
+        model = keras.models.load_model(file, compile=False)
+    except Exception as err:  # not a model file, a weights-only file, an unknown class
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SettingsError(f"--base {str(path)!r} is not a Keras model file that loads ({reason}); "
+                            f"expected a .keras or .h5 model file.") from None
+    inputs = getattr(model, "inputs", None) or []
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        shapes = ", ".join(str(tuple(x.shape[1:])) for x in inputs) or "none"
+        raise SettingsError(f"--base {str(path)!r} takes inputs {shapes}; expected one image input "
+                            f"(height, width, channels).")
+    return model
+
+
+def default_cut(model: keras.Model):
+    """The body's output: that of the last pooling/flatten layer, else the input of the last Dense layer."""
+    for layer in reversed(model.layers):
+        if isinstance(layer, POOLING):
+            return layer.output
+    for layer in reversed(model.layers):
+        if isinstance(layer, keras.layers.Dense):
+            return layer.input
+    return model.outputs[0]
+
+
+def _layer(model: keras.Model, cut: str | int, path: str | Path) -> keras.layers.Layer:
+    count = len(model.layers)
+    if re.fullmatch(r"-\d+", str(cut)):
+        index = int(cut)
+        if -count <= index <= -1:
+            return model.layers[index]
+        raise SettingsError(f"--cut {index} is beyond the {count} layers of {str(path)!r}; "
+                            f"expected a layer name or a negative index from -1 to -{count}.")
+    for layer in model.layers:
+        if layer.name == cut:
+            return layer
+    raise SettingsError(f"--cut {cut!r} is not a layer of {str(path)!r}; expected one of its {count} layers' "
+                        f"names (transferkit inspect --base FILE lists them) or a negative index.")
+
+
+def base_blocks(base: keras.Model) -> tuple[str, Blocks]:
+    """The rule that applies to `base` (see the module's docstring) and its blocks, bottom to top."""
+    entry = backbone_named(base.name)
+    if entry is not None:
+        return "keras applications", blocks_of(base, entry.blocks)
+    weighted = [layer for layer in base.layers if _trains(layer)]
+    staged = blocks_of(base, NAMED_STAGES)
+    if weighted and any(re.match(p, weighted[0].name) for p in NAMED_STAGES) and len(staged) >= 2:
+        return "named stages", staged
+    return "weighted layers", _weighted_layer_blocks(base)
+
+
+def _trains(layer: keras.layers.Layer) -> bool:
+    return any(w.trainable for w in layer.weights)
+
+
+def _weighted_layer_blocks(base: keras.Model) -> Blocks:
+    blocks: dict[str, list[keras.layers.Layer]] = {}
+    current = None
+    for layer in base.layers:
+        if _trains(layer) and not isinstance(layer, FOLLOWERS):
+            current = layer.name
+        if current is not None and layer.weights:
+            blocks.setdefault(current, []).append(layer)
+    return list(blocks.items())
+
+
+def base_inputs(x, value_range: tuple[float, float], base: keras.Model, preprocess: str):
+    """Layers from the user's raw images to what `base` takes: its size and channels, `preprocess`ed."""
+    if len(x.shape) != 4:
+        raise SettingsError(f"--base takes images; the data's inputs have shape {tuple(x.shape[1:])}, expected "
+                            f"(height, width, channels).")
+    height, width, channels = base.inputs[0].shape[1:]
+    pixels = to_pixels(x, value_range, (height or x.shape[1], width or x.shape[2]), channels or x.shape[-1])
+    if preprocess.startswith("imagenet") and pixels.shape[-1] != 3:
+        raise SettingsError(f"--preprocess {preprocess} is for RGB images; the base takes "
+                            f"{pixels.shape[-1]} channel(s): expected none, scale:1/255 or tf.")
+    layer = PREPROCESS[preprocess]()
+    return pixels if layer is None else layer(pixels)
+
+
+def describe(body: Body, base: keras.Model, preprocess: str, blocks_rule: str) -> dict[str, Any]:
+    """What the manifest records of the base: the file (and its SHA-256), the cut, input, preprocessing, rule."""
+    size = [None if d is None else int(d) for d in base.inputs[0].shape[1:]]
+    digest = hashlib.sha256(Path(body.file).read_bytes()).hexdigest()
+    return {"kind": "file", "file": body.file, "sha256": digest, "model": base.name, "cut": body.cut,
+            "cut_rule": body.cut_rule, "input_size": size, "preprocess": preprocess, "blocks_rule": blocks_rule,
+            "description": f"{Path(body.file).name} up to {body.cut} ({'x'.join(str(d) for d in size)}, "
+                           f"preprocess {preprocess})"}
+
+
+def inspect_base(path: str | Path, cut: str | int | None = None, verbose: bool = True) -> str:
+    """Print and return a model file's layers as `--base` sees them: --cut index, output, block, or dropped.
+
+    Example:
+
+    >>> print(inspect_base("emotion_model.hdf5", cut="add_4", verbose=False))   # doctest: +SKIP
+    emotion_model.hdf5: model_1, input 64x64x1, body up to add_4 (given), 14 blocks by weighted layers
+    cut  layer       type        output        params  block
+    -46  input_1     InputLayer  (64, 64, 1)   0       -
+    ...
+    """
+    model = load_model_file(path)  # the whole model, to show what the cut drops
+    body = load_body(path, cut, model)
+    rule, blocks = base_blocks(body.model)
+    block_of = {layer.name: name for name, layers in blocks for layer in layers}
+    kept = {layer.name for layer in body.model.layers}
+    size = "x".join(str(d) for d in model.inputs[0].shape[1:])
+    rows = [("cut", "layer", "type", "output", "params", "block")]
+    for index, layer in enumerate(model.layers):
+        shape = tuple(layer.output.shape[1:]) if len(layer._inbound_nodes) == 1 else "(shared)"
+        rows.append((str(index - len(model.layers)), layer.name, type(layer).__name__, str(shape),
+                     f"{layer.count_params():,}" if layer.built else "0",
+                     block_of.get(layer.name, "-") if layer.name in kept else "(dropped)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    text = "\n".join([
+        f"{Path(path).name}: {model.name}, input {size}, body up to {body.cut} ({body.cut_rule}), "
+        f"{len(blocks)} blocks by {rule}",
+        *("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)])
+    if verbose:
+        print(text, flush=True)
+    return text

@@ -1,0 +1,1 @@
+"""Pretraining tasks (autoencoders, pretext tasks, GAN): policies over the stage runner."""

@@ -1,0 +1,1 @@
+"""Artifact folders, backups and pictures: what a run writes."""

@@ -1,0 +1,1 @@
+"""What every pipeline shares: the runtime (devices, strategies, backends), defaults, stages, the stage runner."""

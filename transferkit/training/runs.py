@@ -1,0 +1,310 @@
+"""What pretraining and fine-tuning share: the result, data preparation, saving a run."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.store import artifacts
+from transferkit.data.sources import Data, Split, batches_of, load_data, pipeline, require_classes, split_data
+from transferkit.errors import SettingsError, TransferkitError
+from transferkit.recipe import Recipe, dump_toml
+
+
+@dataclasses.dataclass
+class Result:
+    """What a command returns: the model, its training history, metrics and artifact folder."""
+
+    model: Any
+    history: dict[str, list[float]]
+    metrics: dict[str, float]
+    artifact: Path | None
+    manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items())
+        return f"Result(artifact={str(self.artifact)!r}, {metrics})"
+
+
+def load_recipe_data(recipe: Recipe) -> Data:
+    """The recipe's data, read with its image size, resize mode and bad-file policy."""
+    return load_data(recipe.data, image_size=recipe.image_size, resize=recipe.resize,
+                     skip_bad_files=recipe.skip_bad_files)
+
+
+def load_like_artifact(spec: str, manifest: dict[str, Any], verbose: bool = True) -> Data:
+    """Data `spec` read the way an artifact's training data was: its image size, resize mode, bad-file policy."""
+    return load_data(spec, image_size=manifest.get("image_size"), resize=manifest.get("resize", "stretch"),
+                     skip_bad_files=bool(manifest["data"].get("skipped")), verbose=verbose)
+
+
+def prepare(recipe: Recipe, split_seed: int | None = None) -> tuple[Data, Split]:
+    """Load the recipe's data and split it with `split_seed` (the recipe's by default)."""
+    data = load_recipe_data(recipe)
+    split = split_data(
+        data,
+        seed=recipe.resolved_split_seed if split_seed is None else split_seed,
+        test_fraction=recipe.test_fraction,
+        val_fraction=recipe.val_fraction,
+        label_fraction=recipe.label_fraction,
+        label_seed=recipe.seed,
+    )
+    return data, split
+
+
+def out_dir(recipe: Recipe, kind: str) -> Path:
+    """`recipe.out`, else `saved_models/<name>` with a name from the data spec and the kind."""
+    if recipe.out:
+        return Path(recipe.out)
+    return artifacts.default_out(recipe.name or f"{data_slug(recipe.data)}-{kind}")
+
+
+def check_out_writable(out: Path) -> None:
+    """Refuse, before any work, an output folder whose nearest existing ancestor cannot be written."""
+    import os
+
+    ancestor = Path(out).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SettingsError(f"--out {str(out)!r} cannot be written: {str(ancestor)!r} is not a writable folder.")
+
+
+def data_slug(spec: str) -> str:
+    scheme, _, arg = spec.partition(":")
+    if not arg:
+        return scheme
+    stem = Path(arg.split(":")[0].rstrip("/")).stem if scheme in ("npz", "dir") else arg.split(":")[0]
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem) or scheme
+
+
+def base_manifest(kind: str, recipe: Recipe, data: Data, split: Split) -> dict[str, Any]:
+    """The manifest fields every artifact has."""
+    return {
+        "format": artifacts.FORMAT,
+        "kind": kind,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "input_shape": list(data.input_shape),
+        "input_dtype": "float32",
+        "image_size": recipe.image_size,
+        "resize": recipe.resize,
+        "value_range": list(data.value_range),
+        "data": {
+            "spec": data.spec,
+            "fingerprint": data.fingerprint,
+            "num_examples": int(len(data.x)),
+            "class_names": list(data.class_names) if data.class_names else None,
+            "skipped": list(data.skipped),
+        },
+        "split": {
+            "seed": split.seed,
+            "test_fraction": recipe.test_fraction,
+            "val_fraction": recipe.val_fraction,
+            "label_fraction": recipe.label_fraction,
+            "sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test),
+                      "labeled": len(split.labeled)},
+        },
+        "versions": artifacts.versions(),
+    }
+
+
+def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: Split,
+             history: dict[str, list[float]], figures: dict[str, Any] | None = None) -> Path:
+    """Write the artifact folder atomically: model, recipe, manifest, split, history and pictures (the chief only).
+
+    The history is written twice: `history.json` as Keras logs it, and
+    `history.csv` one row per epoch with its stage (from `manifest["stages"]`).
+    `figures` maps PNG file names to matplotlib figures, drawn into the same temporary folder.
+    """
+    from transferkit.training.curves import write_history_csv
+    from transferkit.training.runtime import is_chief
+
+    if not is_chief():
+        return out
+    with artifacts.atomic_dir(out) as tmp:
+        model.save(tmp / artifacts.MODEL)
+        (tmp / artifacts.RECIPE).write_text(dump_toml(recipe.to_dict()))
+        artifacts.write_json(tmp / artifacts.MANIFEST, manifest)
+        artifacts.write_json(tmp / artifacts.SPLIT, split.to_dict())
+        artifacts.write_json(tmp / "history.json", history)
+        write_history_csv(tmp / "history.csv", history, manifest.get("stages"))
+        if figures:
+            from transferkit.store.pictures import write_pictures
+
+            write_pictures(tmp, figures)
+    return out
+
+
+def make_optimizer(recipe: Recipe, learning_rate: Any, ema: float | None = None):
+    """The recipe's optimizer at `learning_rate` (a float or a schedule), with its clipping.
+
+    `ema`: keep an exponential moving average of the weights with this decay
+    (Keras's `use_ema=True, ema_momentum=ema`); `fit` ends with the average in the model.
+    """
+    from transferkit.pieces.optimizers import optimizer
+
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
+    try:
+        return optimizer(recipe.optimizer, learning_rate=learning_rate, clipnorm=recipe.clipnorm,
+                         clipvalue=recipe.clipvalue, **averaging)
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
+
+
+@contextlib.contextmanager
+def training_context(recipe: Recipe) -> Iterator[Any]:
+    """The recipe's strategy scope and precision policy, for building, compiling and fitting; yields the strategy."""
+    import keras
+
+    from transferkit.training.runtime import resolve_strategy, set_precision
+
+    strategy = resolve_strategy(recipe.device, recipe.strategy)
+    previous = keras.mixed_precision.global_policy()
+    set_precision(recipe.precision)
+    try:
+        with strategy.scope():
+            yield strategy
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def schedule_options(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's options for its schedule (plateau's factor and patience)."""
+    if recipe.schedule == "plateau":
+        return {"factor": recipe.plateau_factor, "patience": recipe.plateau_patience}
+    return {}
+
+
+def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int, loss: Any,
+                  metrics: list | None = None, lr_factors: dict[str, float] | None = None,
+                  ema: float | None = None) -> list:
+    """Compile `model` with the recipe's optimizer on its schedule over `total_steps`; return the callbacks.
+
+    `learning_rate` is the peak rate for onecycle and the starting rate otherwise;
+    each call starts the schedule afresh. `lr_factors` gives variables their own
+    rate factors (discriminative fine-tuning). `ema`: the optimizer keeps a moving
+    average of the weights with this decay, which `keras.callbacks.SwapEMAWeights`
+    (among the callbacks) swaps in for validation and `fit` leaves in the model.
+    """
+    import keras
+
+    from transferkit.pieces.discriminative import with_learning_rate_factors
+    from transferkit.pieces.schedules import make_schedule, schedule_callbacks
+
+    options = schedule_options(recipe)
+    rate = make_schedule(recipe.schedule, learning_rate, max(1, total_steps), **options)
+    opt = make_optimizer(recipe, rate, ema)
+    if lr_factors:
+        opt = with_learning_rate_factors(opt, lr_factors)
+    model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=recipe.jit_compile)
+    averaging = [keras.callbacks.SwapEMAWeights()] if ema else []
+    return schedule_callbacks(recipe.schedule, rate, optimizer=opt, **options) + averaging
+
+
+def stage_guards(stage: str, patience: int, validated: bool, learning_rate: float | None = None,
+                 monitor: str | None = None, ema: bool = False) -> tuple[list, Any]:
+    """The callbacks every stage trains under: the divergence stop, then early stopping with the best weights.
+
+    Early stopping watches `val_loss` when `validated` (a validation set the
+    stage can judge on), else the training `loss`; `patience` 0 turns it off
+    (then the second value is None). With `ema` the best weights it keeps are the
+    optimizer's moving average. Place them before any callback that saves.
+    """
+    from transferkit.pieces.callbacks import ResumableEarlyStopping, StopOnDivergence
+
+    guards: list = [StopOnDivergence(stage, learning_rate=learning_rate)]
+    stopping = None
+    if patience:
+        stopping = ResumableEarlyStopping(monitor=monitor or ("val_loss" if validated else "loss"),
+                                          patience=patience, ema=ema)
+        guards.append(stopping)
+    return guards, stopping
+
+
+def curves(recipe: Recipe) -> list:
+    """Keras's TensorBoard callback writing each stage's training curves to `recipe.tensorboard` (none if unset).
+
+    Stages continue the epoch count, so the curves of a run follow on one axis.
+    """
+    if not recipe.tensorboard:
+        return []
+    import keras
+
+    return [keras.callbacks.TensorBoard(log_dir=recipe.tensorboard, write_graph=False)]
+
+
+def find_learning_rate(model, x, y, recipe: Recipe, verbose: bool) -> float:
+    """Run the LR finder on the compiled `model` as it stands; its `valley` suggestion."""
+    from transferkit.pieces.lr_finder import lr_find
+
+    result = lr_find(model, learning_rate_data(x, y, recipe.batch_size), batch_size=recipe.batch_size)
+    print_line(f"lr-find: {result.summary()}", verbose)
+    if result.valley is None or not np.isfinite(result.valley):
+        raise TransferkitError("The LR finder found no valley; pass --lr explicitly.")
+    return float(result.valley)
+
+
+def steps_per_epoch(examples: int, batch_size: int) -> int:
+    return max(1, -(-examples // batch_size))
+
+
+def merge_history(total: dict[str, list[float]], history) -> dict[str, list[float]]:
+    for key, values in history.history.items():
+        total.setdefault(key, []).extend(float(v) for v in values)
+    return total
+
+
+def channel_stats(x: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance over every axis but the last (per channel, or per feature).
+
+    An array in memory: numpy's `mean` and `var`. Image files: one streaming pass
+    over all of them, batch by batch (float64 sums of each batch's centred
+    values, combined exactly, Chan et al.), remembered for the same files.
+    """
+    from transferkit.data.image_files import ImageFiles
+
+    if not isinstance(x, ImageFiles):
+        axes = tuple(range(x.ndim - 1))
+        return x.mean(axis=axes), x.var(axis=axes)
+    key = x.key
+    if key not in _STATS:
+        count, mean, m2 = 0, np.zeros(x.shape[-1]), np.zeros(x.shape[-1])
+        for batch in batches_of(x, desc="channel statistics"):
+            values = batch.reshape(-1, batch.shape[-1]).astype(np.float64)
+            n, batch_mean = len(values), values.mean(axis=0)
+            delta = batch_mean - mean
+            m2 += ((values - batch_mean) ** 2).sum(axis=0) + delta ** 2 * count * n / (count + n)
+            mean += delta * n / (count + n)
+            count += n
+        _STATS.clear()  # keep one: a run asks for its training part's statistics several times
+        _STATS[key] = (mean.astype("float32"), (m2 / max(count, 1)).astype("float32"))
+    return _STATS[key]
+
+
+_STATS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def learning_rate_data(x: Any, y: np.ndarray, batch_size: int) -> Any:
+    """What the LR finder sweeps over: `(x, y)` arrays, or for image files a shuffled pipeline of them."""
+    from transferkit.data.image_files import ImageFiles
+
+    return pipeline(x, y, batch_size, shuffle=True) if isinstance(x, ImageFiles) else (x, y)
+
+
+def require_labels(data: Data) -> None:
+    """Refuse data without labels, or with a single class: a classifier needs two classes to tell apart."""
+    if data.y is None:
+        raise SettingsError(f"Data {data.spec!r} has no labels; fine-tuning needs labeled data "
+                            "(a folder with one sub-folder per class, or an npz with 'y').")
+    require_classes(data, 2)
+
+
+def print_line(text: str, verbose: bool) -> None:
+    if verbose:
+        print(text, flush=True)
