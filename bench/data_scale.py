@@ -12,17 +12,23 @@ read at 160x160). For each, in child processes:
 - `keras`: the same through `keras.utils.image_dataset_from_directory`
   (`image_size=(160, 160)`, batch 64, no shuffle): the baseline.
 
+`ours` and `keras` run in turn `--repeats` times and the medians are kept: on a
+shared machine the load swings one run's speed by 3x. Then the same two on a
+folder of 4,000 JPEGs that are all 160x160 already (no resizing: plain files
+are decoded by tf.io alone, the others need Pillow's bicubic).
+
 Peak RSS is each child's own `ru_maxrss` (`os.wait4`, the figure
 `resource.getrusage(RUSAGE_CHILDREN)` gives for one child). Goals: finetune's
 peak RSS at the largest folder <= 1.15 x at the smallest; ours >= 1.0 x keras in images/s.
 
-    python bench/data_scale.py [--sizes 1000 4000 16000] [--work /tmp/tk-data-scale]
+    python bench/data_scale.py [--sizes 1000 4000 16000] [--repeats 3] [--work /tmp/tk-data-scale]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -57,8 +63,8 @@ print(n / (time.perf_counter() - start))
 """
 
 
-def make_folder(root: Path, count: int) -> Path:
-    """`count` JPEGs in two classes, sides drawn in 120..200, smooth gradients with noise (like photos, not noise)."""
+def make_folder(root: Path, count: int, sides: tuple[int, int] = (120, 200)) -> Path:
+    """`count` JPEGs in two classes, sides drawn in `sides`, smooth gradients with noise (like photos, not noise)."""
     from PIL import Image
 
     if (root / "done").is_file():
@@ -67,7 +73,7 @@ def make_folder(root: Path, count: int) -> Path:
     for c in ("a", "b"):
         (root / c).mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        h, w = rng.integers(120, 201, 2)
+        h, w = rng.integers(sides[0], sides[1] + 1, 2)
         ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(40, 200, 3)
         pixels = ramp + rng.normal(0, 12, (h, w, 3)) + (60 if i % 2 else 0)
         Image.fromarray(np.clip(pixels, 0, 255).astype("uint8")).save(root / "ab"[i % 2] / f"{i:06d}.jpg", quality=90)
@@ -96,33 +102,46 @@ def wrapped(argv: list[str]) -> list[str]:
     return [sys.executable, "-c", code, *argv]
 
 
+def read_speeds(folder: Path, repeats: int) -> tuple[float, float, float, float]:
+    """Median images/s and largest peak RSS (MiB) of ours and keras's read -> resize -> batch, run in turn."""
+    ours, keras = [], []
+    for _ in range(repeats):
+        _, rss, out = measure(wrapped([sys.executable, "-c", PIPELINE_OURS.format(side=SIDE), f"dir:{folder}"]))
+        ours.append((float(out.split()[0]), rss))
+        _, rss, out = measure(wrapped([sys.executable, "-c", PIPELINE_KERAS.format(side=SIDE), str(folder)]))
+        keras.append((float(out.split()[0]), rss))
+    return (statistics.median(s for s, _ in ours), max(r for _, r in ours),
+            statistics.median(s for s, _ in keras), max(r for _, r in keras))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/tk-data-scale"))
     args = parser.parse_args()
 
     rows = []
     for count in args.sizes:
         folder = make_folder(args.work / f"jpegs-{count}", count)
-        spec = f"dir:{folder}"
         wall, rss, _ = measure(wrapped([
-            sys.executable, "-m", "transferkit.cli", "finetune", "--data", spec, "--backbone", "mobilenetv2",
-            "--weights", "none", "--image-size", str(SIDE), "--head-epochs", "1", "--epochs", "0", "--lr", "1e-3",
-            "--out", str(args.work / f"clf-{count}")]))
-        _, ours_rss, ours = measure(wrapped([sys.executable, "-c", PIPELINE_OURS.format(side=SIDE), spec]))
-        _, keras_rss, theirs = measure(wrapped([sys.executable, "-c", PIPELINE_KERAS.format(side=SIDE), str(folder)]))
-        rows.append((count, rss, count / wall, wall, float(ours.split()[0]), ours_rss,
-                     float(theirs.split()[0]), keras_rss))
+            sys.executable, "-m", "transferkit.cli", "finetune", "--data", f"dir:{folder}", "--backbone",
+            "mobilenetv2", "--weights", "none", "--image-size", str(SIDE), "--head-epochs", "1", "--epochs", "0",
+            "--lr", "1e-3", "--out", str(args.work / f"clf-{count}")]))
+        rows.append((count, rss, count / wall, wall, *read_speeds(folder, args.repeats)))
         print(*rows[-1], flush=True)
+    same = make_folder(args.work / f"jpegs-{SIDE}-4000", 4000, (SIDE, SIDE))
+    ours, ours_rss, keras_speed, keras_rss = read_speeds(same, args.repeats)
 
     base = rows[0][1]
     print(f"\n| images | finetune peak RSS (MiB) | vs {rows[0][0]} | finetune images/s (wall s) "
           "| ours read-resize-batch images/s (RSS MiB) | keras images/s (RSS MiB) | ours / keras |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for count, rss, speed, wall, ours, ours_rss, keras_speed, keras_rss in rows:
-        print(f"| {count:,} | {rss:.0f} | {rss / base:.2f}x | {speed:.0f} ({wall:.0f}) | {ours:.0f} ({ours_rss:.0f}) "
-              f"| {keras_speed:.0f} ({keras_rss:.0f}) | {ours / keras_speed:.2f}x |")
+    for count, rss, speed, wall, ours_i, ours_rss_i, keras_i, keras_rss_i in rows:
+        print(f"| {count:,} | {rss:.0f} | {rss / base:.2f}x | {speed:.0f} ({wall:.0f}) | {ours_i:.0f} ({ours_rss_i:.0f}) "
+              f"| {keras_i:.0f} ({keras_rss_i:.0f}) | {ours_i / keras_i:.2f}x |")
+    print(f"| 4,000 all {SIDE}x{SIDE} (no resizing) | | | | {ours:.0f} ({ours_rss:.0f}) "
+          f"| {keras_speed:.0f} ({keras_rss:.0f}) | {ours / keras_speed:.2f}x |")
 
 
 if __name__ == "__main__":

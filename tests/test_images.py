@@ -11,7 +11,8 @@ from PIL import Image
 
 from transferkit.data.sources import load_data
 from transferkit.errors import SettingsError
-from transferkit.data.images import fit_size, list_images, read_images
+from transferkit.data.image_listing import list_images
+from transferkit.data.images import fit_size, read_images
 
 from helpers import run
 

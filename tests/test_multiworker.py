@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.test_cli import run
+from helpers import run
 from transferkit.training.distributed import process_rows
 
 ROOT = Path(__file__).resolve().parents[1]

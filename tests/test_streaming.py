@@ -118,3 +118,28 @@ def test_predict_writes_json_as_json_dumps_would(classifier_dir, tmp_path):
     rows = tk.predict(classifier_dir, f"npz:{tmp_path}/new.npz", output=str(tmp_path / "p.json"), verbose=False)
     assert (tmp_path / "p.json").read_text() == json.dumps(rows, indent=2) + "\n"
     assert json.loads((tmp_path / "p.json").read_text()) == rows
+
+
+def test_diagnose_on_a_folder_decodes_only_the_batches_it_runs(tmp_path, monkeypatch):
+    from transferkit.store import artifacts
+    from transferkit.data.sources import Split
+    from transferkit.commands.diagnose import diagnose
+
+    spec = f"dir:{photos(tmp_path / 'photos')}"
+    encoder = tk.pretrain(data=spec, task="denoising", noise=0.2, epochs=1, out=str(tmp_path / "enc"), **FAST)
+    train = Split.from_dict(artifacts.read_json(encoder.artifact, artifacts.SPLIT)).train
+    held = load_data(spec, verbose=False).x[train].decode()  # the training split as one array, decoded here
+    decoded = []
+    original = ImageFiles.decode
+
+    def counted(self):
+        decoded.append(len(self))
+        return original(self)
+
+    monkeypatch.setattr(ImageFiles, "__array__", lambda self, dtype=None, copy=None: pytest.fail("whole decode"))
+    monkeypatch.setattr(ImageFiles, "decode", counted)
+    streamed = diagnose(encoder.artifact, batches=2, batch_size=4)
+    assert sum(decoded) == 8 and "training split of dir:" in streamed.source
+    from_arrays = diagnose(encoder.artifact, (held, None), batches=2, batch_size=4)  # the same rows, sampled alike
+    for a, b in zip(streamed.layers, from_arrays.layers, strict=True):
+        np.testing.assert_allclose([a.mean, a.std, a.grad_norm], [b.mean, b.std, b.grad_norm], rtol=1e-5)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transferkit.data.progress import quiet
 from transferkit.recipe import Recipe
 from transferkit.training.runs import Result
 
@@ -38,7 +39,7 @@ def pretrain(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     Args:
         recipe: Optional path of a recipe TOML file (its `[pretrain]` table
             applies), or a `Recipe`.
-        verbose: Bool. Print progress. Defaults to `True`.
+        verbose: Bool. Print progress (progress bars included). Defaults to `True`.
         **settings: Any `Recipe` field (`data`, `task`, `arch`, `activation`,
             `epochs`, `seed`, `out`, ...), over the recipe's values.
 
@@ -47,7 +48,8 @@ def pretrain(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     """
     from transferkit.pretraining.run import run_pretrain
 
-    return run_pretrain(resolve_recipe(recipe, "pretrain", settings), verbose=verbose)
+    with quiet(not verbose):  # the passes over the data show no progress bar either
+        return run_pretrain(resolve_recipe(recipe, "pretrain", settings), verbose=verbose)
 
 
 def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True, **settings: Any) -> Result:
@@ -56,7 +58,7 @@ def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     Args:
         recipe: Optional path of a recipe TOML file (its `[finetune]` table
             applies), or a `Recipe`.
-        verbose: Bool. Print progress. Defaults to `True`.
+        verbose: Bool. Print progress (progress bars included). Defaults to `True`.
         **settings: Any `Recipe` field (`from_`, `backbone`, `weights`, `base`, `cut`, `preprocess`,
             `label_fraction`, `unfreeze_top`, `head_epochs`, `epochs`, `lr`, `augment`, `mixup`, `cutmix`,
             `class_weight`, `ema`, ...).
@@ -66,7 +68,8 @@ def finetune(recipe: str | Path | Recipe | None = None, *, verbose: bool = True,
     """
     from transferkit.finetuning.run import run_finetune
 
-    return run_finetune(resolve_recipe(recipe, "finetune", settings), verbose=verbose)
+    with quiet(not verbose):
+        return run_finetune(resolve_recipe(recipe, "finetune", settings), verbose=verbose)
 
 
 def export(model_dir: str | Path, out: str | Path | None = None, *, mc_samples: int = 30,
@@ -108,8 +111,9 @@ def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int 
     """
     from transferkit.commands.evaluate import run_evaluate
 
-    return run_evaluate(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output, tta=tta,
-                        verbose=verbose)
+    with quiet(not verbose):
+        return run_evaluate(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output,
+                            tta=tta, verbose=verbose)
 
 
 def predict(model_dir: str | Path, inputs: list[str] | str, *, mc_samples: int = 0,
@@ -120,8 +124,9 @@ def predict(model_dir: str | Path, inputs: list[str] | str, *, mc_samples: int =
     """
     from transferkit.commands.predict import run_predict
 
-    return run_predict(model_dir, [inputs] if isinstance(inputs, str) else list(inputs), mc_samples=mc_samples,
-                       output=output, tta=tta, verbose=verbose)
+    with quiet(not verbose):
+        return run_predict(model_dir, [inputs] if isinstance(inputs, str) else list(inputs), mc_samples=mc_samples,
+                           output=output, tta=tta, verbose=verbose)
 
 
 def find_lr(recipe: str | Path | Recipe | None = None, *, stage: str | None = None, plot: str | Path | None = None,

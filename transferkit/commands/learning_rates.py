@@ -18,6 +18,7 @@ import numpy as np
 
 from transferkit.training import runs
 from transferkit.errors import SettingsError
+from transferkit.data.progress import quiet
 from transferkit.recipe import Recipe
 
 LOSS = "sparse_categorical_crossentropy"
@@ -33,7 +34,7 @@ def run_lr_find(recipe: Recipe, stage: str | None = None, plot: str | Path | Non
     check_lr_find_settings(start_lr, end_lr, num_steps, 0.98, 4.0, recipe.batch_size)
     if plot is not None:
         check_plot_folder(Path(plot))
-    with runs.training_context(recipe) as strategy:
+    with quiet(not verbose), runs.training_context(recipe) as strategy:
         plan = plan_finetune(recipe, strategy.num_replicas_in_sync)
         chosen = _stage(plan.stages, stage)
         freeze_all_but_top(plan.clf.base, plan.clf.blocks, chosen.top, recipe.train_batchnorm)

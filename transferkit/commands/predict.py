@@ -149,8 +149,8 @@ def _load_inputs(inputs: list[str], manifest: dict) -> tuple[list[str], Any]:
         if len(shape) != 3:
             raise SettingsError(f"The model takes inputs of shape {shape}, not images.")
         paths = [Path(p) for p in inputs]
-        check_images(paths, shape[:2], channels=shape[2])  # a file that cannot be read fails here, named
-        names, x = list(inputs), ImageFiles(paths, shape[:2], shape[2])
+        checked = check_images(paths, shape[:2], channels=shape[2])  # a file that cannot be read fails here, named
+        names, x = list(inputs), ImageFiles(paths, shape[:2], shape[2], plain=checked.plain)
     if tuple(x.shape[1:]) != shape:
         raise SettingsError(f"The inputs have shape {tuple(x.shape[1:])}; the model takes {shape}.")
     return names, x

@@ -2,12 +2,13 @@
 
 `ImageFiles` stands where a `(N, H, W, C)` float32 array of decoded images
 would: it has `len`, `shape`, `dtype` and `ndim`, and indexing it with a slice
-or an index array gives another `ImageFiles` (nothing is decoded). Pixels come
-from `transferkit.data.images` (`decode_image`, `fit_size`), so they are the pixels
-`read_images` gives, bit for bit. `transferkit.data.sources.pipeline` decodes them in a
-parallel `tf.data` map, a batch at a time; `decode()` reads a few into an array
-on purpose (pictures of 8 samples). Converting a large one with `np.asarray`
-still works but warns: memory then grows with the number of images.
+or an index array gives another `ImageFiles` (nothing is decoded).
+`transferkit.data.sources.pipeline` decodes the files one by one in a parallel `tf.data`
+map: plain files (`transferkit.data.images.check_images` says which) by TensorFlow
+ops, the others by Pillow (`transferkit.data.image_ops`); the pixels are those
+`read_images` gives, bit for bit. `decode()` reads a few into an array on
+purpose (pictures of 8 samples), through the same ops. Converting a large one
+with `np.asarray` still works but warns: memory then grows with the number of images.
 
 Example:
 
@@ -45,27 +46,38 @@ class ImageFiles:
         root: Optional folder the paths lie under: the fingerprint names files relative to it.
         standardize: Optional `(mean, std)` per channel: the decoded values become `(v - mean) / std`
             (the targets of an autoencoder). Defaults to `None`.
+        plain: Optional boolean per path: which files TensorFlow ops decode (`Checked.plain`).
+            Defaults to `None`: every file through Pillow.
     """
 
     dtype = np.dtype("float32")
     ndim = 4
 
     def __init__(self, paths, size: tuple[int, int], channels: int, resize: str = "stretch",
-                 root: str | Path | None = None, standardize: tuple[np.ndarray, np.ndarray] | None = None):
+                 root: str | Path | None = None, standardize: tuple[np.ndarray, np.ndarray] | None = None,
+                 plain: np.ndarray | None = None):
+        self._settings(size, channels, resize, standardize)
+        self.paths = paths if isinstance(paths, np.ndarray) else np.array([str(p) for p in paths], dtype=object)
+        self.root = None if root is None else str(root)
+        self.plain = np.zeros(len(self.paths), bool) if plain is None else np.asarray(plain, dtype=bool)
+        if self.plain.shape != (len(self.paths),):
+            raise ValueError(f"plain must hold one boolean per path ({len(self.paths)}). "
+                             f"Received: plain of shape {self.plain.shape}")
+
+    def _settings(self, size, channels, resize, standardize) -> None:
+        """Check and keep how every image is read (shared with the other kinds of lazy images)."""
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}. Received: resize={resize!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3. Received: channels={channels!r}")
-        self.paths = paths if isinstance(paths, np.ndarray) else np.array([str(p) for p in paths], dtype=object)
         self.size = (int(size[0]), int(size[1]))
         self.channels = int(channels)
         self.resize = resize
-        self.root = None if root is None else str(root)
         self.standardize = standardize
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.paths), *self.size, self.channels)
+        return (len(self), *self.size, self.channels)
 
     @property
     def nbytes(self) -> int:
@@ -78,23 +90,23 @@ class ImageFiles:
     def __repr__(self) -> str:
         return f"ImageFiles({len(self)} files, size={self.size}, channels={self.channels}, resize={self.resize!r})"
 
-    def _with(self, paths: np.ndarray, **changes: Any) -> "ImageFiles":
+    def _with(self, key, **changes: Any) -> "ImageFiles":
         settings = dict(size=self.size, channels=self.channels, resize=self.resize, root=self.root,
                         standardize=self.standardize)
-        return ImageFiles(paths, **{**settings, **changes})
+        return ImageFiles(self.paths[key], plain=self.plain[key], **{**settings, **changes})
 
     def __getitem__(self, key):
         """A slice or index array: another `ImageFiles`; an integer: that image decoded; anything else: decoded, then indexed."""
         if isinstance(key, (int, np.integer)):
-            return self._decode_paths(self.paths[[key]])[0]
+            return self._with([key]).decode()[0]
         if isinstance(key, slice) or (isinstance(key, (list, np.ndarray)) and np.asarray(key).ndim == 1):
-            return self._with(self.paths[key])
+            return self._with(key)
         return np.asarray(self)[key]
 
     def standardized(self, mean: np.ndarray, variance: np.ndarray) -> "ImageFiles":
         """The same files read as `(v - mean) / sqrt(variance)` (Keras's `Normalization`, its epsilon included)."""
         std = np.maximum(np.sqrt(np.asarray(variance, "float32")), np.float32(1e-7))
-        return self._with(self.paths, standardize=(np.asarray(mean, "float32"), std))
+        return self._with(slice(None), standardize=(np.asarray(mean, "float32"), std))
 
     def same_files(self, other: Any) -> bool:
         """Whether `other` reads the same files the same way (perhaps standardized otherwise): one decode serves both."""
@@ -102,9 +114,20 @@ class ImageFiles:
                 == (other.size, other.channels, other.resize)
                 and (self.paths is other.paths or np.array_equal(self.paths, other.paths)))
 
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The images at `rows` (in that order) as one array; only they are decoded, in stored order (a tfds
+        split then streams once, without its copy on disk)."""
+        ascending = np.argsort(rows, kind="stable")
+        decoded = self[np.asarray(rows)[ascending]].decode()
+        out = np.empty_like(decoded)
+        out[ascending] = decoded
+        return out
+
     def decode(self) -> np.ndarray:
-        """Every image of this (small) selection as one `(N, H, W, C)` float32 array."""
-        return self._transform(self._decode_paths(self.paths))
+        """Every image of this (small) selection as one `(N, H, W, C)` float32 array, decoded as `pipeline` does."""
+        if not len(self):
+            return np.empty(self.shape, dtype="float32")
+        return np.concatenate([batch.numpy() for batch in self.examples((self,)).batch(256)])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         if len(self) > QUIET_DECODE:
@@ -114,15 +137,41 @@ class ImageFiles:
         x = self.decode()
         return x if dtype is None else x.astype(dtype, copy=False)
 
-    def _decode_paths(self, paths) -> np.ndarray:
-        from transferkit.data.images import decode_image, fit_size
+    def read(self, index):
+        """A TensorFlow op: the image at `index` (an int tensor), or the images at `index` (1-D), not standardized."""
+        import tensorflow as tf
 
-        out = np.empty((len(paths), *self.size, self.channels), dtype="float32")
-        for i, path in enumerate(paths):
-            path = Path(path.decode() if isinstance(path, bytes) else path)
-            if not _decode_plain(path, self.size, self.channels, self.resize, out[i]):
-                out[i] = fit_size(decode_image(path, self.channels), self.size, self.resize)
-        return out
+        from transferkit.data.image_ops import read_image_op
+
+        index = tf.convert_to_tensor(index)
+        paths, plain = tf.constant(self.paths.astype(str)), tf.constant(self.plain)
+        alike = self.plain.all() or not self.plain.any()  # then one branch serves every file
+
+        def one(i):
+            return read_image_op(tf.gather(paths, i), bool(self.plain.all()) if alike else tf.gather(plain, i),
+                                 self.size, self.channels, self.resize)
+
+        if index.shape.rank == 0:
+            return one(index)
+        return tf.map_fn(one, index, fn_output_signature=tf.TensorSpec((*self.size, self.channels), tf.float32))
+
+    def examples(self, items: tuple, shuffle: bool = False, seed: int = 0):
+        """An unbatched `tf.data.Dataset` of the rows of `items` (this and arrays or image files of its length).
+
+        Rows in order, or shuffled as the row numbers would be with `seed`;
+        each decoded in a parallel, ordered map.
+        """
+        import tensorflow as tf
+
+        ds = tf.data.Dataset.range(len(self))
+        if shuffle:
+            ds = ds.shuffle(len(self), seed=seed, reshuffle_each_iteration=True)
+
+        def row(i):
+            values = tuple(gather_together(items, i))
+            return values if len(values) > 1 else values[0]
+
+        return ds.map(row, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def _transform(self, x):
         """Standardize decoded values (numpy arrays or tensors) when asked to."""
@@ -132,7 +181,7 @@ class ImageFiles:
         return (x - mean) / std
 
     def gather(self, indices):
-        """A TensorFlow op: the images at `indices` (a 1-D int tensor), decoded in Python by Pillow."""
+        """A TensorFlow op: the images at `indices` (a 1-D int tensor), decoded and standardized."""
         return gather_together([self], indices)[0]
 
     def fingerprint_into(self, h) -> None:
@@ -153,48 +202,24 @@ class ImageFiles:
         return h.hexdigest()
 
 
-def _decode_plain(path: Path, size: tuple[int, int], channels: int, resize: str, out: np.ndarray) -> bool:
-    """The common case (8-bit RGB or gray stored as read, upright, stretched) straight from Pillow into `out`.
-
-    The same pixels as `decode_image` then `fit_size` (which resize the same
-    8-bit image with the same bicubic filter), without their copies; False,
-    touching nothing, for any other image.
-    """
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if resize != "stretch" or im.mode != ("RGB" if channels == 3 else "L") or im.format not in ("JPEG", "PNG"):
-            return False
-        im.load()
-        if "exif" in im.info:  # perhaps turned by its orientation (a PNG has it only once decoded)
-            return False
-        if im.size != (size[1], size[0]):
-            im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-        pixels = np.asarray(im)
-    out[...] = pixels if channels == 3 else pixels[..., None]
-    return True
-
-
-def gather_together(items, indices) -> list:
-    """The rows `indices` of each of `items` (arrays, tensors or `ImageFiles`), as tensors, in one step.
+def gather_together(items, indices, decoded: list | None = None) -> list:
+    """The rows `indices` (an int tensor: one row, or 1-D) of each of `items` (arrays, tensors or `ImageFiles`).
 
     `ImageFiles` reading the same files are decoded once (an autoencoder's
-    inputs and its standardized targets); the decoding runs in a
-    `tf.numpy_function`, so a `tf.data` map runs it in parallel.
+    inputs and its standardized targets), by `ImageFiles.read`, unless
+    `decoded` already holds `(files, raw tensor)` for them.
     """
     import tensorflow as tf
 
     out: list = [None] * len(items)
-    decoded: list[tuple[ImageFiles, Any]] = []
+    decoded = list(decoded or [])
     for i, item in enumerate(items):
         if not isinstance(item, ImageFiles):
             out[i] = tf.gather(item, indices)
             continue
         raw = next((tensor for files, tensor in decoded if files.same_files(item)), None)
         if raw is None:
-            raw = tf.numpy_function(lambda rows, files=item: files._decode_paths(files.paths[rows]),
-                                    [indices], tf.float32, stateful=False)
-            raw.set_shape((None, *item.size, item.channels))
+            raw = item.read(indices)
             decoded.append((item, raw))
         out[i] = item._transform(raw)
     return out

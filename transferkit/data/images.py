@@ -1,4 +1,4 @@
-"""Image files to arrays: list a folder, decode one file at a time, bring every image to one size.
+"""Image files to arrays with Pillow: decode one file at a time, bring every image to one size.
 
 Every image is read with its true levels on the 8-bit scale (float32, 0..255):
 8-bit grayscale and RGB as stored; 16-bit grayscale (`I;16`) times 255/65535;
@@ -19,6 +19,12 @@ that size, with Keras's meaning (`keras.layers.Resizing`): `stretch` it,
 center-`crop` it to the aspect ratio, or `pad` it with zeros (black) to the
 aspect ratio; then Pillow's bicubic resampling.
 
+Listing a folder: `transferkit.data.image_listing`. While checking that every file
+decodes, each is marked plain or not: a plain file (8-bit RGB or gray JPEG or
+PNG, upright, opaque) is decoded by TensorFlow ops to the same pixels, in
+parallel and without Python, and only resized by `fit_size` when its size is not
+the one asked for (`transferkit.data.image_ops`); the others are Pillow's throughout.
+
 Example:
 
 >>> from transferkit.data.images import read_images
@@ -29,34 +35,19 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from transferkit.pieces.colors import LUMA
 from transferkit.errors import SettingsError
+from transferkit.data.progress import progress_bar
 from transferkit.recipe import RESIZE_MODES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-PROGRESS_FROM = 300  # files: show a progress bar while decoding more than this many
 _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
-LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights of R, G, B: Pillow's convert("L"), tf.image.rgb_to_grayscale
-
-
-@dataclasses.dataclass(frozen=True)
-class Listing:
-    """The image files of a folder, in order, with their class numbers, and what was left out."""
-
-    files: tuple[Path, ...]
-    labels: tuple[int, ...] | None
-    class_names: tuple[str, ...] | None
-    hidden: int = 0
-    non_image: int = 0
-    outside: int = 0  # images beside the class folders, in no class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,49 +62,6 @@ class Decoded:
 
 class BadImage(Exception):
     """A file that Pillow cannot open or decode; the message is the reason."""
-
-
-def list_images(root: str | Path) -> Listing:
-    """The images of `root`: one sub-folder per class (searched to any depth), or images alone.
-
-    Names starting with `.` (`.DS_Store`, `._x.jpg`, `.git/`) and files without an
-    image suffix are left out and counted. Files are sorted by path; classes by name.
-    """
-    root = Path(root)
-    entries = sorted(root.iterdir())
-    classes = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-    hidden = sum(p.name.startswith(".") for p in entries)
-    if not classes:
-        files = [p for p in entries if p.is_file() and not p.name.startswith(".")]
-        images = [p for p in files if _has_image_suffix(p)]
-        return Listing(tuple(images), None, None, hidden, len(files) - len(images))
-    loose = [p for p in entries if p.is_file() and not p.name.startswith(".")]
-    outside = sum(_has_image_suffix(p) for p in loose)  # images beside the class folders, in no class
-    files, labels, non_image = [], [], len(loose) - outside
-    for label, folder in enumerate(classes):
-        for path, is_hidden in _walk(folder):
-            if is_hidden:
-                hidden += 1
-            elif _has_image_suffix(path):
-                files.append(path)
-                labels.append(label)
-            else:
-                non_image += 1
-    return Listing(tuple(files), tuple(labels), tuple(p.name for p in classes), hidden, non_image, outside)
-
-
-def _walk(folder: Path):
-    """(path, hidden) for every file below `folder`, sorted; a hidden folder is one hidden entry, not entered."""
-    found = []
-    for top, dirs, names in os.walk(folder):
-        found += [(Path(top, d), True) for d in dirs if d.startswith(".")]
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [(Path(top, n), n.startswith(".")) for n in names]
-    return sorted(found)
-
-
-def _has_image_suffix(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def read_images(paths: list[str | Path], image_size: int | tuple[int, int] | None = None,
@@ -157,13 +105,17 @@ def decode_images(paths: list[str | Path] | tuple[Path, ...], image_size: int | 
 
 @dataclasses.dataclass(frozen=True)
 class Checked:
-    """What `check_images` found: the files that decode (`kept`), the others, and the size and channels chosen."""
+    """What `check_images` found: the files that decode (`kept`), the others, and the size and channels chosen.
+
+    `plain[j]` says whether file `kept[j]` decodes by TensorFlow ops to Pillow's pixels (`transferkit.data.image_ops`).
+    """
 
     kept: np.ndarray
     bad: tuple[tuple[str, str], ...]
     size: tuple[int, int]
     channels: int
     resized_to_median: bool
+    plain: np.ndarray
 
 
 def check_images(paths: list[str | Path] | tuple[Path, ...], image_size: int | tuple[int, int] | None = None,
@@ -173,41 +125,51 @@ def check_images(paths: list[str | Path] | tuple[Path, ...], image_size: int | t
 
     Every file is decoded once to prove it can be (a truncated JPEG fails only
     there), JPEGs at Pillow's reduced draft scale, which reads all their data but
-    computes an eighth of the pixels, in two threads (Pillow decodes without the GIL).
+    computes an eighth of the pixels, in two threads (Pillow decodes without the
+    GIL); what Pillow learns on the way says whether the file is plain.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     scan = _Scan(paths, image_size, channels, resize, skip_bad_files)
     order = list(scan.headers)
     with progress_bar(len(order) if progress else 0, "checking images") as tick, ThreadPoolExecutor(2) as pool:
-        def check(i: int) -> str | None:
+        def check(i: int) -> tuple[str | None, str | None]:
             try:
-                _verify(scan.paths[i])
+                return _verify(scan.paths[i]), None
             except BadImage as err:
-                return str(err)
-            return None
+                return None, str(err)
 
-        kept = []
-        for i, reason in zip(order, pool.map(check, order)):
+        kept, plain = [], []
+        for i, (kind, reason) in zip(order, pool.map(check, order)):
             if reason is None:
                 kept.append(i)
+                plain.append(kind == "L" or kind == "RGB" and scan.channels == 3)
             else:
                 scan.refuse_or_skip(scan.paths[i], reason)
             tick()
     done = scan.result(np.empty((len(kept), 0)), kept)
     return Checked(kept=done.kept, bad=done.bad, size=scan.size, channels=scan.channels,
-                   resized_to_median=done.resized_to_median)
+                   resized_to_median=done.resized_to_median, plain=np.asarray(plain, dtype=bool))
 
 
-def _verify(path: Path) -> None:
-    """Decode `path` (JPEG at its draft scale) and keep nothing; raise `BadImage` when it cannot be."""
+def _verify(path: Path) -> str | None:
+    """Decode `path` (JPEG at its draft scale) and keep nothing; raise `BadImage` when it cannot be.
+
+    Returns `"RGB"` or `"L"` for a plain file (8-bit RGB or gray JPEG or PNG, stored
+    upright, with no transparency), else `None`.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            args = im.tile[0].args if len(im.tile) == 1 else None
+            rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
             if im.format == "JPEG":
                 im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
             im.load()
+            plain = (im.format in ("JPEG", "PNG") and im.mode in ("RGB", "L") and rawmode == im.mode
+                     and "transparency" not in im.info and im.getexif().get(0x0112, 1) == 1)
+            return im.mode if plain else None
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
         raise BadImage(_reason(path, err)) from None
 
@@ -274,16 +236,18 @@ def read_header(path: Path) -> tuple[int, int, bool]:
     return (width, height, gray) if orientation in _SWAPS_SIDES else (height, width, gray)
 
 
-def decode_image(path: Path, channels: int) -> np.ndarray:
-    """One image file as `(H, W, channels)` levels on the 8-bit scale (uint8, or float32 when finer)."""
+def decode_image(path: Path | bytes, channels: int) -> np.ndarray:
+    """One image file (or its encoded bytes) as `(H, W, channels)` levels on the 8-bit scale (uint8, or float32)."""
+    import io
+
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
             im.load()  # decode now, inside the `with`: the file is closed when it ends
             image = ImageOps.exif_transpose(im)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
-        raise BadImage(_reason(path, err)) from None
+        raise BadImage(f"{type(err).__name__}: {err}" if isinstance(path, bytes) else _reason(path, err)) from None
     return to_channels(levels(image), channels)
 
 
@@ -377,23 +341,3 @@ def _resample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     planes = [np.asarray(Image.fromarray(np.ascontiguousarray(values[..., c], dtype="float32"))
                          .resize(target, Image.Resampling.BICUBIC)) for c in range(values.shape[2])]
     return np.stack(planes, axis=-1)
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, desc: str = "decoding images"):
-    """A `tick(n=1)` that advances a bar on stderr by `n` when `total` is above PROGRESS_FROM and stderr is a
-    terminal, else does nothing: tqdm's (installed with tensorflow-datasets), else keras's Progbar.
-    """
-    if total <= PROGRESS_FROM or not sys.stderr.isatty():  # logs and pipes get no bar, as tqdm's disable=None
-        yield lambda n=1: None
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        import keras
-
-        bar = keras.utils.Progbar(total, unit_name="image")
-        yield lambda n=1: bar.add(n)
-        return
-    with tqdm(total=total, desc=desc, unit="image", file=sys.stderr, leave=False) as bar:
-        yield lambda n=1: bar.update(n)

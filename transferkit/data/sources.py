@@ -22,18 +22,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import struct
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from transferkit.errors import SettingsError, TransferkitError
-from transferkit.data.image_files import ImageFiles, gather_together
-from transferkit.data.images import IMAGE_SUFFIXES, Checked, Listing, check_images, list_images, progress_bar
+from transferkit.errors import SettingsError
+from transferkit.data.image_files import ImageFiles
+from transferkit.data.image_listing import IMAGE_SUFFIXES, Listing, list_images
+from transferkit.data.images import Checked, check_images
 from transferkit.data.images import read_images  # noqa: F401 - part of this module's interface (prediction uses it)
+from transferkit.data.progress import progress_bar, showing
 from transferkit.recipe import RESIZE_MODES
 
 SCHEMES = ("digits", "npz", "dir", "tfds")
@@ -233,25 +233,18 @@ def pipeline(x: np.ndarray | ImageFiles, y: np.ndarray | ImageFiles | None = Non
              shuffle: bool = False, seed: int = 0):
     """A batched, prefetched `tf.data.Dataset` of `x` (and `y`): the one way into tf.data for every pass.
 
-    Arrays are cached in the dataset. `ImageFiles` are decoded a batch at a time
-    in a parallel, ordered map, never all at once; the shuffled order is the
-    one the same arrays would get (a shuffle of the row numbers with `seed`).
-    `x` may also be an unbatched, already cached `tf.data.Dataset` (spilled features).
+    Arrays are cached in the dataset. `ImageFiles` are decoded image by image
+    in a parallel, ordered map (`ImageFiles.examples`), never all at once; the
+    shuffled order is the one the same arrays would get (a shuffle of the row
+    numbers with `seed`). `x` may also be an unbatched, already cached
+    `tf.data.Dataset` (spilled features).
     """
     import tensorflow as tf
 
     if isinstance(x, ImageFiles) or isinstance(y, ImageFiles):
-        items = (x,) if y is None else (x, y)
-        ds = tf.data.Dataset.range(len(x))
-        if shuffle:
-            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-
-        def rows(indices):
-            batch = tuple(gather_together(items, indices))
-            return batch if len(batch) > 1 else batch[0]
-
-        return ds.batch(batch_size).map(rows, num_parallel_calls=tf.data.AUTOTUNE,
-                                        deterministic=True).prefetch(tf.data.AUTOTUNE)
+        source = x if isinstance(x, ImageFiles) else y
+        ds = source.examples((x,) if y is None else (x, y), shuffle, seed)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     if isinstance(x, tf.data.Dataset):
         ds = x if y is None else tf.data.Dataset.zip((x, tf.data.Dataset.from_tensor_slices(y)))
     else:
@@ -276,6 +269,11 @@ def batches_of(x: np.ndarray | ImageFiles, batch_size: int = 256, desc: str | No
             for start in range(0, len(x), batch_size):
                 yield x[start:start + batch_size]
                 tick(min(batch_size, len(x) - start))
+
+
+def rows_of(x: np.ndarray | ImageFiles, rows: np.ndarray) -> np.ndarray:
+    """`x[rows]` as one array; of image files only those rows are decoded (`ImageFiles.rows`)."""
+    return x.rows(rows) if isinstance(x, ImageFiles) else np.asarray(x[rows])
 
 
 def as_array(x: np.ndarray | ImageFiles) -> np.ndarray:
@@ -325,82 +323,11 @@ def _digits():
 
 
 def _load_npz(spec: str, arg: str, options: _Options) -> Data:
-    try:
-        arrays = np.load(arg)
-    except (OSError, ValueError) as err:
-        raise SettingsError(f"Data file {arg!r} is not a readable .npz file: {err}.") from None
-    if not isinstance(arrays, np.lib.npyio.NpzFile):
-        raise SettingsError(f"Data file {arg!r} holds one array; expected an .npz file with 'x' and optional 'y'.")
-    with arrays:
-        if "x" not in arrays:
-            raise SettingsError(f"Data file {arg!r} has arrays {sorted(arrays.files)}; expected one named 'x'.")
-        x = np.asarray(_npz_member(arg, arrays, "x"), dtype="float32")
-        raw_y = _npz_member(arg, arrays, "y") if "y" in arrays else None
-    if x.ndim not in (2, 3, 4):
-        raise SettingsError(f"Array 'x' in {arg!r} has shape {x.shape}; expected (N, D), (N, H, W) or (N, H, W, C).")
-    if x.ndim == 3:
-        x = x[..., None]
-    y, class_names = None, None
-    if raw_y is not None:
-        y, class_names = _npz_labels(arg, np.asarray(raw_y).reshape(-1))
-        if len(y) != len(x):
-            raise SettingsError(f"Arrays in {arg!r} disagree: {len(x)} inputs but {len(y)} labels.")
+    from transferkit.data.npz_source import load_npz
+
+    x, y, class_names = load_npz(arg)
     lo, hi = (float(x.min()), float(x.max())) if len(x) else (0.0, 1.0)
     return Data(x=x, y=y, spec=spec, class_names=class_names, value_range=(lo, hi))
-
-
-def _npz_member(path: str, arrays, name: str) -> np.ndarray:
-    """Array `name` of an .npz: memory-mapped from the file when stored uncompressed (`np.savez`), else read.
-
-    `np.load(mmap_mode="r")` maps `.npy` files only; an .npz member is read into
-    memory. A member stored without compression is a plain `.npy` inside the zip,
-    so it can be mapped at its offset.
-    """
-    try:
-        mapped = _map_stored_member(path, name + ".npy")
-        return arrays[name] if mapped is None else mapped
-    except ValueError as err:  # object arrays need pickle, which we do not load
-        raise SettingsError(f"Array {name!r} in {path!r} cannot be read: {err}; expected numbers "
-                            "(or strings for 'y').") from None
-
-
-def _map_stored_member(path: str, member: str) -> np.ndarray | None:
-    with zipfile.ZipFile(path) as zf:
-        if member not in zf.namelist():
-            return None
-        info = zf.getinfo(member)
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)  # the local file header: its name and extra field come before the data
-        if local[:4] != b"PK\x03\x04":
-            return None
-        name_length, extra_length = struct.unpack("<HH", local[26:30])
-        f.seek(info.header_offset + 30 + name_length + extra_length)
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(f)
-        offset = f.tell()
-    if dtype.hasobject or 0 in shape:
-        return None
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
-
-
-def _npz_labels(path: str, raw: np.ndarray) -> tuple[np.ndarray, tuple[str, ...] | None]:
-    """Class numbers from labels: strings become the sorted class names; numbers must be whole."""
-    if raw.dtype.kind in "US":
-        names, y = np.unique(raw, return_inverse=True)
-        return y.astype("int64").reshape(-1), tuple(str(n) for n in names)
-    if raw.dtype.kind not in "biuf":
-        raise SettingsError(f"Array 'y' in {path!r} has dtype {raw.dtype}; expected whole numbers (class numbers "
-                            "0, 1, 2, ...) or strings (class names).")
-    whole = np.isfinite(raw) & (raw == np.round(raw)) if raw.dtype.kind == "f" else np.ones(len(raw), bool)
-    if not whole.all():
-        i = int(np.argmin(whole))
-        raise SettingsError(f"Array 'y' in {path!r} has label {raw[i].item()!r} at index {i}; expected whole "
-                            "numbers (class numbers 0, 1, 2, ...) or strings (class names).")
-    return raw.astype("int64"), None
 
 
 def _load_dir(spec: str, arg: str, options: _Options) -> Data:
@@ -418,9 +345,10 @@ def _load_dir(spec: str, arg: str, options: _Options) -> Data:
         if len(empty):
             raise SettingsError(f"Class folder {str(root / listing.class_names[empty[0]])!r} holds no image that "
                                 "can be read; expected at least one per class (or remove the folder).")
-    if options.verbose:
+    if showing(options.verbose):
         print(_summary(spec, listing, checked), file=sys.stderr, flush=True)
-    x = ImageFiles([listing.files[i] for i in checked.kept], checked.size, checked.channels, options.resize, root=root)
+    x = ImageFiles([listing.files[i] for i in checked.kept], checked.size, checked.channels, options.resize, root=root,
+                   plain=checked.plain)
     return Data(x=x, y=y, spec=spec, class_names=listing.class_names, value_range=(0.0, 255.0),
                 skipped=tuple(path for path, _ in checked.bad))
 
@@ -439,55 +367,7 @@ def _summary(spec: str, listing: Listing, checked: Checked) -> str:
 
 
 def _load_tfds(spec: str, arg: str, options: _Options) -> Data:
-    name, _, split = arg.partition(":")
-    import tensorflow_datasets as tfds
+    from transferkit.data.tfds_source import load_tfds
 
-    _check_tfds_reachable(tfds, name)
-    try:
-        ds, info = tfds.load(name, split=split or "train", with_info=True, as_supervised=False)
-    except Exception as err:  # tfds raises many kinds: unknown name, no network, bad split
-        raise TransferkitError(f"tensorflow-datasets could not load {arg!r}: {str(err).splitlines()[0]}") from None
-    image_key = next((k for k, f in info.features.items() if isinstance(f, tfds.features.Image)), None)
-    label_key = next((k for k, f in info.features.items() if isinstance(f, tfds.features.ClassLabel)), None)
-    if image_key is None:
-        raise SettingsError(f"Dataset {name!r} has no image feature; expected one of type tfds.features.Image.")
-    xs, ys = [], []
-    for example in tfds.as_numpy(ds):
-        xs.append(example[image_key])
-        if label_key is not None:
-            ys.append(example[label_key])
-    x = np.stack(xs).astype("float32")
-    if options.image_size:
-        import keras
-
-        side, resize = options.image_size, options.resize
-        x = keras.ops.convert_to_numpy(keras.ops.image.resize(
-            x, (side, side), crop_to_aspect_ratio=resize == "crop", pad_to_aspect_ratio=resize == "pad"))
-    y = np.asarray(ys, dtype="int64") if label_key is not None else None
-    names = tuple(info.features[label_key].names) if label_key is not None else None
-    return Data(x=x, y=y, spec=spec, class_names=names, value_range=(0.0, 255.0))
-
-
-def _check_tfds_reachable(tfds, name: str, timeout: float = 3.0) -> None:
-    """Fail in seconds, not minutes of retries, when `name` is not prepared here and there is no network."""
-    import socket
-
-    try:
-        builder = tfds.builder(name)
-    except Exception as err:  # unknown name: tfds suggests close ones
-        raise SettingsError(f"tensorflow-datasets has no dataset {name!r}: {str(err).splitlines()[0]}") from None
-    if Path(builder.data_dir).joinpath("dataset_info.json").exists() or _tfds_is_mocked(tfds):
-        return
-    try:
-        socket.create_connection(("storage.googleapis.com", 443), timeout=timeout).close()
-    except OSError:
-        raise TransferkitError(
-            f"tfds:{name} is not prepared in {builder.data_dir!r} and there is no network to download it; "
-            "prepare it on a machine with network (tfds build) or use npz: or dir: data."
-        ) from None
-
-
-def _tfds_is_mocked(tfds) -> bool:
-    """Under `tfds.testing.mock_data`, loading needs neither files nor network."""
-    return "mock" in type(tfds.core.DatasetBuilder.as_dataset).__name__.lower() or "mock" in repr(
-        tfds.core.DatasetBuilder.as_dataset).lower()
+    x, y, class_names = load_tfds(arg, options.image_size, options.resize)
+    return Data(x=x, y=y, spec=spec, class_names=class_names, value_range=(0.0, 255.0))

@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 
 from transferkit.errors import SettingsError, TransferkitError
-from transferkit.data.images import LUMA
+from transferkit.pieces.colors import LUMA
 
 
 @dataclasses.dataclass(frozen=True)

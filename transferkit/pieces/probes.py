@@ -107,7 +107,8 @@ def diagnose(
 def prepare_batches(data: Any, batches: int, batch_size: int = 32, seed: int = 0) -> list[tuple[np.ndarray, Any]]:
     """Up to `batches` fixed `(x, y)` numpy batches from arrays or a Dataset.
 
-    Arrays are sampled without replacement with `seed`; a Dataset's first
+    Arrays (and streaming sources with `rows(indices)`, such as image files: only the
+    sampled rows are decoded) are sampled without replacement with `seed`; a Dataset's first
     `batches` batches are taken as they come.
 
     Example:
@@ -131,14 +132,16 @@ def prepare_batches(data: Any, batches: int, batch_size: int = 32, seed: int = 0
     if data is None:
         raise SettingsError("diagnose needs data: (x, y) arrays, a tf.data.Dataset or a data spec.")
     x, y = (data[0], data[1]) if isinstance(data, (tuple, list)) and len(data) == 2 else (data, None)
-    x = np.asarray(x)
+    lazy = hasattr(x, "rows")  # a streaming source (image files): only the sampled rows are decoded
+    x = x if lazy else np.asarray(x)
     if x.ndim < 2 or len(x) == 0:
         raise SettingsError(f"Inputs must be a non-empty batch of examples. Received: x with shape {x.shape}")
     if y is not None and len(y) != len(x):
         raise SettingsError(f"Inputs and labels disagree: {len(x)} inputs but {len(y)} labels.")
     order = np.random.default_rng(seed).permutation(len(x))[: batches * batch_size]
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return [(x[c].astype("float32"), None if y is None else np.asarray(y)[c]) for c in chunks]
+    return [((x.rows(c) if lazy else x[c]).astype("float32"), None if y is None else np.asarray(y)[c])
+            for c in chunks]
 
 
 def check_count(name: str, value: Any, minimum: int = 1) -> None:
