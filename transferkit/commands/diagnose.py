@@ -50,16 +50,8 @@ def diagnose(
             `tf.data.Dataset` of `(x, y)` or `x`, or a data spec string. For an
             artifact it defaults to the training split of the artifact's data;
             a `.keras` file needs it. Arrays are sampled with `seed`.
-        batches: Int >= 1. Batches to run. Defaults to `4`.
-        batch_size: Int >= 1. Examples per batch for arrays. Defaults to `32`.
-        loss: `"auto"`, a Keras loss name or a callable `(y_true, y_pred)`.
-            `"auto"` uses the model's compiled loss given labels, else sparse
-            categorical cross-entropy for integer labels, MSE for targets shaped
-            like the outputs, and without labels (or for an encoder) a fixed random
-            projection of the outputs, which sends a unit-norm gradient down per example.
-        training: Bool. Run BatchNorm and dropout in training mode. Defaults to `True`.
-        seed: Int. Seed of the sample and of the random projection. Defaults to `0`.
-        thresholds: Optional `Thresholds`. Defaults to `Thresholds()`.
+        batches, batch_size, loss, training, seed, thresholds: As for the piece
+            `transferkit.pieces.probes.diagnose`, which this runs.
 
     Returns:
         A `DiagnosisReport`.
