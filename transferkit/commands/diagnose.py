@@ -103,14 +103,9 @@ def _resolve(model, data) -> tuple[keras.Model, Any, str, bool]:
 def _artifact_data(path: Path, manifest: dict[str, Any], spec: str | None) -> tuple[tuple, str]:
     """The artifact's training split (never its test split); all of other data."""
     from transferkit.training import runs
-    from transferkit.data.sources import Split
 
     spec = spec or manifest["data"]["spec"]
-    loaded = runs.load_like_artifact(spec, manifest)
-    if loaded.input_shape != tuple(manifest["input_shape"]):
-        raise SettingsError(f"The data's inputs have shape {loaded.input_shape}; the model in {str(path)!r} "
-                            f"takes {tuple(manifest['input_shape'])}.")
-    if loaded.fingerprint == manifest["data"]["fingerprint"]:
-        train = Split.from_dict(artifacts.read_json(path, artifacts.SPLIT)).train
-        return (loaded.x[train], None if loaded.y is None else loaded.y[train]), f"training split of {spec}"
+    loaded, split = runs.artifact_data(path, manifest, spec)
+    if split is not None:
+        return (loaded.x[split.train], None if loaded.y is None else loaded.y[split.train]), f"training split of {spec}"
     return (loaded.x, loaded.y), f"all of {spec}"

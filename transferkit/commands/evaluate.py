@@ -21,7 +21,7 @@ from typing import Any
 from transferkit.store import artifacts
 from transferkit.training import runs
 from transferkit.pieces.augmentation import tta_predict
-from transferkit.data.sources import Split, batches_of, pipeline
+from transferkit.data.sources import batches_of, pipeline
 from transferkit.errors import SettingsError
 from transferkit.commands.report import class_report, confusion_figure, format_report, resolve_top_k, top_losses_figure
 from transferkit.pieces.uncertainty import calibration, deterministic_model, has_dropout, mc_predict
@@ -71,15 +71,10 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
     top_k = resolve_top_k(top_k, num_classes)
     plots, output = _check_destinations(plots, output)
     spec = data or manifest["data"]["spec"]
-    loaded = runs.load_like_artifact(spec, manifest, verbose)
+    loaded, split = runs.artifact_data(model_dir, manifest, spec, verbose)
     runs.require_labels(loaded)
-    if loaded.input_shape != tuple(manifest["input_shape"]):
-        raise SettingsError(f"The data's inputs have shape {loaded.input_shape}; the model in {str(model_dir)!r} "
-                            f"takes {tuple(manifest['input_shape'])}.")
-    if loaded.fingerprint == manifest["data"]["fingerprint"]:
-        where = "test split"
-        index = Split.from_dict(artifacts.read_json(model_dir, artifacts.SPLIT)).test
-        x, y = loaded.x[index], loaded.y[index]
+    if split is not None:
+        where, x, y = "test split", loaded.x[split.test], loaded.y[split.test]
     else:
         where, x, y = "all examples", loaded.x, loaded.y
     if int(y.max()) >= num_classes:

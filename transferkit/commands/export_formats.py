@@ -244,15 +244,12 @@ def artifact_data(model_dir: Path, manifest: dict[str, Any]) -> tuple[np.ndarray
     Raises:
         TransferkitError: the data is no longer the data the artifact was trained on.
     """
-    from transferkit.store import artifacts
     from transferkit.training import runs
-    from transferkit.data.sources import Split
 
-    loaded = runs.load_like_artifact(manifest["data"]["spec"], manifest, verbose=False)
-    if loaded.fingerprint != manifest["data"]["fingerprint"]:
+    loaded, split = runs.artifact_data(model_dir, manifest, verbose=False)
+    if split is None:
         raise TransferkitError(f"The data {manifest['data']['spec']!r} has changed since {str(model_dir)!r} was "
                                "trained; a quantized export is checked on its test split.")
-    split = Split.from_dict(artifacts.read_json(model_dir, artifacts.SPLIT))
     train = np.asarray(loaded.x[split.train[:REPRESENTATIVE_EXAMPLES]], "float32")
     return train, np.asarray(loaded.x[split.test], "float32"), np.asarray(loaded.y[split.test])
 

@@ -44,6 +44,23 @@ def load_like_artifact(spec: str, manifest: dict[str, Any], verbose: bool = True
                      skip_bad_files=bool(manifest["data"].get("skipped")), verbose=verbose)
 
 
+def artifact_data(model_dir: str | Path, manifest: dict[str, Any], spec: str | None = None,
+                  verbose: bool = True) -> tuple[Data, Split | None]:
+    """Data `spec` (default: the artifact's own) read as the artifact's was, and the artifact's split when it is
+    that same data (by fingerprint), else `None`.
+
+    Raises:
+        SettingsError: inputs of another shape than the artifact's model takes.
+    """
+    loaded = load_like_artifact(spec or manifest["data"]["spec"], manifest, verbose)
+    if loaded.input_shape != tuple(manifest["input_shape"]):
+        raise SettingsError(f"The data's inputs have shape {loaded.input_shape}; the model in {str(model_dir)!r} "
+                            f"takes {tuple(manifest['input_shape'])}.")
+    if loaded.fingerprint != manifest["data"]["fingerprint"]:
+        return loaded, None
+    return loaded, Split.from_dict(artifacts.read_json(Path(model_dir), artifacts.SPLIT))
+
+
 def prepare(recipe: Recipe, split_seed: int | None = None) -> tuple[Data, Split]:
     """Load the recipe's data and split it with `split_seed` (the recipe's by default)."""
     data = load_recipe_data(recipe)
