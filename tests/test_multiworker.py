@@ -112,3 +112,33 @@ def test_multiworker_without_a_coordinator_is_one_line_exit_2(encoder_dir, tmp_p
     assert "--strategy multiworker could not join the other processes" in line
     assert line.endswith("KERAS_DISTRIBUTION_PROCESS_ID=None")
     assert not (tmp_path / "c").exists()
+
+
+def test_mirrored_on_jax_spreads_each_batch_over_local_devices_as_one_device_would(encoder_dir, tmp_path):
+    # two CPU devices stand in for two GPUs; full-batch steps, so both runs are the same computation
+    script = textwrap.dedent(f"""
+        import numpy as np, keras, jax
+        import transferkit as tk
+        common = dict(from_={str(encoder_dir)!r}, head_epochs=2, epochs=1, unfreeze_top=3, lr=0.01,
+                      label_fraction=0.1, cache_features=False, dropout=0.0, verbose=False)
+        one = tk.finetune(batch_size=126, strategy="default", out={str(tmp_path / "one")!r}, **common)
+        two = tk.finetune(batch_size=63, strategy="mirrored", out={str(tmp_path / "two")!r}, **common)
+        weights = lambda r: [keras.ops.convert_to_numpy(w) for w in r.model.weights]
+        print("devices", len(jax.devices()))
+        print("labeled", one.manifest["split"]["sizes"]["labeled"])
+        print("diff", max(float(np.abs(a - b).max()) for a, b in zip(weights(one), weights(two))))
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = dict(line.split() for line in out.stdout.splitlines() if line.split()[0] in ("devices", "labeled", "diff"))
+    assert (int(figures["devices"]), int(figures["labeled"])) == (2, 126)
+    assert float(figures["diff"]) < 1e-5  # the same weights as one device with the same global batch
+
+
+def test_mirrored_on_jax_with_one_device_says_so():
+    done = subprocess.run([sys.executable, "-m", "transferkit.cli", "--backend", "jax", "finetune", "--from", "x",
+                           "--strategy", "mirrored"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--strategy mirrored spreads each batch over several devices; JAX sees 1" in done.stderr.splitlines()[-1]

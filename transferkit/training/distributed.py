@@ -42,6 +42,9 @@ ENVIRONMENT = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCE
 class ProcessShards(keras.distribution.DataParallel):
     """`DataParallel` whose processes each keep an equal, contiguous slice of every global batch.
 
+    A batch whose size is not a multiple of the devices (the last one) is completed
+    with copies of its first rows, on one process with several devices too.
+
     Args:
         devices: list. The devices of all processes, in the mesh's order.
     """
@@ -54,9 +57,9 @@ class ProcessShards(keras.distribution.DataParallel):
         import tensorflow as tf
 
         processes, index = jax.process_count(), jax.process_index()
-        if processes == 1:
-            return dataset
         devices = len(self.device_mesh.devices.flat)
+        if processes == 1 and devices == 1:
+            return dataset
 
         def local_part(*batch):
             mine = process_rows(tf.shape(tf.nest.flatten(batch)[0])[0], devices, processes, index)
@@ -127,6 +130,20 @@ def start(device: str = "auto") -> DataParallelRun:
                                f"(it runs on {jax.default_backend()}).")
     else:
         devices = jax.devices()
+    return DataParallelRun(ProcessShards(devices))
+
+
+def on_local_devices(devices: list) -> DataParallelRun:
+    """Training spread over this process's `devices` (GPUs, TPU cores; CPUs for tests), without other processes:
+    `--strategy mirrored` on JAX, and `auto` where JAX sees several accelerators.
+
+    Raises:
+        SettingsError: one device only, where `mirrored` was asked for.
+    """
+    if len(devices) < 2:
+        raise SettingsError(f"--strategy mirrored spreads each batch over several devices; JAX sees "
+                            f"{len(devices)} ({devices[0].platform}). Use --strategy auto, or multiworker for "
+                            "several processes.")
     return DataParallelRun(ProcessShards(devices))
 
 

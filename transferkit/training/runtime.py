@@ -99,9 +99,11 @@ def _jax_run(device: str, strategy: str):
         from transferkit.training.distributed import start
 
         return start(device)
-    if strategy in ("mirrored", "tpu"):
-        raise SettingsError(f"--strategy {strategy} is a tf.distribute strategy, for TensorFlow; on JAX use auto "
-                            f"(one device) or multiworker (keras.distribution). Received: strategy={strategy!r}")
+    local = jax.devices("cpu") if device == "cpu" else jax.devices()
+    if strategy == "mirrored" or (strategy in ("auto", "tpu") and jax.default_backend() != "cpu" and len(local) > 1):
+        from transferkit.training.distributed import on_local_devices
+
+        return on_local_devices(local)  # every local GPU or TPU core (keras.distribution.DataParallel)
     if device == "cpu":
         jax.config.update("jax_default_device", jax.devices("cpu")[0])
     elif device != "auto" and jax.default_backend() != device:
