@@ -13,6 +13,9 @@ from transferkit.errors import SettingsError
 
 from helpers import assert_config_round_trip, assert_reloads_with_same_outputs, digit_images
 
+# class weights, MixUp/CutMix, EMA, augmentation and TTA hold on every backend: `make test-jax` runs these
+pytestmark = pytest.mark.backend_neutral
+
 
 def test_presets_and_words_parse_to_the_keras_layers_settings():
     assert parse_augment("none") == ()

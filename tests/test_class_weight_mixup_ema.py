@@ -13,6 +13,9 @@ from transferkit.data.sources import load_data
 
 from helpers import assert_config_round_trip, run
 
+# class weights, MixUp/CutMix, EMA, augmentation and TTA hold on every backend: `make test-jax` runs these
+pytestmark = pytest.mark.backend_neutral
+
 
 def head_weights(artifact):
     return [np.asarray(w) for w in tk.load_model(artifact).get_layer("head").get_weights()]
