@@ -142,3 +142,12 @@ def test_mirrored_on_jax_with_one_device_says_so():
                           env={**os.environ, "KERAS_BACKEND": "jax"})
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--strategy mirrored spreads each batch over several devices; JAX sees 1" in done.stderr.splitlines()[-1]
+
+
+def test_a_pretraining_batch_that_does_not_split_over_the_devices_is_refused():
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run([sys.executable, "-m", "transferkit.cli", "pretrain", "--strategy", "mirrored",
+                           "--batch-size", "33", "--epochs", "1"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1] == ("Error: --batch-size 33 does not split over the 2 devices; expected a "
+                                            "multiple of 2. Received: batch_size=33")

@@ -79,7 +79,11 @@ def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
     """
     recipe = recipe.validate()
     runs.check_out_writable(runs.out_dir(recipe, "encoder"))
-    with runs.training_context(recipe):
+    with runs.training_context(recipe) as strategy:
+        replicas = strategy.num_replicas_in_sync
+        if recipe.batch_size % replicas:  # pretrain's --batch-size is the global batch: each device takes a part
+            raise SettingsError(f"--batch-size {recipe.batch_size} does not split over the {replicas} devices; "
+                                f"expected a multiple of {replicas}. Received: batch_size={recipe.batch_size}")
         return _pretrain(recipe, verbose and is_chief())
 
 
