@@ -7,7 +7,7 @@ the held-out test split (20%). TTA uses the model's own augmentation, and
 horizontal flips for the models trained without one. Also the head stage's
 seconds: cached base outputs without augmentation, the base every epoch with it.
 
-    python bench/augmentation.py [--seeds 3] [--fractions 0.05,0.1] [--tta 8]
+    python bench/augmentation.py [--seeds 5] [--fractions 0.05,0.1] [--tta 8]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ METHODS = {"none": {}, "augment light": {"augment": "light"}, "mixup 0.2": {"mix
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--fractions", default="0.05,0.1")
     parser.add_argument("--tta", type=int, default=8)
     parser.add_argument("--pretrain-epochs", type=int, default=20)
