@@ -21,7 +21,7 @@ from transferkit.data.sources import Data, Split, as_array, pipeline
 from transferkit.data.image_files import ImageFiles, gather_together
 from transferkit.training.runner import Run, Stage, fit_stage
 from transferkit.recipe import Recipe
-from transferkit.pretraining.encoder import encoder_blocks
+from transferkit.pretraining.plan import PlannedStage, plan_pretrain
 
 
 @dataclasses.dataclass
@@ -39,18 +39,20 @@ class Job:
     verbose: bool
     backup: Backup | None = None
     state: dict[str, Any] | None = None
+    stages: list[PlannedStage] | None = None  # the run's Plan (default: `plan_pretrain` of the recipe)
     kept: int | None = None  # the history entry whose weights early stopping kept (None: the last)
     stopped_after: dict[int, int] = dataclasses.field(default_factory=dict)  # stage -> its last epoch, if stopped
     run: Run = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
+        if self.stages is None:
+            self.stages = plan_pretrain(self.recipe, len(self.split.train))
         self.run = Run(self.recipe, self.backup, self.state, self.verbose, total_epochs=self.epochs)
 
     @property
     def epochs(self) -> int:
-        """The run's epochs: `epochs`, times the blocks for `stacked` (numbered on across them)."""
-        blocks = len(encoder_blocks(self.encoder)) if self.recipe.task == "stacked" else 1
-        return self.recipe.epochs * blocks
+        """The run's epochs: those of its planned stages (one per block for `stacked`, numbered on across them)."""
+        return sum(stage.epochs for stage in self.stages)
 
     @property
     def x_train(self) -> np.ndarray:

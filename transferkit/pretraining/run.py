@@ -100,8 +100,8 @@ def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
     runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
     x_train = data.x[split.train]
     encoder = build_encoder(data.input_shape, recipe, x_train)
-    job = Job(recipe, data, split, encoder, verbose, backup, state)
     stages = plan_pretrain(recipe, len(x_train))
+    job = Job(recipe, data, split, encoder, verbose, backup, state, stages)
     runs.print_line(f"pretrain: {recipe.task} ({recipe.arch}, {recipe.activation}) on {len(x_train)} unlabeled "
                     f"inputs of {data.spec}; stages {describe_plan(stages)}", verbose)
     if state:

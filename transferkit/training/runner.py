@@ -53,6 +53,7 @@ class Run:
     verbose: bool
     total_epochs: int
     history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    restored_from: int | None = dataclasses.field(default=None, init=False)  # the stage start last restored for
 
     def __post_init__(self) -> None:
         if self.state and not self.history:
@@ -68,11 +69,17 @@ class Run:
         return self.state is not None and end <= self.resume_at
 
     def restore_weights(self, kept: Kept, start: int, head: Kept = None) -> bool:
-        """Give `kept` (and `head`) the backed-up weights if the run resumes at or after epoch `start`."""
-        if self.state and start <= self.resume_at:
+        """Give `kept` (and `head`) the backed-up weights if the run resumes at or after epoch `start`.
+
+        Once per stage: a policy that needs them before the stage (pseudo-labels, the codes of the
+        blocks below) restores them first, and `fit_stage` does not read the backup again.
+        """
+        if not self.state or start > self.resume_at:
+            return False
+        if self.restored_from != start:
             self.backup.load_weights(kept, head)
-            return True
-        return False
+            self.restored_from = start
+        return True
 
     def resumes_in(self, index: int) -> bool:
         """Whether the backup was made while stage `index` trained (its optimizer state is in it)."""
