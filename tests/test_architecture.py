@@ -14,14 +14,12 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "transferkit"
 MAX_LINES = 400
 PIECES_MAY_IMPORT = ("transferkit.pieces", "transferkit.errors", "transferkit.figures")
 # Modules other engineers are splitting or editing right now (issue #16): a check that fails in these alone is an
 # expected failure, which turns into a pass by itself once they land. Take a module out when it is done.
-IN_PROGRESS: tuple[str, ...] = ()  # modules still being split or edited, whose findings are expected failures
 # Calls that import a module by a name known only at run time, and what they import (never a transferkit module).
 NAMED_AT_RUN_TIME = {"transferkit.store.artifacts": "the packages an artifact's manifest requires (keras_hub)"}
 
@@ -121,17 +119,6 @@ def where(module: str, node: ast.AST) -> str:
     return f"{SOURCES[module].relative_to(PACKAGE.parent)}:{node.lineno}"
 
 
-def only_in_modules_in_progress(found: list[str]) -> bool:
-    """Whether every finding (`path:line ...`) is in one of `IN_PROGRESS`."""
-    paths = tuple(str(SOURCES[m].relative_to(PACKAGE.parent)) + ":" for m in IN_PROGRESS if m in SOURCES)
-    return bool(found) and all(f.startswith(paths) for f in found)
-
-
-def in_progress(found: list[str]) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(only_in_modules_in_progress(found), strict=False,
-                             reason="found only in modules being split or edited (issue #16): " + ", ".join(IN_PROGRESS))
-
-
 def test_the_import_graph_has_no_circles():
     assert cycles() == []
 
@@ -143,7 +130,6 @@ def pieces_reaching_out() -> list[str]:
             if not any(target == allowed or target.startswith(allowed + ".") for allowed in PIECES_MAY_IMPORT)]
 
 
-@in_progress(pieces_reaching_out())
 def test_the_pieces_import_only_pieces_errors_and_figures():
     assert pieces_reaching_out() == []
 
@@ -153,8 +139,6 @@ def modules_over_the_limit() -> dict[str, int]:
     return {name: count for name, count in sorted(lines.items()) if count > MAX_LINES}
 
 
-@pytest.mark.xfail(bool(modules_over_the_limit()) and set(modules_over_the_limit()) <= set(IN_PROGRESS),
-                   strict=False, reason="being split (issue #16): " + ", ".join(IN_PROGRESS))
 def test_no_module_is_over_400_lines():
     over = modules_over_the_limit()
     assert not over, "over 400 lines: " + ", ".join(f"{name} ({count})" for name, count in over.items())
@@ -180,7 +164,6 @@ def string_imports() -> list[str]:
             if not (module in NAMED_AT_RUN_TIME and not isinstance(call.args[0], ast.Constant))]
 
 
-@in_progress(string_imports())
 def test_no_transferkit_module_is_imported_by_a_string_outside_the_package_init():
     assert string_imports() == []
 
@@ -216,7 +199,6 @@ def private_imports() -> list[str]:
     return [use for module in SOURCES for use in private_names_used(module)]
 
 
-@in_progress(private_imports())
 def test_no_private_name_is_imported_across_modules():
     assert private_imports() == []
 
