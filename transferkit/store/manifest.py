@@ -213,9 +213,9 @@ class Manifest(Record):
         return (*super().required_keys(value), *cls.REQUIRED.get(_kind(value), ()))
 
     def written_keys(self) -> tuple[str, ...]:
-        """The keys of its kind not `absent`; `exports` only once there is one."""
-        return tuple(name for name in self.known_keys({"kind": self.kind})
-                     if name not in self.absent and (name != "exports" or self.exports))
+        """The keys of its kind not `absent`; `exports` once there is one (absent or not when read)."""
+        kept = tuple(name for name in self.known_keys({"kind": self.kind}) if name not in (*self.absent, "exports"))
+        return (*kept, "exports") if self.exports else kept
 
 
 def _kind(value: dict[str, Any]) -> str | None:
