@@ -17,6 +17,7 @@ ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -57,8 +58,8 @@ def encoder_from_classifier(classifier: Path, untrained_encoder: Path, out: Path
     base = keras.saving.load_model(classifier / artifacts.MODEL).get_layer("encoder")
     base.save(out / artifacts.MODEL)
     manifest = artifacts.read_manifest(out, ("encoder",))
-    manifest.update(task="supervised", trained_on=str(classifier))
-    artifacts.write_json(out / artifacts.MANIFEST, manifest)
+    artifacts.write_manifest(out, dataclasses.replace(manifest, task="supervised",
+                                                      extra={**manifest.extra, "trained_on": str(classifier)}))
     return out
 
 

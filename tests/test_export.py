@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -182,7 +183,7 @@ def features_export(tmp_path, bias_shift: float) -> Path:
 
 
 def test_the_check_allows_round_off_scaled_to_the_output_and_refuses_a_wrong_export(tmp_path):
-    manifest = {"input_shape": [4], "value_range": [0.5, 1.0]}  # outputs between 1000 and 2000
+    manifest = SimpleNamespace(input_shape=[4], value_range=[0.5, 1.0])  # outputs between 1000 and 2000
     # 5e-4 is 50 times an absolute 1e-5, but 2.5e-7 to 5e-7 of the output (float32 round-off is ~6e-8 of it)
     path, reference = features_export(tmp_path / "round-off", 5e-4)
     worst = serving.check_export(path, reference, manifest, "features")

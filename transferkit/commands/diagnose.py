@@ -23,6 +23,7 @@ from transferkit.errors import SettingsError, TransferkitError
 from transferkit.pieces import probes
 from transferkit.pieces.health_report import DiagnosisReport, Thresholds
 from transferkit.store import artifacts
+from transferkit.store.manifest import Manifest
 
 
 def diagnose(
@@ -82,7 +83,7 @@ def _resolve(model, data) -> tuple[keras.Model, Any, str, bool]:
     if path.is_dir():
         manifest = artifacts.read_manifest(path)
         loaded_model = artifacts.load_model(path)
-        encoder = manifest["kind"] == "encoder"
+        encoder = manifest.kind == "encoder"
         if data is None or isinstance(data, str):
             data, source = _artifact_data(path, manifest, data)
         else:
@@ -100,11 +101,11 @@ def _resolve(model, data) -> tuple[keras.Model, Any, str, bool]:
     raise SettingsError(f"Model {str(path)!r} is neither a transferkit artifact folder nor a .keras file.")
 
 
-def _artifact_data(path: Path, manifest: dict[str, Any], spec: str | None) -> tuple[tuple, str]:
+def _artifact_data(path: Path, manifest: Manifest, spec: str | None) -> tuple[tuple, str]:
     """The artifact's training split (never its test split); all of other data."""
     from transferkit.training import runs
 
-    spec = spec or manifest["data"]["spec"]
+    spec = spec or manifest.data.spec
     loaded, split = runs.artifact_data(path, manifest, spec)
     if split is not None:
         return (loaded.x[split.train], None if loaded.y is None else loaded.y[split.train]), f"training split of {spec}"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.store import artifacts
+from transferkit.store.manifest import Manifest
 from transferkit.training import runs
 from transferkit.pieces.augmentation import tta_predict
 from transferkit.data.sources import batches_of, pipeline
@@ -67,10 +68,10 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
     model_dir = Path(model_dir)
     manifest = artifacts.read_manifest(model_dir, ("classifier",))
     check_tta(tta, manifest)
-    num_classes = manifest["num_classes"]
+    num_classes = manifest.num_classes
     top_k = resolve_top_k(top_k, num_classes)
     plots, output = _check_destinations(plots, output)
-    spec = data or manifest["data"]["spec"]
+    spec = data or manifest.data.spec
     loaded, split = runs.artifact_data(model_dir, manifest, spec, verbose)
     runs.require_labels(loaded)
     if split is not None:
@@ -109,24 +110,25 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
     if plots:
         written = _write_plots(plots, x, y, probabilities["deterministic"], names, loaded, report)
         runs.print_line(f"pictures written to {plots}: {', '.join(written)}", verbose)
-    return Evaluation(model=model, history={}, metrics=metrics, artifact=model_dir, manifest=manifest, report=report)
+    return Evaluation(model=model, history={}, metrics=metrics, artifact=model_dir, manifest=manifest.to_json(),
+                      report=report)
 
 
-def check_tta(tta: int, manifest: dict[str, Any]) -> None:
+def check_tta(tta: int, manifest: Manifest) -> None:
     """Refuse, before any work, a `tta` below 1, or above 1 for a model that does not take images."""
     if tta < 1:
         raise SettingsError(f"--tta must be at least 1 (1: the input alone, no augmentation). Received: tta={tta}")
-    if tta > 1 and len(manifest["input_shape"]) != 3:
+    if tta > 1 and len(manifest.input_shape) != 3:
         raise SettingsError(f"--tta needs a model that takes images; the one here takes inputs of shape "
-                            f"{tuple(manifest['input_shape'])}. Received: tta={tta}")
+                            f"{tuple(manifest.input_shape)}. Received: tta={tta}")
 
 
-def class_names(manifest: dict[str, Any]) -> list[str]:
+def class_names(manifest: Manifest) -> list[str]:
     """The model's class names from its manifest, else the class numbers as text."""
-    names = manifest["data"].get("class_names")
-    if names and len(names) == manifest["num_classes"]:
+    names = manifest.data.class_names
+    if names and len(names) == manifest.num_classes:
         return [str(n) for n in names]
-    return [str(i) for i in range(manifest["num_classes"])]
+    return [str(i) for i in range(manifest.num_classes)]
 
 
 def _headline(figures: dict[str, Any]) -> dict[str, float]:

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import keras
 import numpy as np
 
 from transferkit.store import artifacts
+from transferkit.store.manifest import Manifest
 from transferkit.training import runs
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.commands.export_checks import CHECK_BATCH_SIZES, compare
@@ -88,7 +90,7 @@ def run_export(model_dir: str | Path, out: str | Path | None = None, mc_samples:
     model_dir = Path(model_dir)
     formats = parse_formats(formats)
     manifest = artifacts.read_manifest(model_dir)
-    check_quantize(quantize, formats, manifest["kind"])
+    check_quantize(quantize, formats, manifest.kind)
     require_packages(formats)
     if keras.backend.backend() != "tensorflow" and set(formats) - {"savedmodel"}:
         raise SettingsError(f"--format {','.join(formats)} needs the TensorFlow backend (its converters read "
@@ -97,9 +99,9 @@ def run_export(model_dir: str | Path, out: str | Path | None = None, mc_samples:
     model = artifacts.load_model(model_dir)
     out = Path(out) if out else model_dir / "serving"
     folders = folder_names(out, formats, quantize)
-    output_name = "probabilities" if manifest["kind"] == "classifier" else "features"
+    output_name = "probabilities" if manifest.kind == "classifier" else "features"
     served = deterministic_model(model)
-    mc = manifest["kind"] == "classifier" and has_dropout(model)
+    mc = manifest.kind == "classifier" and has_dropout(model)
     if mc and mc_samples < 2:
         raise SettingsError(f"--mc-samples must be at least 2. Received: mc_samples={mc_samples}")
     data = artifact_data(model_dir, manifest) if quantize else None
@@ -113,20 +115,20 @@ def run_export(model_dir: str | Path, out: str | Path | None = None, mc_samples:
         if converted:
             records.update(_write_converted(converted, tmp, served, model, manifest, output_name,
                                             mc_samples if mc else None, quantize, data))
-    exports = {**manifest.get("exports", {}), **{key: {"path": str(folders[key]), **records[key]} for key in records}}
-    artifacts.write_json(model_dir / artifacts.MANIFEST, {**manifest, "exports": exports})
+    exports = {**manifest.exports, **{key: {"path": str(folders[key]), **records[key]} for key in records}}
+    manifest = artifacts.write_manifest(model_dir, dataclasses.replace(manifest, exports=exports))
     for key, record in records.items():
         runs.print_line(describe(record, folders[key]), verbose)
     return runs.Result(model=model, history={}, metrics=_metrics(records), artifact=next(iter(folders.values())),
-                       manifest={**manifest, "exports": exports})
+                       manifest=manifest.to_json())
 
 
-def write_saved_model(folder: Path, served: keras.Model, model: keras.Model, manifest: dict[str, Any],
+def write_saved_model(folder: Path, served: keras.Model, model: keras.Model, manifest: Manifest,
                       output_name: str, mc_samples: int | None) -> dict[str, Any]:
     """The SavedModel with `serve` (and the random `serve_mc`) in `folder`, checked; returns its record."""
     import tensorflow as tf
 
-    input_shape = tuple(manifest["input_shape"])
+    input_shape = tuple(manifest.input_shape)
     spec = tf.TensorSpec((None, *input_shape), tf.float32, name="inputs")
     dtype = served.outputs[0].dtype
     outputs = tuple(served.outputs[0].shape[1:])
@@ -157,7 +159,7 @@ def write_saved_model(folder: Path, served: keras.Model, model: keras.Model, man
 
 
 def _write_converted(keys: list[str], tmp: dict[str, Path], served: keras.Model, model: keras.Model,
-                     manifest: dict[str, Any], output_name: str, mc_samples: int | None, quantize: str | None,
+                     manifest: Manifest, output_name: str, mc_samples: int | None, quantize: str | None,
                      data) -> dict[str, dict[str, Any]]:
     """ONNX and LiteRT, from one SavedModel written for the converters."""
     from transferkit.commands.mc_ensemble import ensemble_endpoint, fixed_mask_model, masks_of
@@ -170,7 +172,7 @@ def _write_converted(keys: list[str], tmp: dict[str, Path], served: keras.Model,
         references["serve_mc"] = ensemble_endpoint(reference, mc_samples)
         ensemble = fixed_mask_model(convertible, mc_samples, MC_SEED)  # the same masks: the same seeds, in order
         mc = {"samples": mc_samples, "seed": MC_SEED, "masks": masks_of(reference)}
-    with convertible_saved_model(deterministic_model(convertible), ensemble, tuple(manifest["input_shape"]),
+    with convertible_saved_model(deterministic_model(convertible), ensemble, tuple(manifest.input_shape),
                                  output_name, mc_samples or 0) as source:
         return {key: write_format(key, tmp[key], source, references, manifest, quantize, data, mc) for key in keys}
 
@@ -249,14 +251,14 @@ def checked_endpoint(fn: Callable, input_shape: tuple[int, ...], empty: dict[str
     return endpoint
 
 
-def check_export(path: Path, model: keras.Model, manifest: dict, output_name: str) -> float:
+def check_export(path: Path, model: keras.Model, manifest: Manifest, output_name: str) -> float:
     """Reload the SavedModel and compare `serve` with `model` at several batch sizes.
 
     Args:
         path: Path. The SavedModel folder.
         model: The Keras model `serve` should match: called with `training=False`,
             so it must be deterministic (see `deterministic_model`).
-        manifest: Dict. The artifact's manifest (input shape and value range).
+        manifest: Manifest. The artifact's manifest (input shape and value range).
         output_name: String. The output of `serve` to compare.
 
     Returns:
@@ -273,13 +275,13 @@ def check_export(path: Path, model: keras.Model, manifest: dict, output_name: st
                    manifest, "'serve'")
 
 
-def check_mc_export(path: Path, mc_model: keras.Model, manifest: dict, samples: int) -> float:
+def check_mc_export(path: Path, mc_model: keras.Model, manifest: Manifest, samples: int) -> float:
     """`serve_mc`'s mean over many calls is close to the Keras MC mean (both are estimates)."""
     import tensorflow as tf
 
     serve_mc = tf.saved_model.load(str(path)).signatures["serve_mc"]
-    lo, hi = manifest["value_range"]
-    x = np.random.default_rng(1).uniform(lo, hi, size=(4, *manifest["input_shape"])).astype("float32")
+    lo, hi = manifest.value_range
+    x = np.random.default_rng(1).uniform(lo, hi, size=(4, *manifest.input_shape)).astype("float32")
     calls = max(1, MC_CHECK_SAMPLES // samples)
     served = np.mean([serve_mc(inputs=tf.constant(x))["mean"].numpy() for _ in range(calls)], axis=0)
     expected = mc_predict(None, x, samples=calls * samples, mc_model=mc_model).mean

@@ -14,11 +14,11 @@ This module imports neither TensorFlow nor Keras: the runners and references are
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
 from transferkit.errors import TransferkitError
+from transferkit.store.manifest import Manifest
 
 CHECK_BATCH_SIZES = (1, 7, 32)
 # float32 round-off through a deep network grows with the output's scale: a MobileNetV2's probabilities differ
@@ -28,7 +28,7 @@ RTOL = 1e-4
 MIN_AGREEMENT = 0.9  # of a quantized export's classes with Keras's, on the test split
 
 
-def compare(run: Callable, reference: Callable, manifest: dict[str, Any], what: str) -> float:
+def compare(run: Callable, reference: Callable, manifest: Manifest, what: str) -> float:
     """The largest difference between `run` and `reference` on random inputs, over each output's scale.
 
     Inputs are uniform in the manifest's value range, at each of `CHECK_BATCH_SIZES`.
@@ -36,7 +36,7 @@ def compare(run: Callable, reference: Callable, manifest: dict[str, Any], what: 
     Args:
         run: Function from a float32 batch to a dict of numpy outputs (the export, in its runtime).
         reference: Function from a float32 batch to a dict of outputs (Keras).
-        manifest: Dict. The artifact's manifest (input shape and value range).
+        manifest: Manifest. The artifact's manifest (input shape and value range).
         what: String. The export, for the error message, e.g. `"ONNX 'serve'"`.
 
     Returns:
@@ -46,11 +46,11 @@ def compare(run: Callable, reference: Callable, manifest: dict[str, Any], what: 
         TransferkitError: that ratio exceeds `RTOL`, an output is not finite, or the runtime fails.
     """
     rng = np.random.default_rng(0)
-    lo, hi = manifest["value_range"]
+    lo, hi = manifest.value_range
     differences: dict[tuple[str, int], float] = {}
     scales: dict[str, float] = {}
     for batch in CHECK_BATCH_SIZES:
-        x = rng.uniform(lo, hi, size=(batch, *manifest["input_shape"])).astype("float32")
+        x = rng.uniform(lo, hi, size=(batch, *manifest.input_shape)).astype("float32")
         expected = {k: np.asarray(v, "float64") for k, v in reference(x).items()}
         got = run_guarded(run, x, what)
         for name, value in expected.items():
@@ -107,13 +107,13 @@ def run_guarded(run: Callable, x: np.ndarray, what: str) -> dict[str, np.ndarray
                                "nothing was written.") from None
 
 
-def check_signature(run: Callable, reference: Callable, manifest: dict[str, Any], what: str) -> None:
+def check_signature(run: Callable, reference: Callable, manifest: Manifest, what: str) -> None:
     """An empty batch gives each output with batch size 0; an unbatched input is refused with an error.
 
     Raises:
         TransferkitError: either does not hold.
     """
-    shape = tuple(manifest["input_shape"])
+    shape = tuple(manifest.input_shape)
     expected = {name: (0, *np.shape(value)[1:]) for name, value in reference(np.zeros((1, *shape), "float32")).items()}
     got = {name: tuple(value.shape) for name, value in run_guarded(run, np.zeros((0, *shape), "float32"), what).items()}
     if got != expected:
@@ -126,14 +126,14 @@ def check_signature(run: Callable, reference: Callable, manifest: dict[str, Any]
     raise TransferkitError(f"The exported {what} accepts an unbatched input of shape {shape}; nothing was written.")
 
 
-def spread(run: Callable, manifest: dict[str, Any], what: str, every: bool) -> float:
+def spread(run: Callable, manifest: Manifest, what: str, every: bool) -> float:
     """`serve_mc`'s largest std across classes, over 7 random inputs: the smallest (`every`) or the largest.
 
     It must be > 0: for every input in a float format; for some input in a quantized one, whose
     probabilities move in steps (int8: 1/256), so that a confident input can give S equal samples.
     """
-    lo, hi = manifest["value_range"]
-    x = np.random.default_rng(2).uniform(lo, hi, size=(7, *manifest["input_shape"])).astype("float32")
+    lo, hi = manifest.value_range
+    x = np.random.default_rng(2).uniform(lo, hi, size=(7, *manifest.input_shape)).astype("float32")
     spreads = np.max(run_guarded(run, x, what)["std"], axis=1)
     spread = float(np.min(spreads) if every else np.max(spreads))
     if not spread > 0:

@@ -40,6 +40,7 @@ import numpy as np
 
 from transferkit.commands import export_checks as checks
 from transferkit.errors import SettingsError, TransferkitError
+from transferkit.store.manifest import Manifest
 
 FORMATS = ("savedmodel", "onnx", "litert")
 QUANTIZE = ("dynamic", "float16", "int8")
@@ -182,7 +183,7 @@ def to_litert(saved_model: Path, endpoint: str, path: Path, quantize: str | None
     return f"TFLiteConverter (TensorFlow {tf.__version__})" + (f", {quantize} quantization" if quantize else "")
 
 
-def write_format(key: str, folder: Path, source: Path, references: dict[str, Callable], manifest: dict[str, Any],
+def write_format(key: str, folder: Path, source: Path, references: dict[str, Callable], manifest: Manifest,
                  quantize: str | None = None, data: tuple[np.ndarray, ...] | None = None,
                  mc: dict[str, Any] | None = None) -> dict[str, Any]:
     """Convert each endpoint of `source` into `folder`, reload it in its runtime and check it against Keras.
@@ -192,7 +193,7 @@ def write_format(key: str, folder: Path, source: Path, references: dict[str, Cal
         folder: Path. The (temporary) folder to write into.
         source: Path. The SavedModel of `convertible_saved_model`.
         references: Dict. For each endpoint, the Keras function it must match.
-        manifest: Dict. The artifact's manifest.
+        manifest: Manifest. The artifact's manifest.
         quantize: String or `None`. LiteRT's quantization. Defaults to `None`.
         data: Tuple `(x_train, x_test, y_test)` of the artifact's split, for a quantized export. Defaults to `None`.
         mc: Dict or `None`. `samples`, `seed` and `masks` of `serve_mc`'s fixed ensemble. Defaults to `None`.
@@ -238,7 +239,7 @@ def write_format(key: str, folder: Path, source: Path, references: dict[str, Cal
     return record
 
 
-def artifact_data(model_dir: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def artifact_data(model_dir: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`(x_train, x_test, y_test)` of the artifact's split, `x_train` its first `REPRESENTATIVE_EXAMPLES`.
 
     Raises:
@@ -248,7 +249,7 @@ def artifact_data(model_dir: Path, manifest: dict[str, Any]) -> tuple[np.ndarray
 
     loaded, split = runs.artifact_data(model_dir, manifest, verbose=False)
     if split is None:
-        raise TransferkitError(f"The data {manifest['data']['spec']!r} has changed since {str(model_dir)!r} was "
+        raise TransferkitError(f"The data {manifest.data.spec!r} has changed since {str(model_dir)!r} was "
                                "trained; a quantized export is checked on its test split.")
     train = np.asarray(loaded.x[split.train[:REPRESENTATIVE_EXAMPLES]], "float32")
     return train, np.asarray(loaded.x[split.test], "float32"), np.asarray(loaded.y[split.test])

@@ -36,7 +36,7 @@ def inspect(model: keras.Model | str | Path, verbose: bool = True) -> list[Block
 
         manifest = artifacts.read_manifest(model, ("classifier",))
         model = artifacts.load_model(model)
-        if manifest.get("base", {}).get("kind") == "file":  # fine-tuned from --base FILE: its block rule
+        if manifest.base is not None and manifest.base.kind == "file":  # fine-tuned from --base FILE: its block rule
             from transferkit.finetuning.bases import base_blocks
 
             blocks = base_blocks(find_base(model))[1]

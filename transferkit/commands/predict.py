@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from transferkit.store import artifacts
+from transferkit.store.manifest import Manifest
 from transferkit.training import runs
 from transferkit.pieces.augmentation import tta_augmentation, tta_batch
 from transferkit.data.sources import SCHEMES, batches_of
@@ -59,7 +60,7 @@ def run_predict(model_dir: str | Path, inputs: list[str], mc_samples: int = 0, o
         raise SettingsError(f"The folder of --output {str(output)!r} does not exist.")
     names, x = _load_inputs(inputs, manifest)
     model = artifacts.load_model(model_dir)
-    classes = manifest["data"].get("class_names") or [str(i) for i in range(manifest["num_classes"])]
+    classes = manifest.data.class_names or [str(i) for i in range(manifest.num_classes)]
     if mc_samples and not has_dropout(model):
         raise SettingsError(f"--mc-samples needs a model with dropout; {str(model_dir)!r} has none.")
     augmentation = tta_augmentation(model, tta) if tta > 1 else None
@@ -136,8 +137,8 @@ def _row_writer(output: str | Path | None, verbose: bool):
         os.replace(tmp, output)
 
 
-def _load_inputs(inputs: list[str], manifest: dict) -> tuple[list[str], Any]:
-    shape = tuple(manifest["input_shape"])
+def _load_inputs(inputs: list[str], manifest: Manifest) -> tuple[list[str], Any]:
+    shape = tuple(manifest.input_shape)
     if len(inputs) == 1 and inputs[0].partition(":")[0] in SCHEMES:
         data = runs.load_like_artifact(inputs[0], manifest)
         names, x = [str(i) for i in range(len(data.x))], data.x

@@ -17,6 +17,7 @@ from typing import Any
 import keras
 
 from transferkit.store import artifacts
+from transferkit.store.manifest import Manifest
 from transferkit.pieces.augmentation import augment_inputs
 from transferkit.pieces.backbones import backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter
 from transferkit.finetuning.bases import base_blocks, base_inputs, load_body
@@ -56,7 +57,7 @@ def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
     return copy
 
 
-def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any] | None) -> Classifier:
+def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | None) -> Classifier:
     """inputs → (adapter) → base → pooling: the features; then (dropout) → softmax: the head.
 
     The base: the encoder `from_`, the Keras Applications `backbone`, or the body of the model file `base`.
@@ -64,10 +65,10 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any
     inputs = keras.Input(data.input_shape, name="inputs")
     augmented = augment_inputs(inputs, recipe.augment, data.value_range)  # `inputs` itself without --augment
     if encoder_manifest is not None:
-        if tuple(encoder_manifest["input_shape"]) != data.input_shape:
+        if tuple(encoder_manifest.input_shape) != data.input_shape:
             raise SettingsError(
                 f"The data's inputs have shape {data.input_shape}, but the encoder in {recipe.from_!r} "
-                f"takes {tuple(encoder_manifest['input_shape'])}."
+                f"takes {tuple(encoder_manifest.input_shape)}."
             )
         base = with_dtype_policy(artifacts.load_model(recipe.from_), recipe.precision)
         x = base(augmented)
@@ -103,7 +104,7 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any
         x = keras.layers.Flatten(name="flatten")(x)
     head_layers = []
     if recipe.dropout:
-        kind = setup_for(encoder_manifest["activation"]).dropout if encoder_manifest else "plain"
+        kind = setup_for(encoder_manifest.activation).dropout if encoder_manifest else "plain"
         head_layers.append(dropout_layer(recipe.dropout, kind, recipe.mc_dropout, name="head_dropout"))
     head_layers.append(keras.layers.Dense(data.num_classes, activation="softmax", dtype="float32", name="head"))
     features_in = keras.Input(x.shape[1:], name="features")

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from transferkit.store import artifacts
+from transferkit.store.manifest import Manifest
 from transferkit.training import runs
 from transferkit.finetuning.class_weights import resolve_class_weight
 from transferkit.training.defaults import resolve_finetune
@@ -174,12 +175,12 @@ def lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:
     return {path: b["factor"] for b in per_block.values() for path in b["paths"]}
 
 
-def _split_for(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any] | None) -> Split:
+def _split_for(recipe: Recipe, data: Data, encoder_manifest: Manifest | None) -> Split:
     """The split; on the encoder's own data, the encoder's split, so its test examples stay unseen."""
-    same_data = encoder_manifest is not None and encoder_manifest["data"]["fingerprint"] == data.fingerprint
+    same_data = encoder_manifest is not None and encoder_manifest.data.fingerprint == data.fingerprint
     seed = recipe.resolved_split_seed
     if same_data and recipe.split_seed is None:
-        seed = int(encoder_manifest["split"]["seed"])
+        seed = int(encoder_manifest.split.seed)
     split = split_data(data, seed=seed, test_fraction=recipe.test_fraction, val_fraction=recipe.val_fraction,
                        label_fraction=recipe.label_fraction, label_seed=recipe.seed)
     if same_data:
@@ -188,6 +189,6 @@ def _split_for(recipe: Recipe, data: Data, encoder_manifest: dict[str, Any] | No
         if len(leaked):
             raise SettingsError(
                 f"split seed {seed} puts {len(leaked)} test examples among the encoder's pretraining inputs; "
-                f"use the encoder's split seed {encoder_manifest['split']['seed']} (leave --split-seed unset)."
+                f"use the encoder's split seed {encoder_manifest.split.seed} (leave --split-seed unset)."
             )
     return split

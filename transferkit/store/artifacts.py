@@ -8,7 +8,7 @@ half-written artifact, and an existing one is replaced only by a complete one.
 Example:
 
 >>> from transferkit.store.artifacts import read_manifest
->>> read_manifest("saved_models/digits-encoder")["kind"]      # doctest: +SKIP
+>>> read_manifest("saved_models/digits-encoder").kind      # doctest: +SKIP
 'encoder'
 """
 
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import SettingsError, TransferkitError
+from transferkit.store.manifest import Manifest
 
 MANIFEST = "manifest.json"
 MODEL = "model.keras"
@@ -85,11 +86,13 @@ def load_model(path: str | Path):
 
     register_keras_objects()
     file = Path(path) if str(path).endswith(".keras") else Path(path) / MODEL
-    base = _manifest_or_empty(file.parent).get("base", {})
-    import_requirements(base.get("requires", []), file.parent)
+    manifest = _manifest_or_none(file.parent)
+    base = manifest.base if manifest is not None else None
+    import_requirements(base.requires if base is not None else [], file.parent)
+    hub = base is not None and base.kind == "hub"
     try:
         with warnings.catch_warnings():
-            if base.get("kind") == "hub":  # loaded all trainable (see hub.restore_freeze): more optimizer slots
+            if hub:  # loaded all trainable (see hub.restore_freeze): more optimizer slots
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model = keras.saving.load_model(file, safe_mode=True)
     except Exception as err:  # a truncated zip, a missing entry, a bad config
@@ -97,19 +100,19 @@ def load_model(path: str | Path):
             f"{str(file)!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
             "the artifact is damaged: write it again."
         ) from None
-    if base.get("kind") == "hub":
+    if hub:
         from transferkit.finetuning.hub import restore_freeze
 
-        restore_freeze(model, read_json(file.parent, MANIFEST).get("stages") or [{}], file.parent / RECIPE)
+        restore_freeze(model, manifest.stages or [{}], file.parent / RECIPE)
     return model
 
 
-def _manifest_or_empty(folder: Path) -> dict[str, Any]:
+def _manifest_or_none(folder: Path) -> Manifest | None:
+    path = folder / MANIFEST
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):  # none, or damaged: read_manifest's to report
-        return {}
-    return manifest if isinstance(manifest, dict) else {}
+        return Manifest.from_json(json.loads(path.read_text()), str(path))
+    except (OSError, json.JSONDecodeError, TransferkitError):  # none (a bare .keras file), or damaged: read_manifest's
+        return None
 
 
 def import_requirements(requires: list[dict[str, str]], folder: str | Path) -> None:
@@ -131,12 +134,39 @@ def import_requirements(requires: list[dict[str, str]], folder: str | Path) -> N
 def write_json(path: Path, value: Any) -> None:
     """Write JSON through a temporary sibling file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=_jsonable))
+    tmp.write_text(_dumps(value))
     os.replace(tmp, path)
 
 
-def read_manifest(path: str | Path, kinds: tuple[str, ...] = ("encoder", "classifier")) -> dict[str, Any]:
-    """The manifest of the artifact at `path`, checking it is one of `kinds`."""
+def write_manifest(folder: str | Path, manifest: Manifest | dict[str, Any]) -> Manifest:
+    """Write `manifest` as the `manifest.json` of `folder` (through a rename), and return it as a `Manifest`.
+
+    A dict (what a pipeline built) is first read as a `Manifest`, so what is written is checked; arrays,
+    tuples and paths in it are written as JSON lists and strings, as `write_json` writes them.
+
+    Raises:
+        TransferkitError: the dict is not a transferkit manifest (the message names the file and the key).
+    """
+    path = Path(folder) / MANIFEST
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_json(json.loads(_dumps(manifest)), str(path))
+    write_json(path, manifest.to_json())
+    return manifest
+
+
+def read_manifest(path: str | Path, kinds: tuple[str, ...] = ("encoder", "classifier")) -> Manifest:
+    """The manifest of the artifact at `path`, checking it is one of `kinds`.
+
+    Example:
+
+    >>> read_manifest("saved_models/digits-classifier", ("classifier",)).num_classes   # doctest: +SKIP
+    10
+
+    Raises:
+        SettingsError: `path` is not an artifact folder, or holds another kind.
+        TransferkitError: its `manifest.json` is damaged: not JSON, or not a transferkit manifest (a missing
+            key or one of the wrong type; the message names the file and the key).
+    """
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir():
@@ -146,13 +176,12 @@ def read_manifest(path: str | Path, kinds: tuple[str, ...] = ("encoder", "classi
             f"{str(path)!r} is not a transferkit artifact; expected a folder with {MANIFEST} and {MODEL}."
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        value = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
         raise TransferkitError(f"{str(manifest_path)!r} is not valid JSON; the artifact is damaged.") from None
-    if manifest.get("kind") not in kinds:
-        raise SettingsError(
-            f"{str(path)!r} holds a {manifest.get('kind')!r}; expected a {' or '.join(kinds)} artifact."
-        )
+    manifest = Manifest.from_json(value, str(manifest_path))
+    if manifest.kind not in kinds:
+        raise SettingsError(f"{str(path)!r} holds a {manifest.kind!r}; expected a {' or '.join(kinds)} artifact.")
     return manifest
 
 
@@ -180,6 +209,10 @@ def versions() -> dict[str, str]:
 
 def default_out(name: str) -> Path:
     return Path("saved_models") / name
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=_jsonable)
 
 
 def _jsonable(value: Any) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.store import artifacts
+from transferkit.store.manifest import Manifest
 from transferkit.data.sources import Data, Split, batches_of, load_data, pipeline, require_classes, split_data
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.recipe import Recipe, dump_toml
@@ -19,7 +20,10 @@ from transferkit.recipe import Recipe, dump_toml
 
 @dataclasses.dataclass
 class Result:
-    """What a command returns: the model, its training history, metrics and artifact folder."""
+    """What a command returns: the model, its training history, metrics and artifact folder.
+
+    `manifest` is the artifact's manifest as JSON data (`Manifest.to_json()`, or the dict a pipeline wrote).
+    """
 
     model: Any
     history: dict[str, list[float]]
@@ -38,13 +42,13 @@ def load_recipe_data(recipe: Recipe) -> Data:
                      skip_bad_files=recipe.skip_bad_files)
 
 
-def load_like_artifact(spec: str, manifest: dict[str, Any], verbose: bool = True) -> Data:
+def load_like_artifact(spec: str, manifest: Manifest, verbose: bool = True) -> Data:
     """Data `spec` read the way an artifact's training data was: its image size, resize mode, bad-file policy."""
-    return load_data(spec, image_size=manifest.get("image_size"), resize=manifest.get("resize", "stretch"),
-                     skip_bad_files=bool(manifest["data"].get("skipped")), verbose=verbose)
+    return load_data(spec, image_size=manifest.image_size, resize=manifest.resize,
+                     skip_bad_files=bool(manifest.data.skipped), verbose=verbose)
 
 
-def artifact_data(model_dir: str | Path, manifest: dict[str, Any], spec: str | None = None,
+def artifact_data(model_dir: str | Path, manifest: Manifest, spec: str | None = None,
                   verbose: bool = True) -> tuple[Data, Split | None]:
     """Data `spec` (default: the artifact's own) read as the artifact's was, and the artifact's split when it is
     that same data (by fingerprint), else `None`.
@@ -52,11 +56,11 @@ def artifact_data(model_dir: str | Path, manifest: dict[str, Any], spec: str | N
     Raises:
         SettingsError: inputs of another shape than the artifact's model takes.
     """
-    loaded = load_like_artifact(spec or manifest["data"]["spec"], manifest, verbose)
-    if loaded.input_shape != tuple(manifest["input_shape"]):
+    loaded = load_like_artifact(spec or manifest.data.spec, manifest, verbose)
+    if loaded.input_shape != tuple(manifest.input_shape):
         raise SettingsError(f"The data's inputs have shape {loaded.input_shape}; the model in {str(model_dir)!r} "
-                            f"takes {tuple(manifest['input_shape'])}.")
-    if loaded.fingerprint != manifest["data"]["fingerprint"]:
+                            f"takes {tuple(manifest.input_shape)}.")
+    if loaded.fingerprint != manifest.data.fingerprint:
         return loaded, None
     return loaded, Split.from_dict(artifacts.read_json(Path(model_dir), artifacts.SPLIT))
 
@@ -102,7 +106,10 @@ def data_slug(spec: str) -> str:
 
 
 def base_manifest(kind: str, recipe: Recipe, data: Data, split: Split) -> dict[str, Any]:
-    """The manifest fields every artifact has."""
+    """The manifest fields every artifact has, as the JSON dict a pipeline adds its kind's fields to.
+
+    `save_run` reads the completed dict as a `Manifest` (checking it) before writing it.
+    """
     return {
         "format": artifacts.FORMAT,
         "kind": kind,
@@ -131,12 +138,13 @@ def base_manifest(kind: str, recipe: Recipe, data: Data, split: Split) -> dict[s
     }
 
 
-def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: Split,
+def save_run(out: Path, model, recipe: Recipe, manifest: Manifest | dict[str, Any], split: Split,
              history: dict[str, list[float]], figures: dict[str, Any] | None = None) -> Path:
     """Write the artifact folder atomically: model, recipe, manifest, split, history and pictures (the chief only).
 
+    The manifest is a `Manifest`, or its JSON dict (checked as one: see `artifacts.write_manifest`).
     The history is written twice: `history.json` as Keras logs it, and
-    `history.csv` one row per epoch with its stage (from `manifest["stages"]`).
+    `history.csv` one row per epoch with its stage (from the manifest's `stages`).
     `figures` maps PNG file names to matplotlib figures, drawn into the same temporary folder.
     """
     from transferkit.training.curves import write_history_csv
@@ -148,10 +156,10 @@ def save_run(out: Path, model, recipe: Recipe, manifest: dict[str, Any], split: 
     with artifacts.atomic_dir(out) as tmp, on_this_process():
         model.save(tmp / artifacts.MODEL)
         (tmp / artifacts.RECIPE).write_text(dump_toml(recipe.to_dict()))
-        artifacts.write_json(tmp / artifacts.MANIFEST, manifest)
+        written = artifacts.write_manifest(tmp, manifest)
         artifacts.write_json(tmp / artifacts.SPLIT, split.to_dict())
         artifacts.write_json(tmp / "history.json", history)
-        write_history_csv(tmp / "history.csv", history, manifest.get("stages"))
+        write_history_csv(tmp / "history.csv", history, written.stages)
         if figures:
             from transferkit.store.pictures import write_pictures
 
