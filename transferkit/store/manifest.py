@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import types
 import typing
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from transferkit.errors import TransferkitError
 
@@ -56,7 +56,7 @@ class Record:
     absent: frozenset[str] = dataclasses.field(default_factory=frozenset, kw_only=True)  # known keys the JSON lacked
 
     @classmethod
-    def from_json(cls, value: Any, source: str = "manifest.json", where: str = "") -> "Record":
+    def from_json(cls, value: Any, source: str = "manifest.json", where: str = "") -> Self:
         """The record of `value` (decoded JSON); `source` names the file and `where` the path to it in errors."""
         if not isinstance(value, dict):
             raise _refuse(source, where.rstrip(".") or "the manifest", "a JSON object", value)
