@@ -44,3 +44,24 @@ def dropout_classifier_dir(tmp_path_factory, bn_encoder_dir):
     out = tmp_path_factory.mktemp("artifacts") / "dropout-classifier"
     return tk.finetune(from_=str(bn_encoder_dir), label_fraction=0.2, head_epochs=3, epochs=1, unfreeze_top=1,
                        dropout=0.3, lr=0.01, out=str(out), verbose=False).artifact
+
+
+@pytest.fixture
+def no_whole_decoding(monkeypatch):
+    """Converting image files to one array raises; decoding a few on purpose (pictures) is counted."""
+    from transferkit.data.image_files import ImageFiles
+
+    decoded = []
+
+    def refuse(self, dtype=None, copy=None):
+        raise AssertionError(f"{len(self)} images decoded into one array")
+
+    original = ImageFiles.decode
+
+    def counted(self):
+        decoded.append(len(self))
+        return original(self)
+
+    monkeypatch.setattr(ImageFiles, "__array__", refuse)
+    monkeypatch.setattr(ImageFiles, "decode", counted)
+    return decoded

@@ -45,3 +45,17 @@ def assert_reloads_with_same_outputs(model: keras.Model, x, tmp_path: Path, atol
         atol=atol,
     )
     return reloaded
+
+
+def photos(root: Path, classes=("a", "b", "c"), per_class: int = 14) -> Path:
+    """Colour images of mixed sizes (so they are resized), one level per class plus noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            size = (10 + i % 3, 12 + i % 4, 3)
+            pixels = np.clip(rng.normal(50 + 70 * c, 30, size), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
+    return root

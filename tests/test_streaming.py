@@ -4,45 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 import transferkit as tk
 from transferkit.data.sources import load_data, pipeline, split_data
 from transferkit.data.image_files import ImageFiles
 from transferkit.training.runs import channel_stats
 
+from helpers import photos
+
 FAST = dict(units=(8,), lr=1e-3, batch_size=16, verbose=False)
-
-
-def photos(root, classes=("a", "b", "c"), per_class=14):
-    """Colour images of mixed sizes (so they are resized), one level per class plus noise."""
-    rng = np.random.default_rng(1)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            size = (10 + i % 3, 12 + i % 4, 3)
-            pixels = np.clip(rng.normal(50 + 70 * c, 30, size), 0, 255).astype("uint8")
-            Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
-    return root
-
-
-@pytest.fixture
-def no_whole_decoding(monkeypatch):
-    """Converting image files to one array raises; decoding a few on purpose (pictures) is counted."""
-    decoded = []
-
-    def refuse(self, dtype=None, copy=None):
-        raise AssertionError(f"{len(self)} images decoded into one array")
-
-    original = ImageFiles.decode
-
-    def counted(self):
-        decoded.append(len(self))
-        return original(self)
-
-    monkeypatch.setattr(ImageFiles, "__array__", refuse)
-    monkeypatch.setattr(ImageFiles, "decode", counted)
-    return decoded
 
 
 def test_a_folder_run_never_decodes_the_whole_folder(tmp_path, no_whole_decoding):

@@ -39,14 +39,14 @@ from transferkit.pieces.augment_spec import describe_augment, parse_augment
 from transferkit.pieces.augmentation import mix_batches
 from transferkit.store.backup import Backup
 from transferkit.training.defaults import describe_chosen
-from transferkit.data.sources import as_array, pipeline
+from transferkit.data.sources import pipeline
 from transferkit.finetuning.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
 from transferkit.pieces.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.pieces.losses import SparseCategoricalCrossentropyWithSmoothing
 from transferkit.recipe import Recipe
 from transferkit.training.distributed import on_this_process
 from transferkit.training.runtime import is_chief
-from transferkit.finetuning.semi_supervised import NEIGHBOURS, SPREAD, propagate_labels, pseudo_labels
+from transferkit.finetuning.semi_supervised import NEIGHBOURS, SPREAD, flat_inputs, propagate_labels, pseudo_labels
 from transferkit.training.stages import Stage, describe
 from transferkit.finetuning.plan import Phase, Plan, class_names, lr_factors, plan_finetune
 
@@ -288,8 +288,9 @@ def _propagate(plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
     if _graph_on(plan) == "features":
         graph = compute_features(clf.features, data.x[rows], plan.batch_size, limit_bytes=math.inf)
     labels = np.concatenate([data.y[split.labeled], np.full(len(plan.unlabeled), -1)]).astype(np.int64)
-    # a graph on the inputs themselves holds them all (decoded, for image files): kNN needs every row at once
-    return propagate_labels(as_array(data.x[rows]) if graph is None else graph, labels, data.num_classes), graph
+    # a graph on the inputs holds them flattened (N x d float32, filled batch by batch): kNN needs every row at once
+    on = flat_inputs(data.x, rows, plan.batch_size) if graph is None else graph.astype(np.float64)
+    return propagate_labels(on, labels, data.num_classes), graph
 
 
 def _graph_on(plan: Plan) -> str:

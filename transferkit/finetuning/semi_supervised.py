@@ -87,13 +87,15 @@ def propagate_labels(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
     Rows with a known label keep it (one-hot); the others get LabelSpreading's
     label distributions (all zeros, so no loss, for a row the graph does not
-    reach). `alpha` is the share of each step's labels taken from the
+    reach). Float32 `features` are used as they are: scikit-learn's kNN computes
+    the distances of float32 rows in float64 all the same. `alpha` is the share of each step's labels taken from the
     neighbours: 0.9 rather than scikit-learn's 0.2, which with one label per
     class leaves most of two moons unreached (and is no better on digits).
     """
     from sklearn.semi_supervised import LabelSpreading
 
-    flat = features.reshape(len(features), -1).astype(np.float64)
+    flat = features.reshape(len(features), -1)
+    flat = flat if flat.dtype == np.float32 else flat.astype(np.float64)  # float32: no float64 copy of N x d
     spreading = LabelSpreading(kernel="knn", n_neighbors=min(n_neighbors, len(flat) - 1), alpha=alpha,
                                max_iter=1000)
     spreading.fit(flat, labels)
@@ -102,6 +104,30 @@ def propagate_labels(features: np.ndarray, labels: np.ndarray, num_classes: int,
     known = labels >= 0
     soft[known] = np.eye(num_classes, dtype=np.float32)[labels[known]]
     return soft
+
+
+def flat_inputs(x, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """`x[rows]` flattened to `(len(rows), d)` float32, filled batch by batch: the kNN graph's inputs.
+
+    Only these `N x d` values are held: of image files one batch is decoded at
+    a time (never all of them as images, nor a float64 copy); rows are read in
+    ascending order (a tfds split streams once) and put back in the order asked.
+
+    Example:
+
+    >>> flat_inputs(np.arange(12.0).reshape(3, 2, 2), np.array([2, 0])).tolist()
+    [[8.0, 9.0, 10.0, 11.0], [0.0, 1.0, 2.0, 3.0]]
+    """
+    from transferkit.data.sources import batches_of
+
+    rows = np.asarray(rows)
+    order = np.argsort(rows, kind="stable")
+    flat = np.empty((len(rows), math.prod(x.shape[1:])), "float32")
+    at = 0
+    for batch in batches_of(x[rows[order]], batch_size, desc="inputs for the kNN graph"):
+        flat[order[at:at + len(batch)]] = np.reshape(batch, (len(batch), -1))
+        at += len(batch)
+    return flat
 
 
 def pool_epochs(epochs: int, labeled_steps: int, pool_steps: int) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 
 from transferkit.training import backend, runs
 from transferkit.pieces.callbacks import StopOnNaN
+from transferkit.data.image_files import ImageFiles
 from transferkit.pretraining.job import Job, Pretrained, epoch_batches, final_metrics
 from transferkit.pretraining.encoder import pooled
 from transferkit.store.backup import random_state
@@ -236,7 +237,10 @@ class _Players:
 
 
 def train_gan(job: Job) -> Pretrained:
-    """`gan`: train the GAN for `epochs` on full batches of the training inputs; the pictures of its samples."""
+    """`gan`: train the GAN for `epochs` on full batches of the training inputs; the pictures of its samples.
+
+    The real batches come from the input pipeline (`epoch_batches`): image files are decoded batch by batch.
+    """
     recipe = job.recipe
     lr = gan_learning_rate(recipe)
     generator = build_generator(job.data.input_shape, recipe, job.data.value_range)
@@ -245,7 +249,8 @@ def train_gan(job: Job) -> Pretrained:
     runs.print_line(f"gan: Adam(beta_1=0.5) at learning rate {lr:g} for both players"
                     f"{' (lr=auto: DCGAN default)' if recipe.lr == 'auto' else ''}", job.verbose)
     if recipe.epochs:
-        x = job.x_train.astype("float32")
+        x = job.x_train  # image files stream: each batch decoded in the pipeline as it is drawn
+        x = x if isinstance(x, ImageFiles) else np.asarray(x, "float32")
         fit_stage(job.run, Stage(
             "pretrain gan", gan,
             lambda first: epoch_batches((x,), recipe.batch_size, recipe.seed, range(first, recipe.epochs),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -92,12 +93,58 @@ class Pretrained:
     figures: dict[str, Any]
 
 
-def fit_task(job: Job, model: keras.Model, x: Any, y: Any, loss: Any, validation: tuple[Any, Any] | None = None,
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """Training examples built batch by batch from the inputs, inside the tf.data map: never held whole.
+
+    `count` examples numbered `0..count-1`; `make(indices)` (TensorFlow ops on a
+    1-D int64 tensor) gives the batch of those numbered `indices`. `of(*items)`:
+    the rows of arrays or image files, image files decoded in the map (a
+    folder streams); a task derives its own from those (`rotation`'s turns).
+
+    Example:
+
+    >>> import numpy as np
+    >>> rows = Examples.of(np.arange(6.0), np.arange(6))
+    >>> [x.numpy().tolist() for x, _ in rows.in_order(4)]
+    [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0]]
+    """
+
+    count: int
+    make: Callable[[Any], Any]
+
+    def __len__(self) -> int:
+        return self.count
+
+    @classmethod
+    def of(cls, *items: Any) -> "Examples":
+        """The rows of `items` (arrays or `ImageFiles` of one length): a tuple per batch, or one item alone."""
+        import tensorflow as tf
+
+        held = tuple(a if isinstance(a, ImageFiles) else tf.convert_to_tensor(a) for a in items)
+
+        def make(indices):
+            batch = tuple(gather_together(held, indices))  # image files: decoded here, in the parallel map
+            return batch if len(batch) > 1 else batch[0]
+
+        return cls(len(items[0]), make)
+
+    def in_order(self, batch_size: int):
+        """Every example once, in order, in batches (validation, training-health checks)."""
+        import tensorflow as tf
+
+        return (tf.data.Dataset.range(self.count).batch(batch_size)
+                .map(self.make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE))
+
+
+def fit_task(job: Job, model: keras.Model, x: Any, y: Any, loss: Any, validation: Any = None,
              metrics: list | None = None, start: int = 0, stage: int = 0, kept: Kept = None,
              epoch_values: dict[str, float] | None = None) -> dict[str, list[float]]:
     """Train `model` on `(x, y)` for the run's epochs `start + 1`..`start + recipe.epochs` through the stage
     runner (`transferkit.training.runner`); the run's history.
 
+    `x` and `y` are arrays or image files, or `x` is `Examples` built in the
+    pipeline (then `y` is `None`); `validation` likewise an `(x, y)` pair or `Examples`.
     Each epoch's batches are a function of the seed and the epoch (`epoch_batches`),
     and backups keep `model`'s random states, so a resumed run ends as an uninterrupted
     one would. `stage`: the stage's number in the backups; `kept`: the weights they keep
@@ -106,14 +153,21 @@ def fit_task(job: Job, model: keras.Model, x: Any, y: Any, loss: Any, validation
     recipe = job.recipe
     if recipe.epochs == 0:
         return job.run.history
-    val = pipeline(*validation, recipe.batch_size) if validation is not None and len(validation[1]) else None
+    built = isinstance(x, Examples)
+    train = x if built else Examples.of(x, y)
+    if isinstance(validation, Examples):
+        val = validation.in_order(recipe.batch_size) if len(validation) else None
+    else:
+        val = pipeline(*validation, recipe.batch_size) if validation is not None and len(validation[1]) else None
+    in_order = train.in_order(recipe.batch_size) if built else pipeline(x, y, recipe.batch_size)
     done = fit_stage(job.run, Stage(
         f"pretrain {recipe.task}" + (f" block {stage + 1}" if recipe.task == "stacked" else ""), model,
-        lambda first: epoch_batches((x, y), recipe.batch_size, recipe.seed, range(first, start + recipe.epochs)),
-        start=start, end=start + recipe.epochs, batches_per_epoch=runs.steps_per_epoch(len(y), recipe.batch_size),
-        continuous=True, index=stage, loss=loss, metrics=metrics, learning_rate=recipe.lr, lr_data=(x, y),
+        lambda first: epoch_batches(train, recipe.batch_size, recipe.seed, range(first, start + recipe.epochs)),
+        start=start, end=start + recipe.epochs, batches_per_epoch=runs.steps_per_epoch(len(train), recipe.batch_size),
+        continuous=True, index=stage, loss=loss, metrics=metrics, learning_rate=recipe.lr,
+        lr_data=(epoch_batches(train, recipe.batch_size, recipe.seed, range(1)), None) if built else (x, y),
         patience=recipe.patience, validated=val is not None, validation=val, kept=kept, random_state=True,
-        epoch_values=epoch_values, unshuffled=pipeline(x, y, recipe.batch_size) if recipe.health_steps else None))
+        epoch_values=epoch_values, unshuffled=in_order if recipe.health_steps else None))
     if done.stopping is not None and done.stopping.stopped_epoch:
         job.stopped_after[stage] = done.stopping.stopped_epoch + 1  # the run's epoch number, as fine-tuning records it
     if done.stopping is not None and done.stopping.best_weights is not None:  # the best epoch's weights came back
@@ -121,9 +175,11 @@ def fit_task(job: Job, model: keras.Model, x: Any, y: Any, loss: Any, validation
     return job.run.history
 
 
-def epoch_batches(data: tuple[Any, ...], batch_size: int, seed: int, epochs: range, drop_remainder: bool = False):
+def epoch_batches(data: tuple[Any, ...] | Examples, batch_size: int, seed: int, epochs: range,
+                  drop_remainder: bool = False):
     """The batches of `epochs` one after the other, each epoch a shuffle of `data` seeded by `seed` and its number.
 
+    `data`: arrays or image files (their rows), or `Examples` built in the map.
     Each epoch's order is a function of the seed and the epoch alone (not of
     how many epochs ran before in this process), so a fit resumed at epoch `k`
     gets the batches an uninterrupted one would. One dataset for every epoch:
@@ -139,19 +195,15 @@ def epoch_batches(data: tuple[Any, ...], batch_size: int, seed: int, epochs: ran
     """
     import tensorflow as tf
 
-    arrays = tuple(a if isinstance(a, ImageFiles) else tf.convert_to_tensor(a) for a in data)
-    count, seed = len(data[0]), tf.constant(seed, "int64")
+    examples = data if isinstance(data, Examples) else Examples.of(*data)
+    count, seed = examples.count, tf.constant(seed, "int64")
 
     def one_epoch(epoch):
         order = tf.random.experimental.stateless_shuffle(tf.range(count), seed=tf.stack([seed, epoch]))
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder)
 
-    def examples(indices):
-        batch = tuple(gather_together(arrays, indices))  # image files: decoded here, in the parallel map
-        return batch if len(batch) > 1 else batch[0]
-
     return (tf.data.Dataset.from_tensor_slices(np.asarray(epochs, "int64")).flat_map(one_epoch)
-            .map(examples, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE))
+            .map(examples.make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE))
 
 
 def final_metrics(history: dict[str, list[float]], keys: tuple[str, ...] = (), at: int | None = None

@@ -1,14 +1,17 @@
 """Auxiliary tasks with free labels: image rotation, and "same or different" pairs.
 
 `rotation` (Gidaris et al., 2018): every training image is shown at 0, 90, 180
-and 270 degrees and the encoder, with a 4-way softmax on top, learns which.
+and 270 degrees and the encoder, with a 4-way softmax on top, learns which. The
+turns are made batch by batch in the input pipeline (`rotated`): an image folder
+streams, each image decoded when its batch is built.
 
 `pairs` (the chapter's "same or different" task): a siamese encoder sees two
 randomly augmented views of each image in a batch; every pair of views, one
 from each side, is labelled same (both views of one image) or different, and
 the encoder learns to tell them apart from the cosine similarity of its
 (projected) outputs. Each batch of `B` images thus gives `B` same and
-`B*(B-1)` different pairs; the loss weighs the two kinds equally.
+`B*(B-1)` different pairs; the loss weighs the two kinds equally. The views
+are drawn by the model's random layers on each batch the pipeline streams in.
 
 Example:
 
@@ -21,12 +24,14 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import numpy as np
 from keras import ops
 
 from transferkit.pieces.pretext_layers import PairScores
-from transferkit.pretraining.job import Job, Pretrained, final_metrics, fit_task
+from transferkit.pretraining.job import Examples, Job, Pretrained, final_metrics, fit_task
 from transferkit.pretraining.encoder import corruption, pooled
 
 ANGLES = (0, 90, 180, 270)
@@ -51,14 +56,40 @@ def rotations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return turned.reshape(-1, *x.shape[1:]), np.tile(np.arange(4), len(x))
 
 
+def rotated(x: Any) -> Examples:
+    """The examples of `rotations(x)`, built batch by batch in the pipeline: `x` (arrays or image files) is never
+    turned, nor decoded, whole.
+
+    Example `4 i + k` is input `i` turned by `k` quarter turns, labelled `k`,
+    as in `rotations`; a batch gathers (decodes) its inputs and turns each.
+
+    Example:
+
+    >>> x = np.arange(8.0).reshape(2, 2, 2, 1)
+    >>> images, labels = next(iter(rotated(x).in_order(8)))
+    >>> bool((images.numpy() == rotations(x)[0]).all()), labels.numpy().tolist()
+    (True, [0, 1, 2, 3, 0, 1, 2, 3])
+    """
+    import tensorflow as tf
+
+    inputs = Examples.of(x)
+
+    def make(indices):
+        turns = indices % len(ANGLES)
+        images = inputs.make(indices // len(ANGLES))
+        every_turn = tf.stack([tf.image.rot90(images, k) for k in range(len(ANGLES))], axis=1)
+        return tf.gather(every_turn, turns, batch_dims=1), turns
+
+    return Examples(len(ANGLES) * len(x), make)
+
+
 def train_rotation(job: Job) -> Pretrained:
-    """`rotation`: a 4-way softmax on the encoder learns each image's rotation."""
+    """`rotation`: a 4-way softmax on the encoder learns each image's rotation (the turns made in the pipeline)."""
     inputs = keras.Input(job.data.input_shape, name="inputs")
     outputs = keras.layers.Dense(4, activation="softmax", name="rotation")(pooled(job.encoder(inputs)))
     model = keras.Model(inputs, outputs, name="rotation_classifier")
-    x, y = rotations(job.x_train)
-    history = fit_task(job, model, x, y, "sparse_categorical_crossentropy",
-                       validation=rotations(job.x_val) if len(job.x_val) else None, metrics=["accuracy"])
+    history = fit_task(job, model, rotated(job.x_train), None, "sparse_categorical_crossentropy",
+                       validation=rotated(job.x_val), metrics=["accuracy"])
     sample, turns = rotations(job.sample(4))
     predicted = np.argmax(model.predict(sample, verbose=0), axis=1).reshape(-1, 4)
     titles = [[f"{ANGLES[p]}°{'' if p == k else ' (wrong)'}" for k, p in enumerate(row)] for row in predicted]

@@ -323,9 +323,12 @@ _STATS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def learning_rate_data(x: Any, y: np.ndarray, batch_size: int) -> Any:
-    """What the LR finder sweeps over: `(x, y)` arrays, or for image files a shuffled pipeline of them."""
+    """What the LR finder sweeps over: `(x, y)` arrays, for image files a shuffled pipeline of them, or `x`
+    itself when `y` is `None` (a `tf.data.Dataset` of `(x, y)` batches built in a pipeline)."""
     from transferkit.data.image_files import ImageFiles
 
+    if y is None:
+        return x
     return pipeline(x, y, batch_size, shuffle=True) if isinstance(x, ImageFiles) else (x, y)
 
 
