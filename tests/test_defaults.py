@@ -47,6 +47,22 @@ def test_an_unfreezing_stage_that_overfits_keeps_its_best_epoch(encoder_dir, tmp
     assert stage["best_epoch"] == best + 1 and stage["stopped_after"] == len(val)
 
 
+def test_a_onecycle_stage_is_judged_from_its_middle(encoder_dir, tmp_path):
+    # the overfitting stage above, under 1cycle: the epochs before the middle neither stop it nor give its weights
+    epochs, patience = 40, 3
+    result = tk.finetune(from_=str(encoder_dir), label_fraction=0.01, head_epochs=0, epochs=epochs, unfreeze_top=3,
+                         lr=0.3, finetune_lr_factor=1.0, schedule="onecycle", patience=patience,
+                         out=str(tmp_path / "clf"), verbose=False)
+    val = np.asarray(result.history["val_loss"])
+    judged = epochs // 2  # ONECYCLE_JUDGED_FROM = 0.5 of the stage's epochs, counted from its start
+    best = judged + int(np.argmin(val[judged:]))
+    assert int(np.argmin(val)) < judged, "the best loss came after the middle: the test proves nothing"
+    stage = result.manifest["stages"][0]
+    assert stage["best_epoch"] == best + 1
+    assert len(val) == min(epochs, best + 1 + patience) and len(val) > judged
+    assert validation_loss(tmp_path / "clf", None) == pytest.approx(val[best], rel=1e-4)
+
+
 def test_pretraining_that_overfits_keeps_its_best_epoch(tmp_path):
     # a few inputs of noise: the autoencoder learns them by heart and its validation loss rises
     rng = np.random.default_rng(0)

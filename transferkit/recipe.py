@@ -91,7 +91,7 @@ class Recipe:
                                      auto="0.01 to fine-tune, 0.001 to pretrain, 0.0002 for --task gan")
     patience: int = setting(20, "Stop a stage once its loss (val_loss when the validation part has an example of "
                                 "every class) has not improved for N epochs, keeping its best epoch's weights "
-                                "(0: off).", check=at_least(0), expected="an integer >= 0")
+                                "(0: off); under onecycle, from the stage's middle on.", check=at_least(0), expected="an integer >= 0")
     optimizer: str = setting("nadam", "The optimizer (Keras's, by its name).", choices=OPTIMIZERS)
     schedule: str = setting("onecycle", "Learning-rate schedule.", choices=SCHEDULES)
     plateau_factor: float = setting(0.1, "--schedule plateau: multiply the rate by this.",

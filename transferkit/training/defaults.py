@@ -29,6 +29,9 @@ HEAD_STEPS = 600  # the most optimizer steps of a head-only stage
 FINETUNE_STEPS = 300  # of a stage that unfreezes blocks of the base
 PRETRAIN_STEPS = 1500  # of pretraining (per block for `stacked`)
 MIN_EPOCHS = 5
+# under 1cycle, early stopping judges a stage from this fraction of its epochs on: its rate has come half way
+# down from the peak (judging the peak's epochs stopped stages too soon; bench/defaults.py, README "Defaults")
+ONECYCLE_JUDGED_FROM = 0.5
 FINETUNE_LR = 1e-2  # the head stage's peak rate; unfreezing stages take `finetune_lr_factor` of it
 # of a base pretrained here: a tenth (fastai's fine_tune halves and spreads it); of an ImageNet-size network
 # (a Keras Applications backbone): a hundredth, the Keras guide's ratio (Adam 1e-3 for the head, 1e-5 for

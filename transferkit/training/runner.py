@@ -36,6 +36,7 @@ from transferkit.pieces.health import TrainingHealth
 from transferkit.recipe import Recipe
 from transferkit.store.backup import Backup, BackupCallback, Kept, random_state
 from transferkit.training import runs
+from transferkit.training.defaults import ONECYCLE_JUDGED_FROM
 from transferkit.training.runtime import is_chief
 
 
@@ -174,7 +175,7 @@ def fit_stage(run: Run, stage: Stage) -> Done:
         training = [stage.model.optimizer, *(random_state(stage.model) if stage.random_state else [])]
     if stage.guards is None:
         guards, stopping = runs.stage_guards(stage.name, stage.patience, validated=stage.validated,
-                                             learning_rate=lr, ema=bool(stage.ema))
+                                             learning_rate=lr, ema=bool(stage.ema), judged_from=judged_from(stage, recipe))
     else:
         guards, stopping = list(stage.guards), None
     if run.resumes_in(stage.index):  # part-way through this stage: its training state too
@@ -206,6 +207,20 @@ def fit_stage(run: Run, stage: Stage) -> Done:
         runs.print_line(f"stage {stage.name}: {stopping.monitor} stopped improving; kept epoch "
                         f"{stopping.best_epoch + 1}'s weights", run.verbose)
     return Done(lr, stopping, first, len(fit.history.get("loss", [])))
+
+
+def judged_from(stage: Stage, recipe: Recipe) -> int:
+    """The first epoch of `stage` its early stopping judges: under 1cycle, the stage's middle; else its start.
+
+    A 1cycle stage spends its first quarter warming up to its peak rate and
+    only then anneals: its loss at the peak says little of where it ends (fastai
+    never stops a 1cycle early). Judged from the middle, where the rate has come
+    half way down, the default fine-tuning on the digits gained 0.7 points at 5%
+    and 10% labels and 2 at 1% over judging every epoch (5 seeds; README "Defaults").
+    """
+    if stage.compile and recipe.schedule == "onecycle":
+        return stage.start + int((stage.end - stage.start) * ONECYCLE_JUDGED_FROM)
+    return stage.start
 
 
 def _learning_rate(stage: Stage, recipe: Recipe, verbose: bool) -> float:

@@ -236,13 +236,16 @@ def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int,
 
 
 def stage_guards(stage: str, patience: int, validated: bool, learning_rate: float | None = None,
-                 monitor: str | None = None, ema: bool = False) -> tuple[list, Any]:
+                 monitor: str | None = None, ema: bool = False, judged_from: int = 0) -> tuple[list, Any]:
     """The callbacks every stage trains under: the divergence stop, then early stopping with the best weights.
 
     Early stopping watches `val_loss` when `validated` (a validation set the
     stage can judge on), else the training `loss`; `patience` 0 turns it off
     (then the second value is None). With `ema` the best weights it keeps are the
-    optimizer's moving average. Place them before any callback that saves.
+    optimizer's moving average. `judged_from`: the first epoch (the run's count)
+    early stopping looks at, Keras's `start_from_epoch`: the epochs before it
+    neither count towards the patience nor give the best weights. Place them
+    before any callback that saves.
     """
     from transferkit.pieces.callbacks import ResumableEarlyStopping, StopOnDivergence
 
@@ -250,7 +253,7 @@ def stage_guards(stage: str, patience: int, validated: bool, learning_rate: floa
     stopping = None
     if patience:
         stopping = ResumableEarlyStopping(monitor=monitor or ("val_loss" if validated else "loss"),
-                                          patience=patience, ema=ema)
+                                          patience=patience, ema=ema, start_from_epoch=judged_from)
         guards.append(stopping)
     return guards, stopping
 
