@@ -53,6 +53,7 @@ from transferkit.finetuning.plan import Phase, Plan, class_names, lr_factors, pl
 
 def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     """Build the classifier, train it stage by stage, test it, save it."""
+    recipe = recipe.validate()
     runs.check_out_writable(runs.out_dir(recipe, "classifier"))
     with runs.training_context(recipe) as strategy:
         return _train(plan_finetune(recipe, strategy.num_replicas_in_sync), verbose and is_chief())
