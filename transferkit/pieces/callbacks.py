@@ -29,11 +29,17 @@ def count_nonfinite(tensors: Sequence) -> int:
     """How many entries of `tensors` (variables or tensors) are NaN or infinite, counted where they are.
 
     On JAX one compiled function for the whole list (eager ops would compile
-    four small programs for every distinct shape); on TensorFlow eager ops.
+    four small programs for every distinct shape). On TensorFlow, eager ops
+    and one read back: the sum of every entry, which is NaN or infinite
+    whenever an entry is; only then are the entries counted (the sum of
+    finite entries may also overflow: the count then says 0).
     """
     if keras.backend.backend() == "jax":
         return int(_jax_counter()([getattr(t, "value", t) for t in tensors]))
-    ops = keras.ops
+    ops, tensors = keras.ops, list(tensors)
+    if not tensors or math.isfinite(float(ops.convert_to_numpy(
+            ops.sum(ops.stack([ops.sum(ops.cast(t, "float32")) for t in tensors]))))):
+        return 0
     return sum(int(ops.convert_to_numpy(ops.sum(ops.cast(ops.logical_not(ops.isfinite(t)), "int32"))))
                for t in tensors)
 
