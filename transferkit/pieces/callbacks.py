@@ -166,15 +166,28 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         super().__init__(monitor=monitor, patience=patience, **kwargs)
         self.ema = ema
         self._loaded = None
+        self._last_epoch: int | None = None  # the last epoch this fit trained
 
     def on_epoch_end(self, epoch, logs=None):
+        self._last_epoch = epoch
         if not self.ema:
             return super().on_epoch_end(epoch, logs)
         with ema_weights_in(self.model):  # the weights judged (validation swaps them in) are the ones kept
             super().on_epoch_end(epoch, logs)
 
+    def on_train_end(self, logs=None):
+        if self.ema or self.best_weights is None or self.best_epoch != self._last_epoch:
+            return super().on_train_end(logs)
+        # the best epoch is the last one: the model holds its weights already, nothing to put back
+        restore, self.restore_best_weights = self.restore_best_weights, False
+        try:
+            super().on_train_end(logs)
+        finally:
+            self.restore_best_weights = restore
+
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
+        self._last_epoch = None
         if self._loaded is not None:  # Keras resets its progress here: put the backed-up one back
             values, weights = self._loaded
             self.best, self.best_epoch, self.wait = values["best"], values["best_epoch"], values["wait"]
