@@ -8,8 +8,12 @@ recipe and split. transferkit runs with `schedule="constant"` and
 `cache_features=False`, so both sides do the same computation (its defaults,
 1cycle with momentum cycling and cached head features, are other training).
 Prints the median time of each and their ratio (target <= 1.05).
+transferkit seeds every run (`keras.utils.set_random_seed`, whose
+`tf.random.set_seed` clears TensorFlow's cache of eager kernels, so the run's
+eager ops build theirs again); `--seed-plain` seeds the plain-Keras side the
+same way, for a by-hand script that is as reproducible.
 
-    python bench/overhead.py [--repeats 5] [--label-fraction 1.0]
+    python bench/overhead.py [--repeats 5] [--label-fraction 1.0] [--seed-plain]
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def by_hand(encoder_dir: Path, x, y, val, test, batch_size: int, lr: float, out: Path) -> None:
+def by_hand(encoder_dir: Path, x, y, val, test, batch_size: int, lr: float, out: Path,
+            seed: int | None = None) -> None:
     import keras
     import tensorflow as tf
 
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     encoder = keras.saving.load_model(encoder_dir / "model.keras")
     encoder.trainable = False
     inputs = keras.Input(x.shape[1:])
@@ -46,6 +53,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--label-fraction", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed-plain", action="store_true", help="seed the plain-Keras side as transferkit's runs")
     args = parser.parse_args()
 
     import transferkit as tk
@@ -67,7 +75,7 @@ def main() -> None:
         out = work / f"theirs{i}"
         out.mkdir()
         by_hand(encoder_dir, x, y, (data.x[split.val], data.y[split.val]), (data.x[split.test], data.y[split.test]),
-                args.batch_size, lr, out)
+                args.batch_size, lr, out, seed=0 if args.seed_plain else None)
 
     ours(-1), theirs(-1)  # warm up both: imports, first traces
     times: dict[str, list[float]] = {"transferkit": [], "plain keras": []}
@@ -77,7 +85,8 @@ def main() -> None:
             fn(i)
             times[name].append(time.perf_counter() - start)
     median = {k: statistics.median(v) for k, v in times.items()}
-    print(f"one fine-tuning epoch on {len(x)} labeled digits, batch {args.batch_size}, {args.repeats} repeats")
+    print(f"one fine-tuning epoch on {len(x)} labeled digits, batch {args.batch_size}, {args.repeats} repeats"
+          + (", plain keras seeded" if args.seed_plain else ""))
     for name, value in median.items():
         print(f"  {name:12s} median {value:.3f} s  (all: {', '.join(f'{t:.3f}' for t in times[name])})")
     print(f"  ratio transferkit / plain keras = {median['transferkit'] / median['plain keras']:.3f}")

@@ -136,6 +136,11 @@ def test_count_nonfinite_counts_nan_and_infinity_in_every_tensor():
     tensors = [keras.Variable(values[0]), *(keras.ops.convert_to_tensor(v) for v in values[1:])]
     assert count_nonfinite(tensors) == 2 + 4 + 0
     assert count_nonfinite(tensors[2:]) == 0
+    big, half = np.finfo("float32").max, np.finfo("float16").max
+    overflowing = [keras.Variable(np.array([big, big], "float32")), np.array([-half, -half, 0.5], "float16"),
+                   np.array([-big, -big], "float32")]
+    assert count_nonfinite(overflowing) == 0  # finite entries whose sum is not
+    assert count_nonfinite(iter(tensors)) == 6 and count_nonfinite([]) == 0
 
 
 def test_a_stage_compiles_its_step_on_jax_and_with_xla_on_tensorflow_only_when_asked():

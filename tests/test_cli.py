@@ -75,12 +75,14 @@ def bad_inputs(tmp_path, enc):
         "not an artifact": (["finetune", "--from", not_artifact], 2, "is not a transferkit artifact"),
         "shape mismatch": (["finetune", "--from", enc, "--data", f"npz:{tmp_path}/vectors.npz"], 2,
                            "inputs have shape (5,), but the encoder"),
+        "two clippings": (["finetune", "--from", enc, "--clipnorm", "1", "--clipvalue", "1"], 2,
+                          "Only one of clipnorm and clipvalue can be set. Received: clipnorm=1.0, clipvalue=1.0"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "unknown data scheme", "missing path", "empty folder", "label fraction above 1", "label fraction 0",
-    "unknown backbone", "unfreeze-top too large", "not an artifact", "shape mismatch",
+    "unknown backbone", "unfreeze-top too large", "not an artifact", "shape mismatch", "two clippings",
 ])
 def test_bad_input_ends_with_one_line_and_writes_nothing(case, tmp_path, small_encoder):
     args, code, words = bad_inputs(tmp_path, small_encoder)[case]

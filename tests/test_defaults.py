@@ -83,6 +83,28 @@ def test_pretraining_that_overfits_keeps_its_best_epoch(tmp_path):
                                    rtol=1e-5, atol=1e-6, err_msg=kept.path)
 
 
+@pytest.mark.parametrize("lr, best", [(0.1, 3), (1.5, 0)], ids=["improving", "overshooting"])
+def test_early_stopping_ends_on_the_best_epochs_weights_and_puts_back_none_when_it_is_the_last(lr, best,
+                                                                                             monkeypatch):
+    from transferkit.pieces.callbacks import ResumableEarlyStopping
+
+    # w <- w (1 - 2 lr) on mse(w * 1, 0): the loss falls every epoch at lr 0.1, and grows at 1.5
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+    model.compile(keras.optimizers.SGD(lr), "mse")
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.append((logs["loss"], np.array(model.get_weights()[0]))))
+    put_back = []
+    set_weights = keras.Model.set_weights
+    monkeypatch.setattr(keras.Model, "set_weights", lambda self, w: put_back.append(1) or set_weights(self, w))
+    model.fit(np.ones((4, 1)), np.zeros((4, 1)), batch_size=4, epochs=4, verbose=0,
+              callbacks=[record, ResumableEarlyStopping(monitor="loss", patience=10)])
+    losses = [loss for loss, _ in seen]
+    assert int(np.argmin(losses)) == best
+    np.testing.assert_array_equal(model.get_weights()[0], seen[best][1])
+    assert len(put_back) == (best != len(seen) - 1)
+
+
 def test_default_stages_count_steps_not_epochs(encoder_dir):
     from transferkit.finetuning.plan import plan_finetune
 

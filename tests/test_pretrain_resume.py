@@ -104,6 +104,20 @@ def test_the_last_epoch_leaves_no_backup_behind(tmp_path, monkeypatch):
     assert saved == [0, 1, 2] and not backup_folder(tmp_path / "enc").exists()
 
 
+def test_the_start_is_backed_up_as_a_state_alone_and_continuing_from_it_starts_afresh(tmp_path, monkeypatch):
+    settings = dict(task="denoising", noise_kind="dropout", epochs=2)  # dropout: its random states count too
+    clean = tk.pretrain(out=str(tmp_path / "clean"), **TINY, **settings)
+    out = tmp_path / "enc"
+    with interrupted_after(monkeypatch, 0):  # a run that diverges, or is killed, in its first epoch
+        tk.pretrain(out=str(out), **TINY, **settings)
+    assert backed_up_epoch(out) == 0 and [p.name for p in backup_folder(out).iterdir()] == ["state.json"]
+    with pytest.raises(SettingsError, match=r"other settings \(units\)"):  # still this run's backup
+        tk.pretrain(out=str(out), **{**TINY, **settings, "units": (16, 4)})
+    again = tk.pretrain(out=str(out), **TINY, **settings)
+    assert again.history == clean.history and not backup_folder(out).exists()
+    assert_same_weights(again, clean)
+
+
 STACKED = dict(task="stacked", epochs=2)  # two blocks: epochs 1-2 and 3-4
 
 

@@ -46,3 +46,16 @@ def test_unknown_table_is_refused(tmp_path):
     path.write_text("[train]\nepochs = 3\n")
     with pytest.raises(SettingsError, match=r"table \[train\]"):
         Recipe.load(path)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"optimizer": "adamax"}, "optimizer must be one of sgd, momentum, nesterov, adam, adamw, nadam, rmsprop. "
+                              "Received: optimizer='adamax'"),
+    ({"clipnorm": 1.0, "clipvalue": 0.5}, "Only one of clipnorm and clipvalue can be set. "
+                                          "Received: clipnorm=1.0, clipvalue=0.5"),
+])
+def test_an_optimizer_keras_would_refuse_is_refused_by_the_recipe(settings, message):
+    # the recipe is the early check: no run builds an optimizer only to see whether it can
+    with pytest.raises(SettingsError) as refused:
+        Recipe().replace(**settings)
+    assert str(refused.value) == message

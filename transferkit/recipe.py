@@ -253,6 +253,9 @@ class Recipe:
         if len(bases) > 1:
             raise SettingsError("The base must be exactly one of --from, --backbone, --base. Received: "
                                 + ", ".join(f"{flag}={value!r}" for flag, value in bases.items()))
+        if self.clipnorm is not None and self.clipvalue is not None:  # Keras's optimizers take one clipping
+            raise SettingsError("Only one of clipnorm and clipvalue can be set. "
+                                f"Received: clipnorm={self.clipnorm!r}, clipvalue={self.clipvalue!r}")
         _check(self.cut is None or self.base, "cut", self.cut, "given with --base FILE")
         _check(self.preprocess is None or self.base, "preprocess", self.preprocess, "given with --base FILE")
         return self

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import keras
@@ -34,14 +35,31 @@ Blocks = list[tuple[str, list[keras.layers.Layer]]]
 
 @dataclasses.dataclass
 class Classifier:
-    """The classifier and its parts: the base, its blocks, the path to the features, the head."""
+    """The classifier and its parts: the base, its blocks, the path to the features, the head.
+
+    `features` (inputs to pooled base outputs) and `head` (those outputs to the classes, the
+    classifier's own head layers) are models over the same layers, built when first asked
+    for: a run whose stages never train on cached base outputs has no use for them.
+    """
 
     model: keras.Model
     base: keras.Model
     blocks: Blocks
-    features: keras.Model
-    head: keras.Model
     info: dict[str, Any]
+    pooled: Any  # the classifier's symbolic tensor between the features and the head
+    head_layers: list[keras.layers.Layer]
+
+    @functools.cached_property
+    def features(self) -> keras.Model:
+        return keras.Model(self.model.inputs[0], self.pooled, name="features")
+
+    @functools.cached_property
+    def head(self) -> keras.Model:
+        features_in = keras.Input(self.pooled.shape[1:], name="features")
+        outputs = features_in
+        for layer in self.head_layers:
+            outputs = layer(outputs)
+        return keras.Model(features_in, outputs, name="head_on_features")
 
 
 def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
@@ -107,10 +125,8 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | No
         kind = setup_for(encoder_manifest.activation).dropout if encoder_manifest else "plain"
         head_layers.append(dropout_layer(recipe.dropout, kind, recipe.mc_dropout, name="head_dropout"))
     head_layers.append(keras.layers.Dense(data.num_classes, activation="softmax", dtype="float32", name="head"))
-    features_in = keras.Input(x.shape[1:], name="features")
-    outputs, head_out = x, features_in
+    outputs = x
     for layer in head_layers:
-        outputs, head_out = layer(outputs), layer(head_out)
-    return Classifier(model=keras.Model(inputs, outputs, name="classifier"), base=base, blocks=blocks,
-                      features=keras.Model(inputs, x, name="features"),
-                      head=keras.Model(features_in, head_out, name="head_on_features"), info=info)
+        outputs = layer(outputs)
+    return Classifier(model=keras.Model(inputs, outputs, name="classifier"), base=base, blocks=blocks, info=info,
+                      pooled=x, head_layers=head_layers)

@@ -116,7 +116,6 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     split = _split_for(recipe, data, encoder_manifest)
     class_weight = resolve_class_weight(recipe.class_weight, data.y[split.labeled], class_names(data))
     keras.utils.set_random_seed(recipe.seed)
-    runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
     settings = recipe.run_settings()  # as given: what is chosen from them follows
     clf = build_classifier(recipe, data, encoder_manifest)
     recipe, chosen = resolve_finetune(recipe, len(split.labeled), len(clf.blocks),

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -53,6 +54,7 @@ from transferkit.finetuning.plan import Phase, Plan, class_names, lr_factors, pl
 
 def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     """Build the classifier, train it stage by stage, test it, save it."""
+    recipe = recipe.validate()
     runs.check_out_writable(runs.out_dir(recipe, "classifier"))
     with runs.training_context(recipe) as strategy:
         return _train(plan_finetune(recipe, strategy.num_replicas_in_sync), verbose and is_chief())
@@ -115,7 +117,8 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                       and can_cache(clf.features))
             trained = clf.model
             started = time.perf_counter()
-            run.restore_weights(clf.model, start, clf.head)  # the interrupted run's, before its examples
+            if run.state:  # the interrupted run's weights, before its examples (a head-only backup's into the head)
+                run.restore_weights(clf.model, start, clf.head)
             if examples is None:
                 examples = _examples(plan, phase, propagated, backup)
                 if phase.round:
@@ -141,13 +144,15 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
             reuse = None  # used by the first stage, or not at all: free it
             loss, accuracy = _loss_and_metric(soft, recipe.label_smoothing)
             name = stage.name if phase.name == "labeled" else f"{stage.name} ({phase.name})"
-            unshuffled = pipeline(inputs["train"], y, plan.batch_size)
+            # in a fixed order, made only where used (training health; JAX's compiled loss)
+            unshuffled = functools.cache(functools.partial(pipeline, inputs["train"], y, plan.batch_size))
             batches = pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed)
             say = _stage_line(plan, stage, phase, len(y), cached, unfrozen, run.resume_at, start, epoch, random_inputs)
 
             def compiled(lr: float, model=trained, line=say, order=unshuffled) -> None:
-                runs.print_line(line(lr), verbose)
-                runs.print_line(format_audit(audit(clf.model, factors, clf.blocks)), verbose)
+                if verbose:
+                    runs.print_line(line(lr), verbose)
+                    runs.print_line(format_audit(audit(clf.model, factors, clf.blocks)), verbose)
                 backend.build_compiled(model, order)
 
             finished = runner.fit_stage(run, runner.Stage(

@@ -29,11 +29,17 @@ def count_nonfinite(tensors: Sequence) -> int:
     """How many entries of `tensors` (variables or tensors) are NaN or infinite, counted where they are.
 
     On JAX one compiled function for the whole list (eager ops would compile
-    four small programs for every distinct shape); on TensorFlow eager ops.
+    four small programs for every distinct shape). On TensorFlow, eager ops
+    and one read back: the sum of every entry, which is NaN or infinite
+    whenever an entry is; only then are the entries counted (the sum of
+    finite entries may also overflow: the count then says 0).
     """
     if keras.backend.backend() == "jax":
         return int(_jax_counter()([getattr(t, "value", t) for t in tensors]))
-    ops = keras.ops
+    ops, tensors = keras.ops, list(tensors)
+    if not tensors or math.isfinite(float(ops.convert_to_numpy(
+            ops.sum(ops.stack([ops.sum(ops.cast(t, "float32")) for t in tensors]))))):
+        return 0
     return sum(int(ops.convert_to_numpy(ops.sum(ops.cast(ops.logical_not(ops.isfinite(t)), "int32"))))
                for t in tensors)
 
@@ -160,15 +166,28 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         super().__init__(monitor=monitor, patience=patience, **kwargs)
         self.ema = ema
         self._loaded = None
+        self._last_epoch: int | None = None  # the last epoch this fit trained
 
     def on_epoch_end(self, epoch, logs=None):
+        self._last_epoch = epoch
         if not self.ema:
             return super().on_epoch_end(epoch, logs)
         with ema_weights_in(self.model):  # the weights judged (validation swaps them in) are the ones kept
             super().on_epoch_end(epoch, logs)
 
+    def on_train_end(self, logs=None):
+        if self.ema or self.best_weights is None or self.best_epoch != self._last_epoch:
+            return super().on_train_end(logs)
+        # the best epoch is the last one: the model holds its weights already, nothing to put back
+        restore, self.restore_best_weights = self.restore_best_weights, False
+        try:
+            super().on_train_end(logs)
+        finally:
+            self.restore_best_weights = restore
+
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
+        self._last_epoch = None
         if self._loaded is not None:  # Keras resets its progress here: put the backed-up one back
             values, weights = self._loaded
             self.best, self.best_epoch, self.wait = values["best"], values["best_epoch"], values["wait"]

@@ -97,7 +97,6 @@ def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
     backup = Backup.for_output(out, settings)
     state = backup.state(restart=recipe.restart)
     keras.utils.set_random_seed(recipe.seed)
-    runs.make_optimizer(recipe, 1e-3)  # fail early on a bad name
     x_train = data.x[split.train]
     encoder = build_encoder(data.input_shape, recipe, x_train)
     stages = plan_pretrain(recipe, len(x_train))

@@ -6,7 +6,10 @@ hidden sibling of its output folder, `.NAME.backup/`: the model's weights
 variables; pretraining adds a second optimizer's and the random seed states),
 the stage, the next epoch and the history so far. Each file is written to a
 temporary name and renamed into place, the state last, so a kill at any moment
-leaves the previous backup whole. Across processes (`--strategy multiworker`)
+leaves the previous backup whole. The run's start (its first stage, before its
+first epoch) is backed up as a state alone: the weights and training state it
+starts from are those its recipe builds (the seed, the saved base), so
+continuing from it is starting afresh. Across processes (`--strategy multiworker`)
 the first writes it and every process reads it: resuming there needs the
 output folder on a file system they share. Running the same command again continues
 from it; a backup made with other settings is refused (or discarded with
@@ -56,7 +59,7 @@ class Backup:
         return cls(out.with_name(f".{out.name}.backup"), settings)
 
     def state(self, restart: bool = False) -> dict[str, Any] | None:
-        """The saved state, `None` when there is none; refuses one made with other settings.
+        """The saved state, `None` when there is none or it is the run's start; refuses one made with other settings.
 
         Across processes, refuses states that differ between them (a folder they do not share).
         """
@@ -66,7 +69,7 @@ class Backup:
         if not same_on_every_process(-1 if state is None else int(state["epoch"])):
             raise SettingsError(f"The processes found different backups in {str(self.folder)!r}: resuming across "
                                 "processes needs --out on a file system they all share (or pass --restart).")
-        return state
+        return None if state is not None and state.get("start") else state
 
     def _read_state(self, restart: bool) -> dict[str, Any] | None:
         path = self.folder / STATE
@@ -86,17 +89,22 @@ class Backup:
         return state
 
     def save(self, model: Kept, optimizer: Kept, stage: int, epoch: int, history: dict[str, list[float]],
-             head_only: bool = False, stopping: tuple[dict, list | None] | None = None) -> None:
+             head_only: bool = False, stopping: tuple[dict, list | None] | None = None, start: bool = False) -> None:
         """Write weights, optimizer variables, then the state that points at them, each atomically.
 
         `model` and `optimizer` are what to keep (see `variables_of`): a model and its optimizer, or lists.
         `head_only`: `model` is the head of a stage whose base cannot change; the whole model's weights
         were written by `save_weights` when the stage began. `stopping`: early stopping's progress
-        (`ResumableEarlyStopping.state()`).
+        (`ResumableEarlyStopping.state()`). `start`: the run's start (its first stage, epoch 0), which
+        its recipe rebuilds: the state alone, which `state()` reads as no backup (continuing is starting afresh).
         """
         if not is_chief():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
+        if start:
+            artifacts.write_json(self.folder / STATE, {"settings": self.settings, "stage": stage, "epoch": epoch,
+                                                       "history": history, "start": True})
+            return
         _save_arrays(self.folder / (HEAD if head_only else WEIGHTS), variables_of(model))
         _save_arrays(self.folder / OPTIMIZER, variables_of(optimizer))
         values = None
@@ -245,7 +253,7 @@ class BackupCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         if not (self.backup.folder / STATE).is_file():  # a run that diverges at once still leaves a state to resume
-            self._save(epoch)
+            self._save(epoch, start=self.stage == 0 and epoch == 0)
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
@@ -266,7 +274,10 @@ class BackupCallback(keras.callbacks.Callback):
         if self.stopping is not None and self.stopping.stopped_epoch and end != self.final_epoch:
             self._save(end, stopping=False)
 
-    def _save(self, epoch: int, stopping: bool = True) -> None:
+    def _save(self, epoch: int, stopping: bool = True, start: bool = False) -> None:
+        if start:  # the first stage's start, which the recipe rebuilds: no weights to write
+            self.backup.save(None, None, self.stage, epoch, self.history, start=True)
+            return
         model = self.model  # on JAX, reading `model` puts fit's current values back into the variables
         training = model.optimizer if self.training is None else self.training
         progress = self.stopping.state() if stopping and self.stopping is not None else None

@@ -78,7 +78,8 @@ def jit_compile(xla: bool) -> bool | str:
 
 
 def build_compiled(model: keras.Model, batches) -> None:
-    """On JAX, build `model`'s compiled loss and metrics with a test step on the first of `batches` (unshuffled).
+    """On JAX, build `model`'s compiled loss and metrics with a test step on the first of `batches` (unshuffled;
+    or a function that makes them, called on JAX only).
 
     Otherwise JAX's `fit` builds them on a batch it draws from the training data
     itself: an extra pass that takes one reshuffle of a seeded `shuffle`, so every
@@ -86,7 +87,7 @@ def build_compiled(model: keras.Model, batches) -> None:
     """
     if name() != "jax":
         return
-    x, y = next(iter(batches))
+    x, y = next(iter(batches() if callable(batches) else batches))
     # one compiled test step (validation reuses it) rather than eager ops, each compiled on its own
     model.test_on_batch(np.asarray(x), np.asarray(y))
     model.reset_metrics()

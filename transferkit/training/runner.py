@@ -112,7 +112,8 @@ class Stage:
             (noise, dropout), so a resumed run draws what an uninterrupted one would.
         epoch_values: Entries the history gets at every epoch (such as the block).
         class_weight: Per-class loss weights for `fit`.
-        unshuffled: The training batches in a fixed order, for training-health checks. Default: `train`.
+        unshuffled: The training batches in a fixed order, for training-health checks, or a function
+            that makes them (called only when the checks are on). Default: `train`.
         guards: Callbacks instead of the divergence stop and early stopping (e.g. NaN only).
         on_compiled: Called with the learning rate once the model is compiled (to print the stage).
     """
@@ -184,13 +185,14 @@ def fit_stage(run: Run, stage: Stage) -> Done:
             stopping.load_state(run.backup.stopping())
     first = max(stage.start, run.resume_at)
     train = stage.train(first) if callable(stage.train) else stage.train
-    unshuffled = train if stage.unshuffled is None else stage.unshuffled
     callbacks = [*schedule, *guards]
     if run.backup is not None:
         callbacks.append(BackupCallback(run.backup, kept, stage.index, run.history, recipe.backup_every,
                                         final_epoch=run.total_epochs, training=training, head=stage.head,
                                         stopping=stopping, epoch_values=stage.epoch_values))
     if recipe.health_steps:
+        unshuffled = train if stage.unshuffled is None else stage.unshuffled
+        unshuffled = unshuffled() if callable(unshuffled) else unshuffled
         callbacks.append(TrainingHealth(unshuffled, every=recipe.health_steps,
                                         log_dir=recipe.tensorboard if is_chief() else None,
                                         loss=stage.loss, initial_step=first * stage.batches_per_epoch))
