@@ -105,6 +105,27 @@ def test_early_stopping_ends_on_the_best_epochs_weights_and_puts_back_none_when_
     assert len(put_back) == (best != len(seen) - 1)
 
 
+@pytest.mark.parametrize("floor, epoch_loss, diverged", [
+    (0.0, 4.3, True),  # ten times a first loss of 0.28 is 2.8
+    (math.log(10), 4.3, False),  # a loss a uniform guess over 10 classes passes (2.30) is not ten times it
+    (math.log(10), 30.0, True),  # over ten times a uniform guess's loss: diverged, and the message says so
+])
+def test_the_divergence_bound_is_at_least_ten_times_a_uniform_guess(floor, epoch_loss, diverged):
+    from transferkit.errors import TransferkitError
+    from transferkit.pieces.callbacks import StopOnDivergence
+
+    stop = StopOnDivergence("top3", learning_rate=0.001, floor=floor)
+    stop.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    stop.on_epoch_begin(40)
+    stop.on_train_batch_end(0, {"loss": 0.28})
+    if not diverged:
+        stop.on_epoch_end(40, {"loss": epoch_loss})
+        return
+    with pytest.raises(TransferkitError, match="stage top3, epoch 41") as err:
+        stop.on_epoch_end(40, {"loss": epoch_loss})
+    assert ("uniform guess" in str(err.value)) == bool(floor)
+
+
 def test_default_stages_count_steps_not_epochs(encoder_dir):
     from transferkit.finetuning.plan import plan_finetune
 

@@ -57,7 +57,8 @@ class StopOnDivergence(keras.callbacks.Callback):
 
     Diverged means: a non-finite loss after any batch; at an epoch's end, a
     non-finite weight, or a training loss above `growth` times the loss of the
-    first batch (the loss of the weights training started from). Unlike
+    first batch (the loss of the weights training started from), or times
+    `floor` when that is larger. Unlike
     `keras.callbacks.TerminateOnNaN`, which ends `fit` as if it had finished,
     this raises `TransferkitError`, so nothing after it (a backup at that epoch's
     end, saving, the next stage) runs on broken weights; put it before any
@@ -73,6 +74,11 @@ class StopOnDivergence(keras.callbacks.Callback):
         growth: Float or None. The bound on the epoch loss, as a multiple of
             the first batch's loss; `None` checks finiteness alone. Defaults
             to `10.0`.
+        floor: Float. The bound is at least `growth * floor`. For a classifier,
+            the cross-entropy of a uniform guess, `ln(classes)`: a stage that
+            starts from a loss already near 0 (0.28 on 13 examples) rises
+            past ten times it at its peak rate and comes back, while a
+            diverging one passes ten times a guess's loss. Defaults to `0.0`.
         learning_rate: Float or None. The stage's (peak) rate, for the message.
             Defaults to `None`.
 
@@ -85,11 +91,12 @@ class StopOnDivergence(keras.callbacks.Callback):
     # epoch-end callback (such as a backup) runs
     async_safe = True
 
-    def __init__(self, stage: str = "training", growth: float | None = 10.0, learning_rate: float | None = None):
+    def __init__(self, stage: str = "training", growth: float | None = 10.0, learning_rate: float | None = None,
+                 floor: float = 0.0):
         super().__init__()
         if growth is not None and not growth > 1:
             raise SettingsError(f"growth must be a number > 1 or None. Received: growth={growth!r}")
-        self.stage, self.growth, self.learning_rate = stage, growth, learning_rate
+        self.stage, self.growth, self.learning_rate, self.floor = stage, growth, learning_rate, float(floor)
         self.first_loss: float | None = None
         self._epoch = 0
 
@@ -112,9 +119,10 @@ class StopOnDivergence(keras.callbacks.Callback):
             self._fail(f"{broken} weights became NaN or infinite", "its end")
         loss = (logs or {}).get("loss")
         if self.growth is not None and loss is not None and self.first_loss is not None and \
-                float(loss) > self.growth * max(self.first_loss, 1e-12):
-            self._fail(f"the loss grew to {float(loss):.4g}, over {self.growth:g} times its first value "
-                       f"({self.first_loss:.4g})", "its end")
+                float(loss) > self.growth * max(self.first_loss, self.floor, 1e-12):
+            reference = f"its first value ({self.first_loss:.4g})" if self.first_loss >= self.floor \
+                else f"a uniform guess's ({self.floor:.4g})"
+            self._fail(f"the loss grew to {float(loss):.4g}, over {self.growth:g} times {reference}", "its end")
 
     def _fail(self, what: str, where: str) -> None:
 

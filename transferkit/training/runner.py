@@ -104,6 +104,7 @@ class Stage:
         loss, metrics: What to compile with. With `compile=False` the model is already compiled.
         learning_rate: Float or `"auto"` (the LR finder on `lr_data`).
         patience: Int. Early stopping's patience (0: off); `validated` picks `val_loss` over `loss`.
+        loss_floor: Float. The divergence bound is at least 10 times this (a classifier: ln(classes)).
         validation: A dataset of validation batches, or `None`.
         lr_factors, ema: Per-variable rate factors; the weights' moving-average decay.
         kept, head, training: What a backup keeps (see `BackupCallback`): by default `model`'s
@@ -131,6 +132,7 @@ class Stage:
     learning_rate: float | str | None = None
     lr_data: tuple[Any, Any] | None = None
     patience: int = 0
+    loss_floor: float = 0.0
     validated: bool = False
     validation: Any = None
     compile: bool = True
@@ -176,7 +178,8 @@ def fit_stage(run: Run, stage: Stage) -> Done:
         training = [stage.model.optimizer, *(random_state(stage.model) if stage.random_state else [])]
     if stage.guards is None:
         guards, stopping = runs.stage_guards(stage.name, stage.patience, validated=stage.validated,
-                                             learning_rate=lr, ema=bool(stage.ema), judged_from=judged_from(stage, recipe))
+                                             learning_rate=lr, ema=bool(stage.ema), judged_from=judged_from(stage, recipe),
+                                             loss_floor=stage.loss_floor)
     else:
         guards, stopping = list(stage.guards), None
     if run.resumes_in(stage.index):  # part-way through this stage: its training state too

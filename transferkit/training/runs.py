@@ -236,7 +236,8 @@ def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int,
 
 
 def stage_guards(stage: str, patience: int, validated: bool, learning_rate: float | None = None,
-                 monitor: str | None = None, ema: bool = False, judged_from: int = 0) -> tuple[list, Any]:
+                 monitor: str | None = None, ema: bool = False, judged_from: int = 0,
+                 loss_floor: float = 0.0) -> tuple[list, Any]:
     """The callbacks every stage trains under: the divergence stop, then early stopping with the best weights.
 
     Early stopping watches `val_loss` when `validated` (a validation set the
@@ -244,12 +245,13 @@ def stage_guards(stage: str, patience: int, validated: bool, learning_rate: floa
     (then the second value is None). With `ema` the best weights it keeps are the
     optimizer's moving average. `judged_from`: the first epoch (the run's count)
     early stopping looks at, Keras's `start_from_epoch`: the epochs before it
-    neither count towards the patience nor give the best weights. Place them
+    neither count towards the patience nor give the best weights. `loss_floor`:
+    see `StopOnDivergence`'s `floor`. Place them
     before any callback that saves.
     """
     from transferkit.pieces.callbacks import ResumableEarlyStopping, StopOnDivergence
 
-    guards: list = [StopOnDivergence(stage, learning_rate=learning_rate)]
+    guards: list = [StopOnDivergence(stage, learning_rate=learning_rate, floor=loss_floor)]
     stopping = None
     if patience:
         stopping = ResumableEarlyStopping(monitor=monitor or ("val_loss" if validated else "loss"),
