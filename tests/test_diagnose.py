@@ -212,6 +212,22 @@ def test_callback_adds_one_forward_backward_pass_every_n_steps(digits):
     assert history.history["health_verdicts"] == [0.0, 0.0]
 
 
+@pytest.mark.backend_neutral
+def test_callback_checks_a_compiled_fit(digits):
+    # JAX's fit keeps the weights outside the variables mid-epoch: the check must put them back first
+    x, y = digits[0][:96], digits[1][:96]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(10, activation="softmax")])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    health = TrainingHealth((x, y), every=3, batch_size=32)
+    model.fit(x, y, batch_size=32, epochs=2, callbacks=[health], verbose=0)
+    assert [step for step, _ in health.reports] == [0, 3]  # 6 steps: before steps 0 and 3
+    for _, report in health.reports:
+        norms = [row.grad_norm for row in report.layers if row.grad_norm is not None]
+        assert norms and all(np.isfinite(norms)) and max(norms) > 0
+
+
 def test_callback_warns_once_per_verdict_and_writes_tensorboard(digits, tmp_path):
     x, y = digits[0][:128], digits[1][:128]
     model = deep_net("relu", lambda i: keras.initializers.HeNormal(seed=i), depth=3, width=16)

@@ -96,6 +96,7 @@ class TrainingHealth(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None) -> None:
         if self._fit_started or self._step % self.every == 0:
+            self.model  # noqa: B018 -- on JAX, reading it puts fit's current values back into the variables
             self.check()
         self._fit_started = False
         self._step += 1
