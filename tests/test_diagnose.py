@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import transferkit as tk
+
 from transferkit.data.sources import Data, load_data, split_data
 from transferkit.commands.diagnose import diagnose
 from transferkit.errors import SettingsError
@@ -213,19 +215,12 @@ def test_callback_adds_one_forward_backward_pass_every_n_steps(digits):
 
 
 @pytest.mark.backend_neutral
-def test_callback_checks_a_compiled_fit(digits):
-    # JAX's fit keeps the weights outside the variables mid-epoch: the check must put them back first
-    x, y = digits[0][:96], digits[1][:96]
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.Dense(10, activation="softmax")])
-    model.compile("sgd", "sparse_categorical_crossentropy")
-    health = TrainingHealth((x, y), every=3, batch_size=32)
-    model.fit(x, y, batch_size=32, epochs=2, callbacks=[health], verbose=0)
-    assert [step for step, _ in health.reports] == [0, 3]  # 6 steps: before steps 0 and 3
-    for _, report in health.reports:
-        norms = [row.grad_norm for row in report.layers if row.grad_norm is not None]
-        assert norms and all(np.isfinite(norms)) and max(norms) > 0
+def test_finetune_checks_training_health_on_every_backend(encoder_dir, tmp_path):
+    # JAX's fit keeps the weights outside the variables mid-epoch: a check must put them back first
+    result = tk.finetune(from_=str(encoder_dir), label_fraction=0.1, head_epochs=1, epochs=1, health_every=2,
+                         out=str(tmp_path / "clf"), verbose=False)
+    ratios = result.history["health_max_grad_to_top"]
+    assert len(ratios) == 2 and all(np.isfinite(ratios)) and max(ratios) > 0
 
 
 def test_callback_warns_once_per_verdict_and_writes_tensorboard(digits, tmp_path):
