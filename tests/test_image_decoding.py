@@ -129,6 +129,8 @@ def other_kinds(folder):
         "turned.jpg": lambda p: Image.fromarray(rgb).save(p, exif=exif),
         "rgb.bmp": lambda p: Image.fromarray(rgb).save(p),
         "rgb.tif": lambda p: Image.fromarray(rgb).save(p),
+        "png-named.jpg": lambda p: Image.fromarray(rgb).save(p, format="PNG"),  # tf.io is given one decoder by suffix
+        "jpeg-named.png": lambda p: Image.fromarray(rgb).save(p, format="JPEG"),
     }
     for name, save in files.items():
         save(folder / name)

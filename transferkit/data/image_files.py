@@ -142,15 +142,18 @@ class ImageFiles:
         """A TensorFlow op: the image at `index` (an int tensor), or the images at `index` (1-D), not standardized."""
         import tensorflow as tf
 
-        from transferkit.data.image_ops import read_image_op
+        from transferkit.data.image_ops import plain_format, read_image_op
 
         index = tf.convert_to_tensor(index)
-        paths, plain = tf.constant(self.paths.astype(str)), tf.constant(self.plain)
+        with tf.init_scope():  # made once, eagerly, and captured: not a constant copied into each traced graph
+            paths, plain = tf.constant(self.paths.astype(str)), tf.constant(self.plain)
         alike = self.plain.all() or not self.plain.any()  # then one branch serves every file
+        formats = {plain_format(path) for path in self.paths[self.plain]}
+        format = formats.pop() if len(formats) == 1 else None  # then one decoder serves every plain file
 
         def one(i):
             return read_image_op(tf.gather(paths, i), bool(self.plain.all()) if alike else tf.gather(plain, i),
-                                 self.size, self.channels, self.resize)
+                                 self.size, self.channels, self.resize, format)
 
         if index.shape.rank == 0:
             return one(index)

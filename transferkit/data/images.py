@@ -143,7 +143,8 @@ def inspect_image(path: Path) -> tuple[int, int, bool, str | None]:
     """`read_header`'s answer and the plain kind of `path`, once its data is known whole; else `BadImage`.
 
     The kind is `"RGB"` or `"L"` for a plain file (8-bit RGB or gray JPEG or
-    PNG, stored upright, with no transparency), else `None`. Whole means: a
+    PNG, stored upright, with no transparency, named by its format's suffix:
+    `transferkit.data.image_ops.plain_format`), else `None`. Whole means: a
     JPEG's end-of-image marker follows its first scan (`_jpeg_is_whole`); a PNG
     holds every chunk through IEND, each with its CRC right (Pillow's
     `verify()`). Neither decodes a pixel. A JPEG without the marker, and a file
@@ -153,13 +154,15 @@ def inspect_image(path: Path) -> tuple[int, int, bool, str | None]:
     """
     from PIL import Image
 
+    from transferkit.data.image_ops import plain_format
+
     try:
         with Image.open(path) as im:
             header = _header(im)
             args = im.tile[0].args if len(im.tile) == 1 else None
             rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
-            plain = (im.format in ("JPEG", "PNG") and im.mode in ("RGB", "L") and rawmode == im.mode
-                     and "transparency" not in im.info and _orientation(im) == 1)
+            plain = (im.format in ("JPEG", "PNG") and plain_format(path) == im.format and im.mode in ("RGB", "L")
+                     and rawmode == im.mode and "transparency" not in im.info and _orientation(im) == 1)
             if im.format == "PNG" and len(im.tile) == 1:
                 im.fp.seek(im.tile[0].offset)
                 plain = plain and b"eXIf" not in im.fp.read()  # EXIF after the pixels: Pillow may turn the image
