@@ -42,7 +42,7 @@ class ImageFiles:
         paths: Sequence of file paths (already checked to decode).
         size: `(height, width)` every image is brought to.
         channels: Integer, 1 or 3.
-        resize: String, `"stretch"`, `"crop"` or `"pad"` (see `transferkit.data.image_ops.fit_size_op`).
+        resize: String, `"stretch"`, `"crop"` or `"pad"` (see `transferkit.data.images.fit_size_op`).
             Defaults to `"stretch"`.
         root: Optional folder the paths lie under: the fingerprint names files relative to it.
         standardize: Optional `(mean, std)` per channel: the decoded values become `(v - mean) / std`
@@ -142,7 +142,8 @@ class ImageFiles:
         """A TensorFlow op: the image at `index` (an int tensor), or the images at `index` (1-D), not standardized."""
         import tensorflow as tf
 
-        from transferkit.data.image_ops import plain_format, read_image_op
+        from transferkit.data.image_ops import read_image_op
+        from transferkit.data.images import plain_format
 
         index = tf.convert_to_tensor(index)
         with tf.init_scope():  # made once, eagerly, and captured: not a constant copied into each traced graph

@@ -5,9 +5,11 @@ JPEG or PNG, upright, opaque: `transferkit.data.images.check_images` says which)
 is decoded by `tf.io`, in parallel and without Python; JPEGs with libjpeg's
 accurate integer DCT, the one Pillow uses, so the levels are Pillow's, bit for
 bit (Keras's pipeline uses `tf.io.decode_image`'s default, the fast DCT, which
-differs by up to 4 levels). Any other file is decoded by Pillow to its true
+differs by up to 4 levels); when every plain file of a selection has one format
+(by its suffix, which `check_images` made sure agrees), by that one decoder,
+without a `tf.cond`. Any other file is decoded by Pillow to its true
 levels at its own size (`transferkit.data.images.decode_image`) in a
-`tf.numpy_function`. Either way the levels are then resized by `fit_size_op`,
+`tf.numpy_function`. Either way the levels are then resized by `images.fit_size_op`,
 the graph ops Keras's pipeline runs (`tf.image.resize`, bilinear, without
 antialiasing), so a file gives the pixels Keras's pipeline gives for the same
 levels.
@@ -27,14 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-# a plain file's format, told by its suffix: `check_images` marks a file plain only where they agree
-PLAIN_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
-
-
-def plain_format(path: str | Path) -> str | None:
-    """`"JPEG"` or `"PNG"` by the suffix of `path`, else `None`."""
-    return PLAIN_FORMATS.get(Path(path).suffix.lower())
+from transferkit.data.images import decode_image, fit_size, fit_size_op
 
 
 def decode_plain_op(contents, channels: int, format: str | None = None):
@@ -54,45 +49,6 @@ def decode_plain_op(contents, channels: int, format: str | None = None):
     if format is not None:
         return jpeg() if format == "JPEG" else png()
     return tf.cond(tf.io.is_jpeg(contents), jpeg, png)
-
-
-def fit_size_op(image, size: tuple[int, int], resize: str):
-    """`image` (a `(H, W, C)` tensor or array of levels) as float32 at `size`, resized as Keras's pipeline does.
-
-    `keras.utils.image_dataset_from_directory`'s three ways, bilinear without
-    antialiasing: `stretch` is `tf.image.resize`; `crop` cuts the centered box of
-    the target's aspect ratio first (`crop_to_aspect_ratio`, `smart_resize`'s
-    box in its float32 arithmetic); `pad` is `tf.image.resize_with_pad`
-    (`pad_to_aspect_ratio`: fitted inside, then black margins, the larger one
-    after an odd difference). An image already at `size` comes back unchanged
-    in every mode (with half-pixel centers each output pixel lands on an input
-    pixel), so no `tf.cond` guards the resize: it would cost more per image than
-    the resize it saves.
-    """
-    import tensorflow as tf
-
-    image = tf.convert_to_tensor(image)
-    height, width = size
-    if resize == "pad":
-        out = tf.image.resize_with_pad(image, height, width, method="bilinear")
-    else:
-        out = tf.image.resize(_center_box(image, size) if resize == "crop" else image, size, method="bilinear")
-    return tf.ensure_shape(out, (height, width, image.shape[-1]))
-
-
-def _center_box(image, size: tuple[int, int]):
-    """The centered part of `image` with the aspect ratio of `size`, as Keras's `smart_resize` cuts it."""
-    import tensorflow as tf
-
-    target_h, target_w = size
-    shape = tf.shape(image)
-    height, width = shape[0], shape[1]
-    box_h = tf.cast(tf.cast(width * target_h, tf.float32) / target_w, tf.int32)
-    box_w = tf.cast(tf.cast(height * target_w, tf.float32) / target_h, tf.int32)
-    box_h, box_w = tf.maximum(tf.minimum(height, box_h), 1), tf.maximum(tf.minimum(width, box_w), 1)
-    top = tf.cast(tf.cast(height - box_h, tf.float32) / 2, tf.int32)
-    left = tf.cast(tf.cast(width - box_w, tf.float32) / 2, tf.int32)
-    return image[top:top + box_h, left:left + box_w]
 
 
 def read_image_op(path, plain, size: tuple[int, int], channels: int, resize: str, format: str | None = None):
@@ -120,14 +76,10 @@ def read_image_op(path, plain, size: tuple[int, int], channels: int, resize: str
 
 def pillow_levels(path, channels: int) -> np.ndarray:
     """One file decoded by Pillow at its own size (`transferkit.data.images.decode_image`): float32 levels."""
-    from transferkit.data.images import decode_image
-
     path = Path(path.decode() if isinstance(path, bytes) else path)
     return decode_image(path, channels).astype("float32", copy=False)
 
 
 def pillow_decode_bytes(encoded: bytes, size: tuple[int, int], channels: int, resize: str) -> np.ndarray:
     """One encoded image decoded by Pillow and brought to `size` (`transferkit.data.images.fit_size`)."""
-    from transferkit.data.images import decode_image, fit_size
-
     return fit_size(decode_image(bytes(encoded), channels), size, resize)

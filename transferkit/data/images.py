@@ -18,8 +18,7 @@ size some image has). `resize` says how an image of another size reaches that
 size, as `keras.utils.image_dataset_from_directory` resizes it (bilinear,
 without antialiasing, `tf.image.resize`): `stretch` it, center-`crop` it to the
 aspect ratio first (`crop_to_aspect_ratio`), or `pad` it with zeros (black)
-after fitting it inside (`pad_to_aspect_ratio`); see
-`transferkit.data.image_ops.fit_size_op`.
+after fitting it inside (`pad_to_aspect_ratio`); see `fit_size_op`.
 
 Listing a folder: `transferkit.data.image_listing`. `check_images` reads each
 file's header and checks its data is whole without decoding its pixels, and
@@ -51,6 +50,13 @@ from transferkit.recipe import RESIZE_MODES
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
 _THREADS = 4  # files opened at once by the check pass
+# a plain file's format, told by its suffix: `check_images` marks a file plain only where they agree
+PLAIN_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
+
+
+def plain_format(path: str | Path) -> str | None:
+    """`"JPEG"` or `"PNG"` by the suffix of `path`, else `None`."""
+    return PLAIN_FORMATS.get(Path(path).suffix.lower())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +160,6 @@ def inspect_image(path: Path) -> tuple[int, int, bool, str | None]:
     """
     from PIL import Image
 
-    from transferkit.data.image_ops import plain_format
-
     try:
         with Image.open(path) as im:
             header = _header(im)
@@ -204,9 +208,8 @@ def _jpeg_is_whole(data: bytes) -> bool:
 class _Scan:
     """The headers of a file list, the size and channels they call for, and the bad files found so far.
 
-    `inspect` reads one file's header (`read_header`, or `inspect_image`): the
-    files are read in threads (Pillow leaves the GIL while it reads and decodes),
-    their answers taken in order, so the first bad file is the one refused.
+    `inspect` (`read_header`, or `inspect_image`) reads the files in threads; their answers are taken in order,
+    so the first bad file is the one refused.
     """
 
     def __init__(self, paths, image_size, channels, resize: str, skip_bad_files: bool, inspect=None,
@@ -356,10 +359,40 @@ def to_channels(values: np.ndarray, channels: int) -> np.ndarray:
 
 
 def fit_size(values: np.ndarray, size: tuple[int, int], resize: str = "stretch") -> np.ndarray:
-    """`(H, W, C)` levels brought to `size` (height, width) as float32: stretched, center-cropped or zero-padded.
-
-    The pixels of `transferkit.data.image_ops.fit_size_op` (Keras's bilinear resize), run eagerly.
-    """
-    from transferkit.data.image_ops import fit_size_op
-
+    """`(H, W, C)` levels brought to `size` (height, width) as float32: `fit_size_op`, run eagerly."""
     return fit_size_op(values, size, resize).numpy()
+
+
+def fit_size_op(image, size: tuple[int, int], resize: str):
+    """`image` (a `(H, W, C)` tensor or array of levels) as float32 at `size`, resized as Keras's pipeline does.
+
+    `keras.utils.image_dataset_from_directory`'s ways, bilinear without antialiasing: `stretch` is
+    `tf.image.resize`; `crop` cuts the centered box of the target's aspect ratio first (`smart_resize`'s box, in
+    its float32 arithmetic); `pad` is `tf.image.resize_with_pad` (fitted inside, then black margins, the larger
+    one after an odd difference). An image already at `size` comes back unchanged (each output pixel lands on an
+    input pixel), so no `tf.cond`, which would cost more than the resize, guards it.
+    """
+    import tensorflow as tf
+
+    image = tf.convert_to_tensor(image)
+    height, width = size
+    if resize == "pad":
+        out = tf.image.resize_with_pad(image, height, width, method="bilinear")
+    else:
+        out = tf.image.resize(_center_box(image, size) if resize == "crop" else image, size, method="bilinear")
+    return tf.ensure_shape(out, (height, width, image.shape[-1]))
+
+
+def _center_box(image, size: tuple[int, int]):
+    """The centered part of `image` with the aspect ratio of `size`, as Keras's `smart_resize` cuts it."""
+    import tensorflow as tf
+
+    target_h, target_w = size
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    box_h = tf.cast(tf.cast(width * target_h, tf.float32) / target_w, tf.int32)
+    box_w = tf.cast(tf.cast(height * target_w, tf.float32) / target_h, tf.int32)
+    box_h, box_w = tf.maximum(tf.minimum(height, box_h), 1), tf.maximum(tf.minimum(width, box_w), 1)
+    top = tf.cast(tf.cast(height - box_h, tf.float32) / 2, tf.int32)
+    left = tf.cast(tf.cast(width - box_w, tf.float32) / 2, tf.int32)
+    return image[top:top + box_h, left:left + box_w]
