@@ -13,9 +13,14 @@ read at 160x160). For each, in child processes:
   (`image_size=(160, 160)`, batch 64, no shuffle): the baseline.
 
 `ours` and `keras` run in turn `--repeats` times and the medians are kept: on a
-shared machine the load swings one run's speed by 3x. Then the same two on a
-folder of 4,000 JPEGs that are all 160x160 already (no resizing: plain files
-are decoded by tf.io alone, the others need Pillow's bicubic).
+shared machine the load swings one run's speed by 3x. Each also reports its CPU
+time an image (user + system over the timed part, every thread), which that
+load barely moves. Then the same two on a
+folder of 4,000 JPEGs that are all 160x160 already (no resizing: ours decodes
+them and stops there, Keras's resizes them to their own size). Both decode
+these plain JPEGs with `tf.io` and resize them as Keras does (bilinear,
+`tf.image.resize` in the tf.data graph); ours with libjpeg's accurate DCT
+(Pillow's levels), Keras's with the fast one.
 
 Peak RSS is each child's own `ru_maxrss` (`os.wait4`, the figure
 `resource.getrusage(RUSAGE_CHILDREN)` gives for one child). Goals: finetune's
@@ -39,27 +44,29 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 160
 
-PIPELINE_OURS = """
+CPU = "import resource; cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # user + system s"
+
+PIPELINE_OURS = CPU + """
 import sys, time
 import keras  # imported before the clock starts, as for keras's pipeline
 from transferkit.data.sources import load_data, pipeline
 data = load_data(sys.argv[1], image_size={side}, verbose=False)
-start, n = time.perf_counter(), 0
+start, cpu0, n = time.perf_counter(), cpu(), 0
 for batch in pipeline(data.x, batch_size=64):
     n += int(batch.shape[0])
-print(n / (time.perf_counter() - start))
+print(n / (time.perf_counter() - start), (cpu() - cpu0) / n * 1e6)
 """
 
-PIPELINE_KERAS = """
+PIPELINE_KERAS = CPU + """
 import sys, time
 import keras
-start = time.perf_counter()
+start, cpu0 = time.perf_counter(), cpu()
 ds = keras.utils.image_dataset_from_directory(sys.argv[1], image_size=({side}, {side}), batch_size=64,
                                               shuffle=False, verbose=False)
 n = 0
 for x, y in ds:
     n += int(x.shape[0])
-print(n / (time.perf_counter() - start))
+print(n / (time.perf_counter() - start), (cpu() - cpu0) / n * 1e6)
 """
 
 
@@ -102,16 +109,18 @@ def wrapped(argv: list[str]) -> list[str]:
     return [sys.executable, "-c", code, *argv]
 
 
-def read_speeds(folder: Path, repeats: int) -> tuple[float, float, float, float]:
-    """Median images/s and largest peak RSS (MiB) of ours and keras's read -> resize -> batch, run in turn."""
-    ours, keras = [], []
+def read_speeds(folder: Path, repeats: int) -> tuple[float, ...]:
+    """Median images/s, largest peak RSS (MiB) and median CPU microseconds an image (user + system, every thread)
+    of ours and of keras's read -> resize -> batch, run in turn: the CPU time is what the shared cores' load
+    barely moves."""
+    runs = {"ours": [], "keras": []}
     for _ in range(repeats):
-        _, rss, out = measure(wrapped([sys.executable, "-c", PIPELINE_OURS.format(side=SIDE), f"dir:{folder}"]))
-        ours.append((float(out.split()[0]), rss))
-        _, rss, out = measure(wrapped([sys.executable, "-c", PIPELINE_KERAS.format(side=SIDE), str(folder)]))
-        keras.append((float(out.split()[0]), rss))
-    return (statistics.median(s for s, _ in ours), max(r for _, r in ours),
-            statistics.median(s for s, _ in keras), max(r for _, r in keras))
+        for name, code, where in (("ours", PIPELINE_OURS, f"dir:{folder}"), ("keras", PIPELINE_KERAS, str(folder))):
+            _, rss, out = measure(wrapped([sys.executable, "-c", code.format(side=SIDE), where]))
+            runs[name].append((float(out.split()[0]), rss, float(out.split()[1])))
+    return tuple(x for name in ("ours", "keras") for x in (statistics.median(s for s, _, _ in runs[name]),
+                                                          max(r for _, r, _ in runs[name]),
+                                                          statistics.median(c for _, _, c in runs[name])))
 
 
 def main() -> None:
@@ -131,17 +140,21 @@ def main() -> None:
         rows.append((count, rss, count / wall, wall, *read_speeds(folder, args.repeats)))
         print(*rows[-1], flush=True)
     same = make_folder(args.work / f"jpegs-{SIDE}-4000", 4000, (SIDE, SIDE))
-    ours, ours_rss, keras_speed, keras_rss = read_speeds(same, args.repeats)
+    same_row = read_speeds(same, args.repeats)
 
     base = rows[0][1]
     print(f"\n| images | finetune peak RSS (MiB) | vs {rows[0][0]} | finetune images/s (wall s) "
-          "| ours read-resize-batch images/s (RSS MiB) | keras images/s (RSS MiB) | ours / keras |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for count, rss, speed, wall, ours_i, ours_rss_i, keras_i, keras_rss_i in rows:
-        print(f"| {count:,} | {rss:.0f} | {rss / base:.2f}x | {speed:.0f} ({wall:.0f}) | {ours_i:.0f} ({ours_rss_i:.0f}) "
-              f"| {keras_i:.0f} ({keras_rss_i:.0f}) | {ours_i / keras_i:.2f}x |")
-    print(f"| 4,000 all {SIDE}x{SIDE} (no resizing) | | | | {ours:.0f} ({ours_rss:.0f}) "
-          f"| {keras_speed:.0f} ({keras_rss:.0f}) | {ours / keras_speed:.2f}x |")
+          "| ours read-resize-batch images/s (RSS MiB) | keras images/s (RSS MiB) | ours / keras "
+          "| CPU us/image ours / keras |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def reading(ours, ours_rss, ours_cpu, keras, keras_rss, keras_cpu) -> str:
+        return (f"{ours:.0f} ({ours_rss:.0f}) | {keras:.0f} ({keras_rss:.0f}) | {ours / keras:.2f}x "
+                f"| {ours_cpu:.0f} / {keras_cpu:.0f} |")
+
+    for count, rss, speed, wall, *read in rows:
+        print(f"| {count:,} | {rss:.0f} | {rss / base:.2f}x | {speed:.0f} ({wall:.0f}) | {reading(*read)}")
+    print(f"| 4,000 all {SIDE}x{SIDE} (no resizing) | | | | {reading(*same_row)}")
 
 
 if __name__ == "__main__":

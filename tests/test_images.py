@@ -12,7 +12,7 @@ from PIL import Image
 from transferkit.data.sources import load_data
 from transferkit.errors import SettingsError
 from transferkit.data.image_listing import list_images
-from transferkit.data.images import fit_size, read_images
+from transferkit.data.images import check_images, fit_size, read_images
 
 from helpers import run
 
@@ -198,47 +198,52 @@ def test_mixed_sizes_are_resized_to_the_median_size(tmp_path, capsys):
     assert load_data(f"dir:{tmp_path}", image_size=6, verbose=False).input_shape == (6, 6, 1)
 
 
-def keras_resized(image, size, **kwargs):
+KERAS_RESIZE = {"stretch": {}, "crop": {"crop_to_aspect_ratio": True}, "pad": {"pad_to_aspect_ratio": True}}
+
+
+def keras_reads(folder, image, size, resize):
+    """`image` (uint8, `(H, W, 1 or 3)`) as `keras.utils.image_dataset_from_directory` reads it from a PNG."""
     import keras
 
-    layer = keras.layers.Resizing(*size, **kwargs)
-    return keras.ops.convert_to_numpy(layer(image[None].astype("float32")))[0]
+    folder.mkdir()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / "0.png")
+    ds = keras.utils.image_dataset_from_directory(folder, labels=None, image_size=size, shuffle=False, verbose=False,
+                                                  color_mode="grayscale" if image.shape[-1] == 1 else "rgb",
+                                                  **KERAS_RESIZE[resize])
+    return next(iter(ds)).numpy()[0]
 
 
 @pytest.mark.parametrize("resize, shape, size", [
     ("crop", (20, 10), (10, 10)), ("crop", (21, 10), (10, 10)), ("crop", (10, 21), (10, 7)),
     ("crop", (9, 30), (9, 5)), ("pad", (20, 10), (20, 20)), ("pad", (10, 21), (16, 21)), ("pad", (9, 30), (15, 30)),
 ])
-def test_crop_and_pad_take_keras_boxes(resize, shape, size):
+def test_crop_and_pad_take_keras_boxes(tmp_path, resize, shape, size):
     """Sizes at which Keras's box needs no resampling, odd margins included: the pixels must match exactly."""
-    image = pixels(shape + (3,)).astype("float32")
-    expected = keras_resized(image, size, **{f"{resize}_to_aspect_ratio": True})
-    np.testing.assert_array_equal(fit_size(image, size, resize), expected)
+    image = pixels(shape + (3,))
+    expected = keras_reads(tmp_path / "keras", image, size, resize)
+    np.testing.assert_array_equal(fit_size(image.astype("float32"), size, resize), expected)
 
 
-def test_pad_with_an_odd_margin_pads_both_sides_alike_as_keras_does():
-    """21x10 padded toward 21x21: Keras puts 5 columns on each side (20 wide), then resizes to 21."""
-    ramp = np.tile(20 * np.arange(10, dtype="float32") + 30, (21, 1))[..., None]
-    ours, expected = fit_size(ramp, (21, 21), "pad"), keras_resized(ramp, (21, 21), pad_to_aspect_ratio=True)
-    assert ours.shape == expected.shape == (21, 21, 1)
-    # away from the black margins both resamplings reproduce the ramp; a margin of 5 and 6 would shift it by 10
-    np.testing.assert_allclose(ours[:, 8:13], expected[:, 8:13], atol=1.5)
+def test_pad_with_an_odd_margin_puts_the_larger_margin_after_as_keras_does(tmp_path):
+    """21x10 padded to 21x21 (`tf.image.resize_with_pad`): 5 black columns before, 6 after, nothing resampled."""
+    ramp = np.tile(20 * np.arange(10, dtype=np.uint8) + 30, (21, 1))[..., None]
+    ours = fit_size(ramp, (21, 21), "pad")
+    np.testing.assert_array_equal(ours, np.pad(ramp, ((0, 0), (5, 6), (0, 0))))
+    np.testing.assert_array_equal(ours, keras_reads(tmp_path / "keras", ramp, (21, 21), "pad"))
 
 
-@pytest.mark.parametrize("resize, keras_kwargs", [("crop", {"crop_to_aspect_ratio": True}),
-                                                  ("pad", {"pad_to_aspect_ratio": True}),
-                                                  ("stretch", {})])
-def test_resized_ramps_match_keras_inside_the_border(tmp_path, resize, keras_kwargs):
+@pytest.mark.parametrize("resize", ["stretch", "crop", "pad"])
+def test_a_folder_is_resized_as_keras_reads_it(tmp_path, resize):
     rows, cols = np.mgrid[0:40, 0:60]
-    ramp = (2 * cols + 3 * rows).astype(np.uint8)  # linear: bicubic and bilinear agree away from edges
-    x = load_data(f"dir:{saved(tmp_path / 'ramp.png', Image.fromarray(ramp)).parent}", image_size=16,
+    ramp = (2 * cols + 3 * rows + 20).astype(np.uint8)
+    (tmp_path / "folder").mkdir()
+    x = load_data(f"dir:{saved(tmp_path / 'folder' / 'ramp.png', Image.fromarray(ramp)).parent}", image_size=16,
                   resize=resize, verbose=False).x[0]
-    expected = keras_resized(ramp[..., None], (16, 16), **keras_kwargs)
+    expected = keras_reads(tmp_path / "keras", ramp[..., None], (16, 16), resize)
     assert x.shape == expected.shape == (16, 16, 1)
-    inside = (slice(2, -2), slice(2, -2)) if resize != "pad" else (slice(5, -5), slice(2, -2))
-    np.testing.assert_allclose(x[inside], expected[inside], atol=1.0)
-    if resize == "pad":  # a 40x60 picture padded to 60x60: 10 black rows above and below
-        assert x[0].max() == 0 and x[-1].max() == 0 and x[5:-5].min() > 0
+    np.testing.assert_allclose(x, expected, rtol=0, atol=1e-4)
+    if resize == "pad":  # 40x60 fitted into 16x16 is 10.67 high: 10 rows, 2 black rows above and 4 below
+        assert x[:2].max() == 0 and x[-4:].max() == 0 and x[2:12].min() > 0
 
 
 # ---- bad files
@@ -268,6 +273,72 @@ def test_a_bad_file_is_refused_naming_path_and_reason(tmp_path, name):
     message = str(err.value)
     assert message.startswith(f"Image {str(folder / name)!r} cannot be read: ") and "\n" not in message
     assert reasons[name] in message and "--skip-bad-files" in message
+
+
+JPEG_KINDS = [{}, {"progressive": True}, {"comment": b"\xff\xd9 an end marker in a comment"}]
+
+
+@pytest.mark.parametrize("save", JPEG_KINDS)
+@pytest.mark.parametrize("kept", [0.6, 0.9])
+def test_a_jpeg_cut_short_is_refused(tmp_path, save, kept):
+    """The check decodes no pixel of a whole JPEG, so it must tell a cut one otherwise: with Pillow's reason."""
+    whole = saved(tmp_path / "whole.jpg", Image.fromarray(pixels((64, 64, 3))), quality=90, **save)
+    data = whole.read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:int(len(data) * kept)])
+    with pytest.raises(SettingsError, match=r"cut\.jpg' cannot be read: OSError: image file is truncated"):
+        check_images([whole, tmp_path / "cut.jpg"])
+
+
+def test_a_jpeg_without_its_end_marker_is_refused_or_left_to_pillow(tmp_path):
+    """All but the last two bytes (0xFFD9): tf.io refuses every such file, Pillow some (by how its reads fall).
+    Each is then refused with Pillow's reason, or decoded by Pillow: the pipeline never meets one it cannot read."""
+    from transferkit.data.image_files import ImageFiles
+
+    outcomes = set()
+    for seed in range(20):  # seed 16 gives a file Pillow reads whole
+        image = np.random.default_rng(seed).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+        whole = saved(tmp_path / f"{seed}.jpg", Image.fromarray(image), quality=90)
+        cut = tmp_path / f"{seed}-cut.jpg"
+        cut.write_bytes(whole.read_bytes()[:-2])
+        checked = check_images([whole, cut], skip_bad_files=True)
+        if checked.bad:
+            assert len(checked.bad) == 1 and checked.bad[0][0] == str(cut)
+            assert "image file is truncated" in checked.bad[0][1]
+        else:
+            assert checked.plain.tolist() == [True, False]
+            decoded = ImageFiles([whole, cut], (64, 64), 3, plain=checked.plain).decode()
+            np.testing.assert_array_equal(decoded[1], np.asarray(Image.open(whole)))  # the same pixels, all there
+        outcomes.add(bool(checked.bad))
+    assert outcomes == {True, False}
+
+
+def test_a_png_cut_short_or_corrupted_is_refused(tmp_path):
+    whole = saved(tmp_path / "whole.png", Image.fromarray(pixels((64, 64, 3))))
+    data = whole.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:int(len(data) * 0.7)])
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x10  # inside the pixel data: its chunk's CRC no longer matches
+    (tmp_path / "flipped.png").write_bytes(bytes(flipped))
+    checked = check_images([whole, tmp_path / "cut.png", tmp_path / "flipped.png"], skip_bad_files=True)
+    assert checked.kept.tolist() == [0]
+    assert [(Path(path).name, "truncated" in why.lower() or "checksum" in why) for path, why in checked.bad] == [
+        ("cut.png", True), ("flipped.png", True)]
+
+
+def test_the_check_decodes_no_pixel_of_a_whole_jpeg_or_png(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    rgb = pixels((40, 30, 3))
+    paths = [saved(tmp_path / "a.jpg", Image.fromarray(rgb)), saved(tmp_path / "b.png", Image.fromarray(rgb)),
+             saved(tmp_path / "c.jpg", Image.fromarray(rgb[..., 0]), progressive=True),
+             saved(tmp_path / "d.png", Image.fromarray(rgb[..., 0]))]
+
+    def decode(self):
+        raise AssertionError("the check decoded pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decode)
+    checked = check_images(paths)
+    assert checked.plain.all() and checked.size == (40, 30) and checked.channels == 3
 
 
 def test_skip_bad_files_keeps_the_rest_with_their_labels(tmp_path):

@@ -1,4 +1,4 @@
-"""Image files to arrays with Pillow: decode one file at a time, bring every image to one size.
+"""Image files to arrays: Pillow decodes (one file at a time), TensorFlow resizes as Keras does.
 
 Every image is read with its true levels on the 8-bit scale (float32, 0..255):
 8-bit grayscale and RGB as stored; 16-bit grayscale (`I;16`) times 255/65535;
@@ -14,16 +14,17 @@ repeated into R, G and B. A palette image counts as colour.
 
 Sizes: `image_size` when given; else the common size when every image has it;
 else the median height and the median width (the lower median, so each is a
-size some image has). `resize` says how an image of another aspect ratio reaches
-that size, with Keras's meaning (`keras.layers.Resizing`): `stretch` it,
-center-`crop` it to the aspect ratio, or `pad` it with zeros (black) to the
-aspect ratio; then Pillow's bicubic resampling.
+size some image has). `resize` says how an image of another size reaches that
+size, as `keras.utils.image_dataset_from_directory` resizes it (bilinear,
+without antialiasing, `tf.image.resize`): `stretch` it, center-`crop` it to the
+aspect ratio first (`crop_to_aspect_ratio`), or `pad` it with zeros (black)
+after fitting it inside (`pad_to_aspect_ratio`); see `fit_size_op`.
 
-Listing a folder: `transferkit.data.image_listing`. While checking that every file
-decodes, each is marked plain or not: a plain file (8-bit RGB or gray JPEG or
-PNG, upright, opaque) is decoded by TensorFlow ops to the same pixels, in
-parallel and without Python, and only resized by `fit_size` when its size is not
-the one asked for (`transferkit.data.image_ops`); the others are Pillow's throughout.
+Listing a folder: `transferkit.data.image_listing`. `check_images` reads each
+file's header and checks its data is whole without decoding its pixels, and
+marks it plain or not: a plain file (8-bit RGB or gray JPEG or PNG, upright,
+opaque) is decoded by TensorFlow ops to the same levels, in parallel and without
+Python (`transferkit.data.image_ops`); the others are decoded by Pillow.
 
 Example:
 
@@ -48,6 +49,14 @@ from transferkit.recipe import RESIZE_MODES
 
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
+_THREADS = 4  # files opened at once by the check pass
+# a plain file's format, told by its suffix: `check_images` marks a file plain only where they agree
+PLAIN_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
+
+
+def plain_format(path: str | Path) -> str | None:
+    """`"JPEG"` or `"PNG"` by the suffix of `path`, else `None`."""
+    return PLAIN_FORMATS.get(Path(path).suffix.lower())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +116,7 @@ def decode_images(paths: list[str | Path] | tuple[Path, ...], image_size: int | 
 class Checked:
     """What `check_images` found: the files that decode (`kept`), the others, and the size and channels chosen.
 
-    `plain[j]` says whether file `kept[j]` decodes by TensorFlow ops to Pillow's pixels (`transferkit.data.image_ops`).
+    `plain[j]` says whether file `kept[j]` is decoded by TensorFlow ops (`transferkit.data.image_ops`).
     """
 
     kept: np.ndarray
@@ -123,61 +132,90 @@ def check_images(paths: list[str | Path] | tuple[Path, ...], image_size: int | t
                  progress: bool = False) -> Checked:
     """What `decode_images` decides (size, channels, which files decode), holding no image: memory stays flat.
 
-    Every file is decoded once to prove it can be (a truncated JPEG fails only
-    there), JPEGs at Pillow's reduced draft scale, which reads all their data but
-    computes an eighth of the pixels, in two threads (Pillow decodes without the
-    GIL); what Pillow learns on the way says whether the file is plain.
+    One pass, in threads, opens each file once (`inspect_image`): its header,
+    then a check that its data is whole which decodes no pixel where the format
+    allows it (JPEG, PNG).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    scan = _Scan(paths, image_size, channels, resize, skip_bad_files)
-    order = list(scan.headers)
-    with progress_bar(len(order) if progress else 0, "checking images") as tick, ThreadPoolExecutor(2) as pool:
-        def check(i: int) -> tuple[str | None, str | None]:
-            try:
-                return _verify(scan.paths[i]), None
-            except BadImage as err:
-                return None, str(err)
-
-        kept, plain = [], []
-        for i, (kind, reason) in zip(order, pool.map(check, order)):
-            if reason is None:
-                kept.append(i)
-                plain.append(kind == "L" or kind == "RGB" and scan.channels == 3)
-            else:
-                scan.refuse_or_skip(scan.paths[i], reason)
-            tick()
+    scan = _Scan(paths, image_size, channels, resize, skip_bad_files, inspect=inspect_image,
+                 progress="checking images" if progress else None)
+    kept = list(scan.headers)
+    plain = [scan.headers[i][3] == "L" or scan.headers[i][3] == "RGB" and scan.channels == 3 for i in kept]
     done = scan.result(np.empty((len(kept), 0)), kept)
     return Checked(kept=done.kept, bad=done.bad, size=scan.size, channels=scan.channels,
                    resized_to_median=done.resized_to_median, plain=np.asarray(plain, dtype=bool))
 
 
-def _verify(path: Path) -> str | None:
-    """Decode `path` (JPEG at its draft scale) and keep nothing; raise `BadImage` when it cannot be.
+def inspect_image(path: Path) -> tuple[int, int, bool, str | None]:
+    """`read_header`'s answer and the plain kind of `path`, once its data is known whole; else `BadImage`.
 
-    Returns `"RGB"` or `"L"` for a plain file (8-bit RGB or gray JPEG or PNG, stored
-    upright, with no transparency), else `None`.
+    The kind is `"RGB"` or `"L"` for a plain file (8-bit RGB or gray JPEG or
+    PNG, stored upright, with no transparency, named by its format's suffix:
+    `transferkit.data.image_ops.plain_format`), else `None`. Whole means: a
+    JPEG's end-of-image marker follows its first scan (`_jpeg_is_whole`); a PNG
+    holds every chunk through IEND, each with its CRC right (Pillow's
+    `verify()`). Neither decodes a pixel. A JPEG without the marker, and a file
+    in any other format, is decoded by Pillow (a JPEG at an eighth of its size,
+    which still reads all its data), and Pillow's verdict stands; such a JPEG
+    is not plain (`tf.io` refuses it even where Pillow reads it whole).
     """
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            header = _header(im)
             args = im.tile[0].args if len(im.tile) == 1 else None
             rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
-            if im.format == "JPEG":
-                im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
-            im.load()
-            plain = (im.format in ("JPEG", "PNG") and im.mode in ("RGB", "L") and rawmode == im.mode
-                     and "transparency" not in im.info and im.getexif().get(0x0112, 1) == 1)
-            return im.mode if plain else None
+            plain = (im.format in ("JPEG", "PNG") and plain_format(path) == im.format and im.mode in ("RGB", "L")
+                     and rawmode == im.mode and "transparency" not in im.info and _orientation(im) == 1)
+            if im.format == "PNG" and len(im.tile) == 1:
+                im.fp.seek(im.tile[0].offset)
+                plain = plain and b"eXIf" not in im.fp.read()  # EXIF after the pixels: Pillow may turn the image
+                im.verify()
+            else:
+                if im.format == "JPEG":
+                    im.fp.seek(0)
+                    if _jpeg_is_whole(im.fp.read()):
+                        return (*header, im.mode if plain else None)
+                    plain = False  # tf.io refuses a JPEG without its end marker; Pillow may still read it all
+                    im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                im.load()
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
         raise BadImage(_reason(path, err)) from None
+    return (*header, im.mode if plain else None)
+
+
+def _jpeg_is_whole(data: bytes) -> bool:
+    """Whether an end-of-image marker (0xFFD9) follows the header of the JPEG's first scan.
+
+    The segments before the scan are walked by their lengths (an EXIF thumbnail
+    has its own marker, inside one). Inside entropy-coded data every 0xFF byte
+    is followed by 0x00 or a restart number, so the first 0xFFD9 after the scan
+    header ends the image (after further scans, for a progressive JPEG); a file
+    cut short has none.
+    """
+    at = 2
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker, length = data[at + 1], int.from_bytes(data[at + 2:at + 4], "big")
+        if marker == 0xFF:  # a fill byte
+            at += 1
+        elif marker == 0xDA:
+            return data.find(b"\xff\xd9", at + 2 + length) >= 0
+        else:
+            at += 2 + length
+    return False
 
 
 class _Scan:
-    """The headers of a file list, the size and channels they call for, and the bad files found so far."""
+    """The headers of a file list, the size and channels they call for, and the bad files found so far.
 
-    def __init__(self, paths, image_size, channels, resize: str, skip_bad_files: bool):
+    `inspect` (`read_header`, or `inspect_image`) reads the files in threads; their answers are taken in order,
+    so the first bad file is the one refused.
+    """
+
+    def __init__(self, paths, image_size, channels, resize: str, skip_bad_files: bool, inspect=None,
+                 progress: str | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
         if resize not in RESIZE_MODES:
             raise SettingsError(f"resize must be one of {', '.join(RESIZE_MODES)}. Received: resize={resize!r}")
         self.paths = [Path(p) for p in paths]
@@ -185,12 +223,22 @@ class _Scan:
         self.image_size = image_size
         self.bad: list[tuple[str, str]] = []
         self.headers = {}
-        for i, path in enumerate(self.paths):
+
+        def read(path):
             try:
-                self.headers[i] = read_header(path)
+                return (inspect or read_header)(path), None
             except BadImage as err:
-                self.refuse_or_skip(path, str(err))
-        self.sizes = [(h, w) for h, w, _ in self.headers.values()]
+                return None, str(err)
+
+        with (progress_bar(len(self.paths) if progress else 0, progress or "") as tick,
+              ThreadPoolExecutor(_THREADS) as pool):
+            for i, (path, (header, reason)) in enumerate(zip(self.paths, pool.map(read, self.paths))):
+                if reason is None:
+                    self.headers[i] = header
+                else:
+                    self.refuse_or_skip(path, reason)
+                tick()
+        self.sizes = [header[:2] for header in self.headers.values()]
         if image_size is not None:
             self.size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         elif self.sizes:
@@ -198,7 +246,7 @@ class _Scan:
         else:
             self.size = (1, 1)
         if channels is None:
-            channels = 1 if all(gray for _, _, gray in self.headers.values()) else 3
+            channels = 1 if all(header[2] for header in self.headers.values()) else 3
         self.channels = channels
 
     def refuse_or_skip(self, path: Path, reason: str) -> None:
@@ -227,13 +275,21 @@ def read_header(path: Path) -> tuple[int, int, bool]:
 
     try:
         with Image.open(path) as im:
-            width, height = im.size
-            gray = im.mode in GRAY_MODES
-            # PNG reads EXIF only by decoding; JPEG, TIFF and WebP have it in the header
-            orientation = im.getexif().get(0x0112, 1) if "exif" in im.info or im.format == "TIFF" else 1
+            return _header(im)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
         raise BadImage(_reason(path, err)) from None
-    return (width, height, gray) if orientation in _SWAPS_SIDES else (height, width, gray)
+
+
+def _header(im) -> tuple[int, int, bool]:
+    width, height = im.size
+    gray = im.mode in GRAY_MODES
+    return (width, height, gray) if _orientation(im) in _SWAPS_SIDES else (height, width, gray)
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation an opened image shows in its header (1: upright)."""
+    # PNG reads EXIF only by decoding (unless the chunk comes first); JPEG, TIFF and WebP have it in the header
+    return im.getexif().get(0x0112, 1) if "exif" in im.info or im.format == "TIFF" else 1
 
 
 def decode_image(path: Path | bytes, channels: int) -> np.ndarray:
@@ -303,41 +359,40 @@ def to_channels(values: np.ndarray, channels: int) -> np.ndarray:
 
 
 def fit_size(values: np.ndarray, size: tuple[int, int], resize: str = "stretch") -> np.ndarray:
-    """`(H, W, C)` levels brought to `size` (height, width): stretched, center-cropped or zero-padded.
+    """`(H, W, C)` levels brought to `size` (height, width) as float32: `fit_size_op`, run eagerly."""
+    return fit_size_op(values, size, resize).numpy()
 
-    Crop and pad boxes are `keras.layers.Resizing`'s (`crop_to_aspect_ratio`,
-    `pad_to_aspect_ratio`), in the same float32 arithmetic; the resampling is Pillow's bicubic.
+
+def fit_size_op(image, size: tuple[int, int], resize: str):
+    """`image` (a `(H, W, C)` tensor or array of levels) as float32 at `size`, resized as Keras's pipeline does.
+
+    `keras.utils.image_dataset_from_directory`'s ways, bilinear without antialiasing: `stretch` is
+    `tf.image.resize`; `crop` cuts the centered box of the target's aspect ratio first (`smart_resize`'s box, in
+    its float32 arithmetic); `pad` is `tf.image.resize_with_pad` (fitted inside, then black margins, the larger
+    one after an odd difference). An image already at `size` comes back unchanged (each output pixel lands on an
+    input pixel), so no `tf.cond`, which would cost more than the resize, guards it.
     """
-    height, width = values.shape[:2]
+    import tensorflow as tf
+
+    image = tf.convert_to_tensor(image)
+    height, width = size
+    if resize == "pad":
+        out = tf.image.resize_with_pad(image, height, width, method="bilinear")
+    else:
+        out = tf.image.resize(_center_box(image, size) if resize == "crop" else image, size, method="bilinear")
+    return tf.ensure_shape(out, (height, width, image.shape[-1]))
+
+
+def _center_box(image, size: tuple[int, int]):
+    """The centered part of `image` with the aspect ratio of `size`, as Keras's `smart_resize` cuts it."""
+    import tensorflow as tf
+
     target_h, target_w = size
-    if resize in ("crop", "pad"):
-        to_h = int(np.float32(width * target_h) / np.float32(target_w))
-        to_w = int(np.float32(height * target_w) / np.float32(target_h))
-        if resize == "crop":
-            to_h, to_w = max(min(height, to_h), 1), max(min(width, to_w), 1)
-            top, left = int(np.float32(height - to_h) / 2), int(np.float32(width - to_w) / 2)
-            values = values[top:top + to_h, left:left + to_w]
-        else:
-            to_h, to_w = max(height, to_h), max(width, to_w)
-            top, left = int(np.float32(to_h - height) / 2), int(np.float32(to_w - width) / 2)
-            # as Keras does: the same margin on both sides, so an odd difference loses a row or column
-            padded = np.zeros((height + 2 * top, width + 2 * left, values.shape[2]), dtype=values.dtype)
-            padded[top:top + height, left:left + width] = values
-            values = padded
-    if values.shape[:2] == (target_h, target_w):
-        return values
-    return _resample(values, (target_h, target_w))
-
-
-def _resample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Pillow's bicubic resize: 8-bit images as 8-bit (as transferkit always did), finer ones channel by channel."""
-    from PIL import Image
-
-    target = (size[1], size[0])
-    if values.dtype == np.uint8:
-        image = Image.fromarray(values[..., 0] if values.shape[2] == 1 else values)
-        out = np.asarray(image.resize(target, Image.Resampling.BICUBIC))
-        return out[..., None] if out.ndim == 2 else out
-    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(values[..., c], dtype="float32"))
-                         .resize(target, Image.Resampling.BICUBIC)) for c in range(values.shape[2])]
-    return np.stack(planes, axis=-1)
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    box_h = tf.cast(tf.cast(width * target_h, tf.float32) / target_w, tf.int32)
+    box_w = tf.cast(tf.cast(height * target_w, tf.float32) / target_h, tf.int32)
+    box_h, box_w = tf.maximum(tf.minimum(height, box_h), 1), tf.maximum(tf.minimum(width, box_w), 1)
+    top = tf.cast(tf.cast(height - box_h, tf.float32) / 2, tf.int32)
+    left = tf.cast(tf.cast(width - box_w, tf.float32) / 2, tf.int32)
+    return image[top:top + box_h, left:left + box_w]
