@@ -33,7 +33,7 @@ SCHEDULES = ("onecycle", "constant", "power", "exponential", "piecewise", "plate
 ARCHS = ("dense", "conv")
 BATCHNORM = ("none", "before", "after")
 COMMANDS = ("pretrain", "finetune")
-RESIZE_MODES = ("stretch", "crop", "pad")  # keras.layers.Resizing: stretch, crop_ or pad_to_aspect_ratio
+RESIZE_MODES = ("stretch", "crop", "pad")  # image_dataset_from_directory: stretch, crop_ or pad_to_aspect_ratio
 PREPROCESS = ("none", "scale:1/255", "tf", "imagenet-caffe", "imagenet-torch")  # --base: see transferkit.finetuning.bases
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.data.images import decode_image, fit_size, fit_size_op
+from transferkit.data.images import decode_image, fit_size_op
 
 
 def decode_plain_op(contents, channels: int, format: str | None = None):
@@ -80,6 +80,6 @@ def pillow_levels(path, channels: int) -> np.ndarray:
     return decode_image(path, channels).astype("float32", copy=False)
 
 
-def pillow_decode_bytes(encoded: bytes, size: tuple[int, int], channels: int, resize: str) -> np.ndarray:
-    """One encoded image decoded by Pillow and brought to `size` (`transferkit.data.images.fit_size`)."""
-    return fit_size(decode_image(bytes(encoded), channels), size, resize)
+def pillow_decode_bytes(encoded: bytes, channels: int) -> np.ndarray:
+    """One encoded image decoded by Pillow at its own size (`transferkit.data.images.decode_image`): float32 levels."""
+    return decode_image(bytes(encoded), channels).astype("float32", copy=False)

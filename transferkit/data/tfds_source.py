@@ -151,7 +151,8 @@ class TfdsImages(ImageFiles):
             values = tuple(gather_together(items, at, decoded=[(self, self.decode_op(encoded))]))
             return values if len(values) > 1 else values[0]
 
-        return ds.map(row, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.map(tf.autograph.experimental.do_not_convert(row), num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=True)
 
     def decode_op(self, encoded):
         """One encoded image (a string tensor) decoded and brought to `size`, not standardized."""
@@ -160,10 +161,12 @@ class TfdsImages(ImageFiles):
         from transferkit.data.image_ops import decode_plain_op, fit_size_op, pillow_decode_bytes
 
         if self.source.plain:
-            return fit_size_op(decode_plain_op(encoded, self.channels), self.size, self.resize)
-        out = tf.numpy_function(lambda data: pillow_decode_bytes(data, self.size, self.channels, self.resize),
-                                [encoded], tf.float32, stateful=False)
-        return tf.ensure_shape(out, (*self.size, self.channels))
+            levels = decode_plain_op(encoded, self.channels)
+        else:  # Pillow's levels at the image's own size; resized in the graph below, as a folder's files are
+            levels = tf.numpy_function(lambda data: pillow_decode_bytes(data, self.channels), [encoded], tf.float32,
+                                       stateful=False)
+            levels = tf.ensure_shape(levels, (None, None, self.channels))
+        return fit_size_op(levels, self.size, self.resize)
 
     def fingerprint_into(self, h) -> None:
         """Feed `h` the split's identity (name, version, split, size), the selection and the decode settings."""
