@@ -63,6 +63,18 @@ def test_a_onecycle_stage_is_judged_from_its_middle(encoder_dir, tmp_path):
     assert validation_loss(tmp_path / "clf", None) == pytest.approx(val[best], rel=1e-4)
 
 
+@pytest.mark.parametrize("schedule, retrains, judged", [
+    ("onecycle", False, 150),  # the middle of epochs 100..200
+    ("onecycle", True, 100),  # a stage that trains again what the run trained: from its start
+    ("constant", False, 100),
+])
+def test_where_early_stopping_starts_judging(schedule, retrains, judged):
+    from transferkit.training.runner import Stage, judged_from
+
+    stage = Stage("top3", model=None, train=None, start=100, end=200, batches_per_epoch=1, retrains=retrains)
+    assert judged_from(stage, Recipe(schedule=schedule)) == judged
+
+
 def test_pretraining_that_overfits_keeps_its_best_epoch(tmp_path):
     # a few inputs of noise: the autoencoder learns them by heart and its validation loss rises
     rng = np.random.default_rng(0)

@@ -164,6 +164,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                 learning_rate="auto" if recipe.lr == "auto" else plan.stage_lr(stage), lr_data=(inputs["train"], y),
                 patience=recipe.head_stage_patience if stage.top == 0 else recipe.patience,
                 loss_floor=math.log(data.num_classes),  # a uniform guess's cross-entropy
+                retrains=phase is not plan.phases[0],  # propagate's last stage on the true labels, pseudo's rounds
                 # val_loss where validation has an example of every class; else the training loss
                 validated=len(x_val) >= data.num_classes,
                 validation=None if inputs["val"] is None else pipeline(inputs["val"], y_check, plan.batch_size),
