@@ -117,8 +117,8 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                       and can_cache(clf.features))
             trained = clf.model
             started = time.perf_counter()
-            if run.state:  # the interrupted run's weights, before its examples (a head-only backup's into the head)
-                run.restore_weights(clf.model, start, clf.head)
+            # the interrupted run's weights, before its examples (a head-only backup's into the head)
+            run.restore_weights(clf.model, start, clf.head)
             if examples is None:
                 examples = _examples(plan, phase, propagated, backup)
                 if phase.round:

@@ -181,8 +181,8 @@ def fit_stage(run: Run, stage: Stage) -> Done:
         training = [stage.model.optimizer, *(random_state(stage.model) if stage.random_state else [])]
     if stage.guards is None:
         guards, stopping = runs.stage_guards(stage.name, stage.patience, validated=stage.validated,
-                                             learning_rate=lr, ema=bool(stage.ema), judged_from=judged_from(stage, recipe),
-                                             loss_floor=stage.loss_floor)
+                                             learning_rate=lr, ema=bool(stage.ema),
+                                             judged_from=judged_from(stage, recipe), loss_floor=stage.loss_floor)
     else:
         guards, stopping = list(stage.guards), None
     if run.resumes_in(stage.index):  # part-way through this stage: its training state too
