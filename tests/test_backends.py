@@ -145,11 +145,11 @@ def test_count_nonfinite_counts_nan_and_infinity_in_every_tensor():
 
 def test_a_stage_compiles_its_step_on_jax_and_with_xla_on_tensorflow_only_when_asked():
     # on JAX, jit_compile=False would run every op of every step eagerly, several times slower (bench/backends.py)
-    from transferkit.training import runs
+    from transferkit.training import runner
     from transferkit.recipe import Recipe
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     for asked in (False, True):
-        runs.compile_stage(model, Recipe(jit_compile=asked), 1e-3, 10, "mse")
+        runner.compile_stage(model, Recipe(jit_compile=asked), 1e-3, 10, "mse")
         model.fit(np.ones((4, 3), "float32"), np.ones((4, 2), "float32"), epochs=1, verbose=0)
         assert model.jit_compile is (asked or HERE == "jax")

@@ -22,7 +22,7 @@ from transferkit.store import artifacts
 from transferkit.store.manifest import Manifest
 from transferkit.training import runs
 from transferkit.pieces.augmentation import tta_predict
-from transferkit.data.sources import batches_of, pipeline
+from transferkit.data.sources import batches_of, pipeline, require_labels
 from transferkit.errors import SettingsError
 from transferkit.commands.report import class_report, confusion_figure, format_report, resolve_top_k, top_losses_figure
 from transferkit.pieces.uncertainty import calibration, deterministic_model, has_dropout, mc_predict
@@ -73,7 +73,7 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
     plots, output = _check_destinations(plots, output)
     spec = data or manifest.data.spec
     loaded, split = runs.artifact_data(model_dir, manifest, spec, verbose)
-    runs.require_labels(loaded)
+    require_labels(loaded)
     if split is not None:
         where, x, y = "test split", loaded.x[split.test], loaded.y[split.test]
     else:

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.training import runs
+from transferkit.training.runner import learning_rate_data, make_optimizer, schedule_options
+from transferkit.training.runtime import training_context
 from transferkit.errors import SettingsError
 from transferkit.data.progress import quiet
 from transferkit.recipe import Recipe
@@ -34,13 +36,13 @@ def run_lr_find(recipe: Recipe, stage: str | None = None, plot: str | Path | Non
     check_lr_find_settings(start_lr, end_lr, num_steps, 0.98, 4.0, recipe.batch_size)
     if plot is not None:
         check_plot_folder(Path(plot))
-    with quiet(not verbose), runs.training_context(recipe) as strategy:
+    with quiet(not verbose), training_context(recipe) as strategy:
         plan = plan_finetune(recipe, strategy.num_replicas_in_sync)
         chosen = _stage(plan.stages, stage)
         freeze_all_but_top(plan.clf.base, plan.clf.blocks, chosen.top, recipe.train_batchnorm)
-        plan.clf.model.compile(optimizer=runs.make_optimizer(recipe, start_lr), loss=LOSS)
+        plan.clf.model.compile(optimizer=make_optimizer(recipe, start_lr), loss=LOSS)
         x, y = plan.labeled
-        result = lr_find(plan.clf.model, runs.learning_rate_data(x, y, plan.batch_size), start_lr=start_lr, end_lr=end_lr, num_steps=num_steps,
+        result = lr_find(plan.clf.model, learning_rate_data(x, y, plan.batch_size), start_lr=start_lr, end_lr=end_lr, num_steps=num_steps,
                          batch_size=plan.batch_size, plot=plot)
     runs.print_line(f"stage {chosen.name} of {plan.clf.info['description']}\n{result.summary()}"
                     + (f"\nplot written to {plot}" if plot else ""), verbose)
@@ -88,11 +90,11 @@ def schedule_curve(recipe: Recipe, command: str = "finetune") -> ScheduleCurve:
         _, split = runs.prepare(recipe)
         recipe, _ = resolve_pretrain(recipe, len(split.train))
         stages = [(s.name, s.steps, s.learning_rate, s.schedule) for s in plan_pretrain(recipe, len(split.train))]
-    cycles_momentum = OneCycleMomentum.supports(runs.make_optimizer(recipe, 1e-3))
+    cycles_momentum = OneCycleMomentum.supports(make_optimizer(recipe, 1e-3))
     lrs, momenta, starts = [], [], []
     for name, steps, lr, schedule in stages:
         starts.append((sum(len(part) for part in lrs), name))
-        options = runs.schedule_options(recipe) if schedule == recipe.schedule else {}
+        options = schedule_options(recipe) if schedule == recipe.schedule else {}
         rate = make_schedule(schedule, lr, max(1, steps), **options)
         step = np.arange(steps)
         lrs.append(np.full(steps, rate) if isinstance(rate, float) else np.asarray([float(rate(i)) for i in step]))

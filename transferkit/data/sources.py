@@ -188,6 +188,14 @@ def split_data(
     return Split(train=np.sort(train), val=np.sort(val), test=np.sort(test), labeled=labeled, seed=seed)
 
 
+def require_labels(data: Data) -> None:
+    """Refuse data without labels, or with a single class: a classifier needs two classes to tell apart."""
+    if data.y is None:
+        raise SettingsError(f"Data {data.spec!r} has no labels; fine-tuning needs labeled data "
+                            "(a folder with one sub-folder per class, or an npz with 'y').")
+    require_classes(data, 2)
+
+
 def require_classes(data: Data, minimum: int = 2) -> None:
     """Refuse data whose labels hold fewer than `minimum` classes (a classifier needs two to tell apart).
 

@@ -72,6 +72,31 @@ class Body:
     cut_rule: str
 
 
+def file_base(x, value_range: tuple[float, float], path: str | Path, cut: str | int | None, preprocess: str | None,
+              precision: str) -> tuple[Any, keras.Model, Blocks, dict[str, Any]]:
+    """`--base FILE`: its body (computing under `precision`) on the images `x` made what it takes; returns the
+    body's outputs, the body, its blocks and what the manifest records of it (`describe`)."""
+    body = load_body(path, cut)
+    base = with_dtype_policy(body.model, precision)
+    preprocess = preprocess or "none"
+    outputs = base(base_inputs(x, value_range, base, preprocess))
+    rule, blocks = base_blocks(base)
+    return outputs, base, blocks, describe(body, base, preprocess, rule)
+
+
+def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
+    """`model` as it was saved, or a copy with its weights whose layers compute under `policy` (mixed precision)."""
+    if policy == "float32":
+        return model
+
+    def clone(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": policy})
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def load_body(path: str | Path, cut: str | int | None = None, model: keras.Model | None = None) -> Body:
     """The body of the Keras model file `path` (loaded already: `model`), ending with layer `cut`.
 

@@ -19,6 +19,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,3 +83,14 @@ def resolve_class_weight(setting: str, labels: np.ndarray, class_names: Sequence
                                 "positive number.")
         weights[index[str(name)]] = float(weight)
     return weights
+
+
+def class_names(data: Any) -> list[str]:
+    """The classes' names in index order: the data's, else the class numbers as text."""
+    return [str(n) for n in data.class_names] if data.class_names else [str(i) for i in range(data.num_classes)]
+
+
+def class_weight_record(setting: str, weights: dict[int, float] | None, names: Sequence[str]) -> dict[str, Any]:
+    """What the manifest says of the class weights: the setting, and each class's weight by name."""
+    return {"setting": setting,
+            "weights": None if weights is None else {names[c]: w for c, w in sorted(weights.items())}}

@@ -21,8 +21,7 @@ from transferkit.store import artifacts
 from transferkit.store.manifest import Manifest
 from transferkit.pieces.augmentation import augment_inputs
 from transferkit.pieces.backbones import backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter
-from transferkit.finetuning.bases import base_blocks, base_inputs, load_body
-from transferkit.finetuning.bases import describe as describe_base
+from transferkit.finetuning.bases import file_base, with_dtype_policy
 from transferkit.finetuning.hub import hub_base, is_hub
 from transferkit.data.sources import Data
 from transferkit.errors import SettingsError
@@ -62,19 +61,6 @@ class Classifier:
         return keras.Model(features_in, outputs, name="head_on_features")
 
 
-def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
-    """`model` as it was saved, or a copy with its weights whose layers compute under `policy` (mixed precision)."""
-    if policy == "float32":
-        return model
-
-    def clone(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": policy})
-
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
 def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | None) -> Classifier:
     """inputs → (adapter) → base → pooling: the features; then (dropout) → softmax: the head.
 
@@ -93,12 +79,8 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | No
         blocks = blocks_of(base)
         info = {"from": str(recipe.from_), "kind": "encoder", "description": f"encoder {recipe.from_}"}
     elif recipe.base:
-        body = load_body(recipe.base, recipe.cut)
-        base = with_dtype_policy(body.model, recipe.precision)
-        preprocess = recipe.preprocess or "none"
-        x = base(base_inputs(augmented, data.value_range, base, preprocess))
-        blocks_rule, blocks = base_blocks(base)
-        info = describe_base(body, base, preprocess, blocks_rule)
+        x, base, blocks, info = file_base(augmented, data.value_range, recipe.base, recipe.cut, recipe.preprocess,
+                                          recipe.precision)
     elif is_hub(recipe.backbone):  # keras-hub: the preset's image converter, blocks from its pyramid levels
         x, base, blocks, info = hub_base(augmented, data.value_range, recipe.backbone, recipe.image_size,
                                          recipe.weights, recipe.precision)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -26,14 +25,15 @@ import numpy as np
 from transferkit.store import artifacts
 from transferkit.store.manifest import Manifest
 from transferkit.training import runs
-from transferkit.finetuning.class_weights import resolve_class_weight
+from transferkit.finetuning.class_weights import class_names, resolve_class_weight
 from transferkit.training.defaults import resolve_finetune
-from transferkit.data.sources import Data, Split, split_data
+from transferkit.data.sources import Data, Split, require_labels, split_data
 from transferkit.errors import SettingsError
+from transferkit.pieces.augment_spec import parse_augment
 from transferkit.pieces.discriminative import block_factors
 from transferkit.recipe import Recipe
 from transferkit.finetuning.semi_supervised import check_pool, per_class, pool_epochs, unlabeled_pool
-from transferkit.training.stages import Stage, gradual_stages, parse_stages, two_stages
+from transferkit.training.stages import Stage, plan_stages
 from transferkit.finetuning.classifier import Blocks, Classifier, build_classifier
 
 
@@ -50,6 +50,49 @@ class Phase:
         return int(self.name.removeprefix("pseudo")) if self.name.startswith("pseudo") else None
 
 
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """One stage of the run as planned: what its training needs besides its examples and the model.
+
+    `cacheable`: a head stage with nothing random in its inputs, on one replica, with
+    `cache_features` on; it trains on cached base outputs if the frozen base is also
+    deterministic (`feature_cache.can_cache`, known once the stage has frozen it).
+    `uncached`: a head stage that could have been cached but for its inputs, which change
+    every epoch (augmented or mixed). `soft`: its targets are probabilities (propagated
+    labels, or one-hot targets that mixed batches mix).
+    """
+
+    stage: Stage
+    phase: Phase
+    index: int  # its number in the run, and in the run's backups
+    start: int  # it trains the run's epochs start + 1 .. end
+    end: int
+    learning_rate: float | str  # "auto": the LR finder's valley
+    patience: int
+    lr_factors: dict[str, float]
+    cacheable: bool
+    uncached: bool
+    soft: bool
+    retrains: bool  # a later phase trains again weights the run has trained (judged from its start)
+    first_of_phase: bool  # the stage that picks its phase's examples
+
+    @property
+    def top(self) -> int:
+        return self.stage.top
+
+    @property
+    def name(self) -> str:
+        """Its name in messages: the stage's, and the phase's unless that is the labeled examples."""
+        return self.stage.name if self.phase.name == "labeled" else f"{self.stage.name} ({self.phase.name})"
+
+    def header(self, lr: float, examples: int, first: int, schedule: str, cached: bool, trainable: list[str]) -> str:
+        """The line that introduces the stage once its learning rate is known (`first`: its first epoch run)."""
+        return (f"stage {self.name}: epochs {first + 1}-{self.end} on {examples} examples, {schedule} learning rate "
+                f"{lr:.3g}{', on cached base outputs' if cached else ''}"
+                f"{', uncached: its inputs change every epoch' if self.uncached else ''}; trainable: "
+                f"{', '.join(trainable) or 'no block'} + head")
+
+
 @dataclasses.dataclass
 class Plan:
     """Everything a fine-tuning run is made of, before any training."""
@@ -59,12 +102,12 @@ class Plan:
     split: Split
     clf: Classifier
     stages: list[Stage]
-    out: Path
     replicas: int = 1
     phases: list[Phase] = dataclasses.field(default_factory=list)
     chosen: dict[str, Any] = dataclasses.field(default_factory=dict)  # settings resolved by transferkit.training.defaults
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # the run's settings as given (backups)
     class_weight: dict[int, float] | None = None  # per-class loss weights for fit (--class-weight)
+    stage_plans: list[StagePlan] = dataclasses.field(default_factory=list)  # every phase's stages, in order
 
     @property
     def labeled(self) -> tuple[np.ndarray, np.ndarray]:
@@ -101,29 +144,34 @@ class Plan:
     def stage_lr(self, stage: Stage) -> float:
         return self.recipe.lr if stage.top == 0 else self.recipe.lr * self.recipe.finetune_lr_factor
 
+    @property
+    def random_inputs(self) -> bool:
+        """Augmented or mixed inputs differ every epoch: no head stage can reuse one pass of the base over them."""
+        return bool(parse_augment(self.recipe.augment)) or self.recipe.mixes
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for phase in self.phases for s in phase.stages)
+
 
 def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     """Check the settings, load and split the data, build the classifier and its stages; train nothing."""
     if not recipe.from_ and not recipe.backbone and not recipe.base:
         raise SettingsError("finetune needs a base: --from DIR (a saved encoder), --backbone NAME (Keras "
                             "Applications) or --base FILE (a Keras model file).")
-    encoder_manifest = artifacts.read_manifest(recipe.from_, ("encoder",)) if recipe.from_ else None
-    data = runs.load_recipe_data(recipe)
-    runs.require_labels(data)
-    if recipe.mixes and len(data.input_shape) != 3:
-        raise SettingsError(f"--mixup and --cutmix need image inputs (height, width, channels); the data's inputs "
-                            f"have shape {data.input_shape}. Received: mixup={recipe.mixup}, cutmix={recipe.cutmix}")
-    split = _split_for(recipe, data, encoder_manifest)
+    data, split, encoder_manifest = _data_and_split(recipe)
     class_weight = resolve_class_weight(recipe.class_weight, data.y[split.labeled], class_names(data))
-    keras.utils.set_random_seed(recipe.seed)
     settings = recipe.run_settings()  # as given: what is chosen from them follows
+    keras.utils.set_random_seed(recipe.seed)
     clf = build_classifier(recipe, data, encoder_manifest)
     recipe, chosen = resolve_finetune(recipe, len(split.labeled), len(clf.blocks),
                                       "encoder" if clf.info["kind"] == "encoder" else "backbone")
-    plan = Plan(recipe, data, split, clf, plan_stages(recipe, clf.blocks), runs.out_dir(recipe, "classifier"),
-                replicas, chosen=chosen, settings=settings, class_weight=class_weight)
+    stages = plan_stages(recipe, [name for name, _ in clf.blocks])
+    plan = Plan(recipe, data, split, clf, stages, replicas, chosen=chosen, settings=settings,
+                class_weight=class_weight)
     check_pool(recipe.semi_supervised, plan.unlabeled)
     plan.phases = plan_phases(plan)
+    plan.stage_plans = plan_stage_plans(plan)
     return plan
 
 
@@ -147,23 +195,23 @@ def plan_phases(plan: Plan) -> list[Phase]:
     return [Phase("propagated", on_pool), Phase("labeled", stages[-1:])]
 
 
-def class_names(data: Data) -> list[str]:
-    """The classes' names in index order: the data's, else the class numbers as text."""
-    return [str(n) for n in data.class_names] if data.class_names else [str(i) for i in range(data.num_classes)]
-
-
-def plan_stages(recipe: Recipe, blocks: Blocks) -> list[Stage]:
-    """The stages the recipe asks for: a schedule, gradual unfreezing, or head then top N."""
-    if recipe.unfreeze_schedule:
-        return parse_stages(recipe.unfreeze_schedule, len(blocks))
-    if recipe.unfreeze_top > len(blocks):
-        raise SettingsError(
-            f"--unfreeze-top {recipe.unfreeze_top} is more than the base has blocks: it has {len(blocks)} "
-            f"({', '.join(name for name, _ in blocks)})."
-        )
-    if recipe.gradual:
-        return gradual_stages(recipe.head_epochs, recipe.epochs, len(blocks), recipe.unfreeze_top)
-    return two_stages(recipe.head_epochs, recipe.unfreeze_top, recipe.epochs, len(blocks))
+def plan_stage_plans(plan: Plan) -> list[StagePlan]:
+    """Every phase's stages in the order they train, each with its epochs, rate, patience and rate factors."""
+    recipe, planned, end = plan.recipe, [], 0
+    cache = recipe.cache_features and plan.replicas == 1
+    for phase in plan.phases:
+        for position, stage in enumerate(phase.stages):
+            start, end = end, end + stage.epochs
+            planned.append(StagePlan(
+                stage, phase, len(planned), start, end,
+                learning_rate="auto" if recipe.lr == "auto" else plan.stage_lr(stage),
+                patience=recipe.head_stage_patience if stage.top == 0 else recipe.patience,
+                lr_factors=lr_factors(plan.clf.blocks, stage.top, recipe.lr_decay),
+                cacheable=stage.top == 0 and cache and not plan.random_inputs,
+                uncached=stage.top == 0 and recipe.cache_features and plan.random_inputs,
+                soft=phase.name == "propagated" or recipe.mixes,
+                retrains=phase is not plan.phases[0], first_of_phase=position == 0))
+    return planned
 
 
 def lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:
@@ -174,8 +222,17 @@ def lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:
     return {path: b["factor"] for b in per_block.values() for path in b["paths"]}
 
 
-def _split_for(recipe: Recipe, data: Data, encoder_manifest: Manifest | None) -> Split:
-    """The split; on the encoder's own data, the encoder's split, so its test examples stay unseen."""
+def _data_and_split(recipe: Recipe) -> tuple[Data, Split, Manifest | None]:
+    """The labeled data and its split, and the encoder's manifest (None without `from_`).
+
+    On the encoder's own data, the encoder's split, so its test examples stay unseen.
+    """
+    encoder_manifest = artifacts.read_manifest(recipe.from_, ("encoder",)) if recipe.from_ else None
+    data = runs.load_recipe_data(recipe)
+    require_labels(data)
+    if recipe.mixes and len(data.input_shape) != 3:
+        raise SettingsError(f"--mixup and --cutmix need image inputs (height, width, channels); the data's inputs "
+                            f"have shape {data.input_shape}. Received: mixup={recipe.mixup}, cutmix={recipe.cutmix}")
     same_data = encoder_manifest is not None and encoder_manifest.data.fingerprint == data.fingerprint
     seed = recipe.resolved_split_seed
     if same_data and recipe.split_seed is None:
@@ -190,4 +247,4 @@ def _split_for(recipe: Recipe, data: Data, encoder_manifest: Manifest | None) ->
                 f"split seed {seed} puts {len(leaked)} test examples among the encoder's pretraining inputs; "
                 f"use the encoder's split seed {encoder_manifest.split.seed} (leave --split-seed unset)."
             )
-    return split
+    return data, split, encoder_manifest

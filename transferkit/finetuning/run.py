@@ -28,7 +28,7 @@ import functools
 import math
 import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -41,23 +41,26 @@ from transferkit.pieces.augmentation import mix_batches
 from transferkit.store.backup import Backup
 from transferkit.training.defaults import describe_chosen
 from transferkit.data.sources import pipeline
+from transferkit.finetuning.class_weights import class_names, class_weight_record
 from transferkit.finetuning.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
 from transferkit.pieces.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.pieces.losses import SparseCategoricalCrossentropyWithSmoothing
 from transferkit.recipe import Recipe
 from transferkit.training.distributed import on_this_process
-from transferkit.training.runtime import is_chief
+from transferkit.training.runtime import is_chief, training_context
 from transferkit.finetuning.semi_supervised import NEIGHBOURS, SPREAD, flat_inputs, propagate_labels, pseudo_labels
-from transferkit.training.stages import Stage, describe
-from transferkit.finetuning.plan import Phase, Plan, class_names, lr_factors, plan_finetune
+from transferkit.training.stages import describe
+from transferkit.finetuning.plan import Phase, Plan, StagePlan, plan_finetune
 
 
 def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     """Build the classifier, train it stage by stage, test it, save it."""
     recipe = recipe.validate()
-    runs.check_out_writable(runs.out_dir(recipe, "classifier"))
-    with runs.training_context(recipe) as strategy:
-        return _train(plan_finetune(recipe, strategy.num_replicas_in_sync), verbose and is_chief())
+    out = runs.out_dir(recipe, "classifier")
+    runs.check_out_writable(out)
+    with training_context(recipe) as strategy:
+        plan = plan_finetune(recipe, strategy.num_replicas_in_sync)
+        return _train(plan, out, verbose and is_chief())
 
 
 @dataclasses.dataclass
@@ -69,14 +72,10 @@ class Examples:
     soft: bool = False
 
 
-def _train(plan: Plan, verbose: bool) -> runs.Result:
-    recipe = plan.recipe
-    data, split, clf, out = plan.data, plan.split, plan.clf, plan.out
-    total_epochs = sum(s.epochs for phase in plan.phases for s in phase.stages)
-    x_val, y_val = data.x[split.val], data.y[split.val]
+def _train(plan: Plan, out: Path, verbose: bool) -> runs.Result:
+    recipe, data, split, clf = plan.recipe, plan.data, plan.split, plan.clf
+    x_val = data.x[split.val]
     semi = recipe.semi_supervised
-    # augmented or mixed inputs differ every epoch: no head stage can reuse one pass of the base over them
-    random_inputs = bool(parse_augment(recipe.augment)) or recipe.mixes
     runs.print_line(describe_chosen("finetune", plan.chosen), verbose)
     runs.print_line(f"finetune: {clf.info['description']} on {len(split.labeled)} labeled examples "
                     f"({recipe.label_fraction:g} of {len(split.train)}), {data.num_classes} classes; "
@@ -85,10 +84,10 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
                        if semi != "none" else ""), verbose)
 
     backup = Backup.for_output(out, plan.settings)
-    run = runner.Run(recipe, backup, backup.state(restart=recipe.restart), verbose, total_epochs=total_epochs)
+    run = runner.Run(recipe, backup, backup.state(restart=recipe.restart), verbose, total_epochs=plan.total_epochs)
     if run.state:
-        runs.print_line(f"resuming from the backup in {backup.folder}: epoch {run.resume_at + 1} of {total_epochs}",
-                        verbose)
+        runs.print_line(f"resuming from the backup in {backup.folder}: epoch {run.resume_at + 1} of "
+                        f"{plan.total_epochs}", verbose)
     # the base's outputs, per phase (None: validation), while the base's weights stay as they are
     outputs: dict[str | None, Any] = {}
     propagated = graph = None
@@ -99,90 +98,57 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
     del graph
     done: list[dict[str, Any]] = []
     pseudo_counts: dict[str, int] = {}
-    epoch, index = 0, -1
     trained = clf.model
-    for phase in plan.phases:
-        examples = None
-        for stage in phase.stages:
-            index += 1
-            start, epoch = epoch, epoch + stage.epochs
-            record = {"name": stage.name, "phase": phase.name, "unfreeze_top": stage.top, "epochs": stage.epochs,
-                      "lr": None, "schedule": recipe.schedule, "seconds": 0.0}
-            done.append(record)
-            if run.finished_before(epoch):
-                continue
-            unfrozen = freeze_all_but_top(clf.base, clf.blocks, stage.top, recipe.train_batchnorm)
-            factors = lr_factors(clf.blocks, stage.top, recipe.lr_decay)
-            cached = (stage.top == 0 and recipe.cache_features and plan.replicas == 1 and not random_inputs
-                      and can_cache(clf.features))
-            trained = clf.model
-            started = time.perf_counter()
-            # the interrupted run's weights, before its examples (a head-only backup's into the head)
-            run.restore_weights(clf.model, start, clf.head)
-            if examples is None:
-                examples = _examples(plan, phase, propagated, backup)
-                if phase.round:
-                    pseudo_counts[phase.name] = len(examples.rows) - len(split.labeled)
-            x, y = data.x[examples.rows], examples.y
-            soft = examples.soft or recipe.mixes  # mixed batches mix one-hot targets
-            if recipe.mixes and not examples.soft:
-                y = np.eye(data.num_classes, dtype="float32")[y]
-            y_check = np.eye(data.num_classes, dtype="float32")[y_val] if soft else y_val
-            inputs = {"train": x, "val": x_val if len(x_val) else None}
-            if cached:
-                trained = clf.head
-                caching = time.perf_counter()
-                if reuse is not None:
-                    outputs.setdefault(phase.name, reuse)
-                for key, rows in ((phase.name, x), (None, x_val)):
-                    if key not in outputs:
-                        outputs[key] = compute_features(clf.features, rows, plan.batch_size) if len(rows) else None
-                inputs = {"train": outputs[phase.name], "val": outputs[None]}
-                record["caching_seconds"] = round(time.perf_counter() - caching, 3)
-                if index == 0 and isinstance(inputs["train"], np.ndarray):
-                    warn_if_constant(inputs["train"], clf.info["description"])
-            reuse = None  # used by the first stage, or not at all: free it
-            loss, accuracy = _loss_and_metric(soft, recipe.label_smoothing)
-            name = stage.name if phase.name == "labeled" else f"{stage.name} ({phase.name})"
-            # in a fixed order, made only where used (training health; JAX's compiled loss)
-            unshuffled = functools.cache(functools.partial(pipeline, inputs["train"], y, plan.batch_size))
-            batches = pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed)
-            say = _stage_line(plan, stage, phase, len(y), cached, unfrozen, run.resume_at, start, epoch, random_inputs)
-
-            def compiled(lr: float, model=trained, line=say, order=unshuffled) -> None:
-                if verbose:
-                    runs.print_line(line(lr), verbose)
-                    runs.print_line(format_audit(audit(clf.model, factors, clf.blocks)), verbose)
-                backend.build_compiled(model, order)
-
-            finished = runner.fit_stage(run, runner.Stage(
-                name, trained,
-                mix_batches(batches, recipe.mixup, recipe.cutmix, seed=recipe.seed + index) if recipe.mixes
-                else batches,
-                start=start, end=epoch, batches_per_epoch=runs.steps_per_epoch(len(y), plan.batch_size),
-                index=index, loss=loss, metrics=accuracy,
-                learning_rate="auto" if recipe.lr == "auto" else plan.stage_lr(stage), lr_data=(inputs["train"], y),
-                patience=recipe.head_stage_patience if stage.top == 0 else recipe.patience,
-                loss_floor=math.log(data.num_classes),  # a uniform guess's cross-entropy
-                retrains=phase is not plan.phases[0],  # propagate's last stage on the true labels, pseudo's rounds
-                # val_loss where validation has an example of every class; else the training loss
-                validated=len(x_val) >= data.num_classes,
-                validation=None if inputs["val"] is None else pipeline(inputs["val"], y_check, plan.batch_size),
-                lr_factors=factors, ema=recipe.ema, kept=clf.model, head=clf.head if cached else None,
-                class_weight=plan.class_weight, unshuffled=unshuffled, on_compiled=compiled))
-            if stage.top:  # the base has trained: a later head stage needs its new outputs
-                outputs.clear()
-            record.update(lr=finished.learning_rate, seconds=round(time.perf_counter() - started, 3),
-                          cached=bool(cached))
-            if finished.stopping is not None and finished.stopping.stopped_epoch:
-                record.update(stopped_after=finished.stopping.stopped_epoch + 1,
-                              best_epoch=finished.stopping.best_epoch + 1)
+    examples = None
+    for step in plan.stage_plans:
+        record = {"name": step.stage.name, "phase": step.phase.name, "unfreeze_top": step.top,
+                  "epochs": step.stage.epochs, "lr": None, "schedule": recipe.schedule, "seconds": 0.0}
+        done.append(record)
+        if step.first_of_phase:
+            examples = None
+        if run.finished_before(step.end):
+            continue
+        unfrozen = freeze_all_but_top(clf.base, clf.blocks, step.top, recipe.train_batchnorm)
+        cached = step.cacheable and can_cache(clf.features)
+        trained = clf.head if cached else clf.model
+        started = time.perf_counter()
+        # the interrupted run's weights, before its examples (a head-only backup's into the head)
+        run.restore_weights(clf.model, step.start, clf.head)
+        if examples is None:
+            examples = _examples(plan, step.phase, propagated, backup)
+            if step.phase.round:
+                pseudo_counts[step.phase.name] = len(examples.rows) - len(split.labeled)
+        x, y = data.x[examples.rows], examples.y
+        if recipe.mixes and not examples.soft:  # mixed batches mix one-hot targets
+            y = np.eye(data.num_classes, dtype="float32")[y]
+        inputs = {"train": x, "val": x_val if len(x_val) else None}
+        if cached:
+            caching = time.perf_counter()
+            if reuse is not None:
+                outputs.setdefault(step.phase.name, reuse)
+            for key, rows in ((step.phase.name, x), (None, x_val)):
+                if key not in outputs:
+                    outputs[key] = compute_features(clf.features, rows, plan.batch_size) if len(rows) else None
+            inputs = {"train": outputs[step.phase.name], "val": outputs[None]}
+            record["caching_seconds"] = round(time.perf_counter() - caching, 3)
+            if step.index == 0 and isinstance(inputs["train"], np.ndarray):
+                warn_if_constant(inputs["train"], clf.info["description"])
+        reuse = None  # used by the first stage, or not at all: free it
+        stage = _stage(plan, step, trained, inputs, y, cached, unfrozen, run.resume_at, verbose)
+        finished = runner.fit_stage(run, stage)
+        if step.top:  # the base has trained: a later head stage needs its new outputs
+            outputs.clear()
+        record.update(lr=finished.learning_rate, seconds=round(time.perf_counter() - started, 3),
+                      cached=bool(cached))
+        if finished.stopping is not None and finished.stopping.stopped_epoch:
+            record.update(stopped_after=finished.stopping.stopped_epoch + 1,
+                          best_epoch=finished.stopping.best_epoch + 1)
     history = run.history
 
     loss, accuracy = _loss_and_metric(soft=False, label_smoothing=recipe.label_smoothing)
     # the last stage trained the head alone, or on soft labels: compile the classifier for the true labels
     if trained is not clf.model or getattr(clf.model, "loss", None) != loss:
-        clf.model.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
+        clf.model.compile(optimizer=runner.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
     test_loss, test_accuracy = clf.model.evaluate(
         pipeline(data.x[split.test], data.y[split.test], plan.batch_size), verbose=0)
     metrics = {"test_accuracy": float(test_accuracy), "test_loss": float(test_loss)}
@@ -196,7 +162,7 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
         augment=describe_augment(parse_augment(recipe.augment)),
         mixup=recipe.mixup,
         cutmix=recipe.cutmix,
-        class_weight=_class_weight_record(plan),
+        class_weight=class_weight_record(recipe.class_weight, plan.class_weight, class_names(data)),
         ema=recipe.ema,
         metrics=metrics,
     )
@@ -207,17 +173,37 @@ def _train(plan: Plan, verbose: bool) -> runs.Result:
     return runs.Result(model=clf.model, history=history, metrics=metrics, artifact=out, manifest=manifest)
 
 
-def _stage_line(plan: Plan, stage: Stage, phase: Phase, examples: int, cached: bool, unfrozen: list[str],
-                resume_at: int, start: int, end: int, random_inputs: bool) -> Callable[[float], str]:
-    """The line that introduces a stage, once its learning rate is known."""
-    recipe = plan.recipe
-    uncached = stage.top == 0 and recipe.cache_features and random_inputs
-    return lambda lr: (
-        f"stage {stage.name}{'' if phase.name == 'labeled' else f' ({phase.name})'}: epochs "
-        f"{max(start, resume_at) + 1}-{end} on {examples} examples, {recipe.schedule} learning rate {lr:.3g}"
-        f"{', on cached base outputs' if cached else ''}"
-        f"{', uncached: its inputs change every epoch' if uncached else ''}; trainable: "
-        f"{', '.join(unfrozen) or 'no block'} + head")
+def _stage(plan: Plan, step: StagePlan, trained: keras.Model, inputs: dict[str, Any], y: np.ndarray, cached: bool,
+           unfrozen: list[str], resume_at: int, verbose: bool) -> runner.Stage:
+    """What the runner trains for `step`: `trained` on `inputs` (and the validation inputs), targets `y`."""
+    recipe, data, clf = plan.recipe, plan.data, plan.clf
+    y_val = data.y[plan.split.val]
+    loss, accuracy = _loss_and_metric(step.soft, recipe.label_smoothing)
+    # in a fixed order, made only where used (training health; JAX's compiled loss)
+    unshuffled = functools.cache(functools.partial(pipeline, inputs["train"], y, plan.batch_size))
+    batches = pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed)
+    if recipe.mixes:
+        batches = mix_batches(batches, recipe.mixup, recipe.cutmix, seed=recipe.seed + step.index)
+    validation = None if inputs["val"] is None else pipeline(
+        inputs["val"], np.eye(data.num_classes, dtype="float32")[y_val] if step.soft else y_val, plan.batch_size)
+
+    def compiled(lr: float) -> None:
+        if verbose:
+            runs.print_line(step.header(lr, len(y), max(step.start, resume_at), recipe.schedule, cached, unfrozen),
+                            verbose)
+            runs.print_line(format_audit(audit(clf.model, step.lr_factors, clf.blocks)), verbose)
+        backend.build_compiled(trained, unshuffled)
+
+    return runner.Stage(
+        step.name, trained, batches, start=step.start, end=step.end,
+        batches_per_epoch=runs.steps_per_epoch(len(y), plan.batch_size), index=step.index, loss=loss,
+        metrics=accuracy, learning_rate=step.learning_rate, lr_data=(inputs["train"], y), patience=step.patience,
+        loss_floor=math.log(data.num_classes),  # a uniform guess's cross-entropy
+        retrains=step.retrains,  # propagate's last stage on the true labels, pseudo's rounds
+        # val_loss where validation has an example of every class; else the training loss
+        validated=len(y_val) >= data.num_classes, validation=validation, lr_factors=step.lr_factors,
+        ema=recipe.ema, kept=clf.model, head=clf.head if cached else None, class_weight=plan.class_weight,
+        unshuffled=unshuffled, on_compiled=compiled)
 
 
 FLAT_FEATURES = 1e-6  # the largest spread across examples of any feature, below which the head has nothing
@@ -248,14 +234,6 @@ def _loss_and_metric(soft: bool, label_smoothing: float = 0.0) -> tuple[Any, lis
     if label_smoothing:
         return SparseCategoricalCrossentropyWithSmoothing(label_smoothing), ["accuracy"]
     return "sparse_categorical_crossentropy", ["accuracy"]
-
-
-def _class_weight_record(plan: Plan) -> dict[str, Any]:
-    """What the manifest says of the class weights: the setting, and each class's weight by name."""
-    weights = plan.class_weight
-    names = class_names(plan.data)
-    return {"setting": plan.recipe.class_weight,
-            "weights": None if weights is None else {names[c]: w for c, w in sorted(weights.items())}}
 
 
 def _examples(plan: Plan, phase: Phase, propagated: np.ndarray | None, backup: Backup) -> Examples:

@@ -46,7 +46,7 @@ from transferkit.data.sources import Data, Split
 from transferkit.training.defaults import describe_chosen, resolve_pretrain
 from transferkit.errors import SettingsError
 from transferkit.recipe import Recipe
-from transferkit.training.runtime import is_chief
+from transferkit.training.runtime import is_chief, training_context
 from transferkit.pretraining.job import Job, Pretrained
 from transferkit.pretraining.autoencoders import train_autoencoder, train_stacked
 from transferkit.pretraining.encoder import build_encoder
@@ -79,7 +79,7 @@ def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
     """
     recipe = recipe.validate()
     runs.check_out_writable(runs.out_dir(recipe, "encoder"))
-    with runs.training_context(recipe) as strategy:
+    with training_context(recipe) as strategy:
         replicas = strategy.num_replicas_in_sync
         if recipe.batch_size % replicas:  # pretrain's --batch-size is the global batch: each device takes a part
             raise SettingsError(f"--batch-size {recipe.batch_size} does not split over the {replicas} devices; "

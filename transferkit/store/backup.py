@@ -146,10 +146,13 @@ class Backup:
             optimizer.build(trained.trainable_variables)
         _load_arrays(self.folder / OPTIMIZER, optimizer.variables)
 
-    def restore_training(self, training: Kept) -> None:
-        """Load the saved training state into `training`: built optimizers and variables, as saved."""
+    def restore_training(self, training: Kept, stopping: Any = None) -> None:
+        """Load the saved training state into `training` (built optimizers and variables, as saved), and
+        early stopping's progress into `stopping` (a `ResumableEarlyStopping`), if given."""
         if not _load_arrays(self.folder / OPTIMIZER, variables_of(training)):
             raise SettingsError(f"The backup in {str(self.folder)!r} does not fit this training; pass --restart.")
+        if stopping is not None:
+            stopping.load_state(self.stopping())
 
     def discard(self) -> None:
         if is_chief():

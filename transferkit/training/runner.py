@@ -9,10 +9,10 @@ is policy over one `Learner.fit`:
 1. skips a stage the interrupted run had finished; gives the model the
    backed-up weights when the run resumes in or after it;
 2. `lr="auto"`: the LR finder's valley on the stage's data;
-3. compiles with the recipe's optimizer and schedule (`runs.compile_stage`);
+3. compiles with the recipe's optimizer and schedule (`compile_stage`);
    a stage resumed part-way gets its optimizer and random states back;
 4. trains under the divergence stop and early stopping with the best epoch's
-   weights (`runs.stage_guards`), training health, TensorBoard curves and
+   weights (`stage_guards`), training health, TensorBoard curves and
    backups (`BackupCallback`, which owns resume as Keras's `BackupAndRestore`);
 5. appends the epochs to the run's history.
 
@@ -31,12 +31,16 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
 
+from transferkit.data.sources import pipeline
+from transferkit.errors import SettingsError, TransferkitError
+from transferkit.pieces.callbacks import ResumableEarlyStopping, StopOnDivergence
 from transferkit.pieces.health import TrainingHealth
 from transferkit.recipe import Recipe
 from transferkit.store.backup import Backup, BackupCallback, Kept, random_state
-from transferkit.training import runs
 from transferkit.training.defaults import ONECYCLE_JUDGED_FROM
+from transferkit.training.runs import print_line
 from transferkit.training.runtime import is_chief
 
 
@@ -166,54 +170,49 @@ def fit_stage(run: Run, stage: Stage) -> Done:
     """Train `stage` as part of `run` (see the module's docstring); the run's history grows in place."""
     recipe = run.recipe
     kept = stage.model if stage.kept is None else stage.kept
+    judged = judged_from(stage, recipe)
+    tensorboard = curves(recipe)
     run.restore_weights(kept, stage.start, stage.head)
-    lr, schedule = None, []
-    if stage.compile:
-        lr = _learning_rate(stage, recipe, run.verbose)
-        schedule = runs.compile_stage(stage.model, recipe, lr, (stage.end - stage.start) * stage.batches_per_epoch,
-                                      stage.loss, stage.metrics, lr_factors=stage.lr_factors, ema=stage.ema)
+    lr, schedule = _compile(stage, recipe, run.verbose) if stage.compile else (None, [])
     if stage.on_compiled is not None:
         stage.on_compiled(lr)
+    if stage.guards is None:
+        guards, stopping = stage_guards(stage.name, stage.patience, validated=stage.validated, learning_rate=lr,
+                                        ema=bool(stage.ema), judged_from=judged, loss_floor=stage.loss_floor)
+    else:
+        guards, stopping = list(stage.guards), None
     training = stage.training
     if training is None:
         if not stage.model.optimizer.built:
             stage.model.optimizer.build(stage.model.trainable_variables)
         training = [stage.model.optimizer, *(random_state(stage.model) if stage.random_state else [])]
-    if stage.guards is None:
-        guards, stopping = runs.stage_guards(stage.name, stage.patience, validated=stage.validated,
-                                             learning_rate=lr, ema=bool(stage.ema),
-                                             judged_from=judged_from(stage, recipe), loss_floor=stage.loss_floor)
-    else:
-        guards, stopping = list(stage.guards), None
-    if run.resumes_in(stage.index):  # part-way through this stage: its training state too
-        run.backup.restore_training(training)
-        if stopping is not None:
-            stopping.load_state(run.backup.stopping())
     first = max(stage.start, run.resume_at)
-    train = stage.train(first) if callable(stage.train) else stage.train
     callbacks = [*schedule, *guards]
     if run.backup is not None:
+        if run.resumes_in(stage.index):  # part-way through this stage: its training state too
+            run.backup.restore_training(training, stopping)
         callbacks.append(BackupCallback(run.backup, kept, stage.index, run.history, recipe.backup_every,
                                         final_epoch=run.total_epochs, training=training, head=stage.head,
                                         stopping=stopping, epoch_values=stage.epoch_values))
+    train = stage.train(first) if callable(stage.train) else stage.train
     if recipe.health_steps:
         unshuffled = train if stage.unshuffled is None else stage.unshuffled
         unshuffled = unshuffled() if callable(unshuffled) else unshuffled
         callbacks.append(TrainingHealth(unshuffled, every=recipe.health_steps,
                                         log_dir=recipe.tensorboard if is_chief() else None,
                                         loss=stage.loss, initial_step=first * stage.batches_per_epoch))
-    callbacks.extend(runs.curves(recipe))
     fit = stage.model.fit(train, validation_data=stage.validation, initial_epoch=first, epochs=stage.end,
                           steps_per_epoch=stage.batches_per_epoch if stage.continuous else None,
-                          callbacks=callbacks, class_weight=stage.class_weight, shuffle=False,
+                          callbacks=callbacks + tensorboard, class_weight=stage.class_weight, shuffle=False,
                           verbose=2 if run.verbose else 0)
-    runs.merge_history(run.history, fit)
+    for key, values in fit.history.items():
+        run.history.setdefault(key, []).extend(float(v) for v in values)
     for key, value in (stage.epoch_values or {}).items():
         column = run.history.setdefault(key, [])
         column.extend([float(value)] * (len(run.history["loss"]) - len(column)))
     if stopping is not None and stopping.stopped_epoch:
-        runs.print_line(f"stage {stage.name}: {stopping.monitor} stopped improving; kept epoch "
-                        f"{stopping.best_epoch + 1}'s weights", run.verbose)
+        print_line(f"stage {stage.name}: {stopping.monitor} stopped improving; kept epoch "
+                   f"{stopping.best_epoch + 1}'s weights", run.verbose)
     return Done(lr, stopping, first, len(fit.history.get("loss", [])))
 
 
@@ -234,9 +233,118 @@ def judged_from(stage: Stage, recipe: Recipe) -> int:
     return stage.start
 
 
-def _learning_rate(stage: Stage, recipe: Recipe, verbose: bool) -> float:
-    if stage.learning_rate != "auto":
-        return float(stage.learning_rate)
-    stage.model.compile(optimizer=runs.make_optimizer(recipe, 1e-3), loss=stage.loss, metrics=stage.metrics)
-    x, y = stage.lr_data
-    return runs.find_learning_rate(stage.model, x, y, recipe, verbose)
+def curves(recipe: Recipe) -> list:
+    """Keras's TensorBoard callback writing each stage's training curves to `recipe.tensorboard` (none if unset).
+
+    Across processes, the first writes them.
+
+    Stages continue the epoch count, so the curves of a run follow on one axis.
+    """
+    if not recipe.tensorboard or not is_chief():
+        return []
+    return [keras.callbacks.TensorBoard(log_dir=recipe.tensorboard, write_graph=False)]
+
+
+def _compile(stage: Stage, recipe: Recipe, verbose: bool) -> tuple[float, list]:
+    """The stage's learning rate (`"auto"`: the LR finder's), and its model compiled at it: the schedule's callbacks."""
+    lr = stage.learning_rate
+    if lr == "auto":
+        stage.model.compile(optimizer=make_optimizer(recipe, 1e-3), loss=stage.loss, metrics=stage.metrics)
+        lr = find_learning_rate(stage.model, *stage.lr_data, recipe, verbose)
+    lr = float(lr)
+    return lr, compile_stage(stage.model, recipe, lr, (stage.end - stage.start) * stage.batches_per_epoch,
+                             stage.loss, stage.metrics, lr_factors=stage.lr_factors, ema=stage.ema)
+
+
+def make_optimizer(recipe: Recipe, learning_rate: Any, ema: float | None = None):
+    """The recipe's optimizer at `learning_rate` (a float or a schedule), with its clipping.
+
+    `ema`: keep an exponential moving average of the weights with this decay
+    (Keras's `use_ema=True, ema_momentum=ema`); `fit` ends with the average in the model.
+    """
+    from transferkit.pieces.optimizers import optimizer
+
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
+    try:
+        return optimizer(recipe.optimizer, learning_rate=learning_rate, clipnorm=recipe.clipnorm,
+                         clipvalue=recipe.clipvalue, **averaging)
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
+
+
+def schedule_options(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's options for its schedule (plateau's factor and patience)."""
+    if recipe.schedule == "plateau":
+        return {"factor": recipe.plateau_factor, "patience": recipe.plateau_patience}
+    return {}
+
+
+def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int, loss: Any,
+                  metrics: list | None = None, lr_factors: dict[str, float] | None = None,
+                  ema: float | None = None) -> list:
+    """Compile `model` with the recipe's optimizer on its schedule over `total_steps`; return the callbacks.
+
+    `learning_rate` is the peak rate for onecycle and the starting rate otherwise;
+    each call starts the schedule afresh. `lr_factors` gives variables their own
+    rate factors (discriminative fine-tuning). `ema`: the optimizer keeps a moving
+    average of the weights with this decay, which `keras.callbacks.SwapEMAWeights`
+    (among the callbacks) swaps in for validation and `fit` leaves in the model.
+    """
+    from transferkit.training.backend import jit_compile
+    from transferkit.pieces.discriminative import with_learning_rate_factors
+    from transferkit.pieces.momentum import schedule_callbacks
+    from transferkit.pieces.schedules import make_schedule
+
+    options = schedule_options(recipe)
+    rate = make_schedule(recipe.schedule, learning_rate, max(1, total_steps), **options)
+    opt = make_optimizer(recipe, rate, ema)
+    if lr_factors:
+        opt = with_learning_rate_factors(opt, lr_factors)
+    model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=jit_compile(recipe.jit_compile))
+    averaging = [keras.callbacks.SwapEMAWeights()] if ema else []
+    return schedule_callbacks(recipe.schedule, rate, optimizer=opt, **options) + averaging
+
+
+def stage_guards(stage: str, patience: int, validated: bool, learning_rate: float | None = None,
+                 monitor: str | None = None, ema: bool = False, judged_from: int = 0,
+                 loss_floor: float = 0.0) -> tuple[list, Any]:
+    """The callbacks every stage trains under: the divergence stop, then early stopping with the best weights.
+
+    Early stopping watches `val_loss` when `validated` (a validation set the
+    stage can judge on), else the training `loss`; `patience` 0 turns it off
+    (then the second value is None). With `ema` the best weights it keeps are the
+    optimizer's moving average. `judged_from`: the first epoch (the run's count)
+    early stopping looks at, Keras's `start_from_epoch`: the epochs before it
+    neither count towards the patience nor give the best weights. `loss_floor`:
+    see `StopOnDivergence`'s `floor`. Place them
+    before any callback that saves.
+    """
+    guards: list = [StopOnDivergence(stage, learning_rate=learning_rate, floor=loss_floor)]
+    stopping = None
+    if patience:
+        stopping = ResumableEarlyStopping(monitor=monitor or ("val_loss" if validated else "loss"),
+                                          patience=patience, ema=ema, start_from_epoch=judged_from)
+        guards.append(stopping)
+    return guards, stopping
+
+
+def find_learning_rate(model, x, y, recipe: Recipe, verbose: bool) -> float:
+    """Run the LR finder on the compiled `model` as it stands; its `valley` suggestion."""
+    from transferkit.pieces.lr_finder import lr_find
+
+    swept = learning_rate_data(x, y, recipe.batch_size)
+    result = lr_find(model, swept, batch_size=recipe.batch_size)
+    print_line(f"lr-find: {result.summary()}", verbose)
+    if result.valley is None or not np.isfinite(result.valley):
+        raise TransferkitError("The LR finder found no valley; pass --lr explicitly.")
+    return float(result.valley)
+
+
+def learning_rate_data(x: Any, y: np.ndarray, batch_size: int) -> Any:
+    """What the LR finder sweeps over: `(x, y)` arrays, for image files a shuffled pipeline of them, or `x`
+    itself when `y` is `None` (a `tf.data.Dataset` of `(x, y)` batches built in a pipeline)."""
+    from transferkit.data.image_files import ImageFiles
+
+    if y is None:
+        return x
+    return pipeline(x, y, batch_size, shuffle=True) if isinstance(x, ImageFiles) else (x, y)

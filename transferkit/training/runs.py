@@ -1,11 +1,9 @@
-"""What pretraining and fine-tuning share: the result, data preparation, saving a run."""
+"""What pretraining and fine-tuning share: the result, data preparation, the output folder, saving a run."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +11,8 @@ import numpy as np
 
 from transferkit.store import artifacts
 from transferkit.store.manifest import Manifest
-from transferkit.data.sources import Data, Split, batches_of, load_data, pipeline, require_classes, split_data
-from transferkit.errors import SettingsError, TransferkitError
+from transferkit.data.sources import Data, Split, batches_of, load_data, split_data
+from transferkit.errors import SettingsError
 from transferkit.recipe import Recipe, dump_toml
 
 
@@ -167,134 +165,8 @@ def save_run(out: Path, model, recipe: Recipe, manifest: Manifest | dict[str, An
     return out
 
 
-def make_optimizer(recipe: Recipe, learning_rate: Any, ema: float | None = None):
-    """The recipe's optimizer at `learning_rate` (a float or a schedule), with its clipping.
-
-    `ema`: keep an exponential moving average of the weights with this decay
-    (Keras's `use_ema=True, ema_momentum=ema`); `fit` ends with the average in the model.
-    """
-    from transferkit.pieces.optimizers import optimizer
-
-    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
-    try:
-        return optimizer(recipe.optimizer, learning_rate=learning_rate, clipnorm=recipe.clipnorm,
-                         clipvalue=recipe.clipvalue, **averaging)
-    except ValueError as err:
-        raise SettingsError(str(err)) from None
-
-
-@contextlib.contextmanager
-def training_context(recipe: Recipe) -> Iterator[Any]:
-    """The recipe's strategy scope and precision policy, for building, compiling and fitting; yields the strategy."""
-    import keras
-
-    from transferkit.training.runtime import resolve_strategy, set_precision
-
-    strategy = resolve_strategy(recipe.device, recipe.strategy)
-    previous = keras.mixed_precision.global_policy()
-    set_precision(recipe.precision)
-    try:
-        with strategy.scope():
-            yield strategy
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-
-
-def schedule_options(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's options for its schedule (plateau's factor and patience)."""
-    if recipe.schedule == "plateau":
-        return {"factor": recipe.plateau_factor, "patience": recipe.plateau_patience}
-    return {}
-
-
-def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int, loss: Any,
-                  metrics: list | None = None, lr_factors: dict[str, float] | None = None,
-                  ema: float | None = None) -> list:
-    """Compile `model` with the recipe's optimizer on its schedule over `total_steps`; return the callbacks.
-
-    `learning_rate` is the peak rate for onecycle and the starting rate otherwise;
-    each call starts the schedule afresh. `lr_factors` gives variables their own
-    rate factors (discriminative fine-tuning). `ema`: the optimizer keeps a moving
-    average of the weights with this decay, which `keras.callbacks.SwapEMAWeights`
-    (among the callbacks) swaps in for validation and `fit` leaves in the model.
-    """
-    import keras
-
-    from transferkit.training.backend import jit_compile
-    from transferkit.pieces.discriminative import with_learning_rate_factors
-    from transferkit.pieces.momentum import schedule_callbacks
-    from transferkit.pieces.schedules import make_schedule
-
-    options = schedule_options(recipe)
-    rate = make_schedule(recipe.schedule, learning_rate, max(1, total_steps), **options)
-    opt = make_optimizer(recipe, rate, ema)
-    if lr_factors:
-        opt = with_learning_rate_factors(opt, lr_factors)
-    model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=jit_compile(recipe.jit_compile))
-    averaging = [keras.callbacks.SwapEMAWeights()] if ema else []
-    return schedule_callbacks(recipe.schedule, rate, optimizer=opt, **options) + averaging
-
-
-def stage_guards(stage: str, patience: int, validated: bool, learning_rate: float | None = None,
-                 monitor: str | None = None, ema: bool = False, judged_from: int = 0,
-                 loss_floor: float = 0.0) -> tuple[list, Any]:
-    """The callbacks every stage trains under: the divergence stop, then early stopping with the best weights.
-
-    Early stopping watches `val_loss` when `validated` (a validation set the
-    stage can judge on), else the training `loss`; `patience` 0 turns it off
-    (then the second value is None). With `ema` the best weights it keeps are the
-    optimizer's moving average. `judged_from`: the first epoch (the run's count)
-    early stopping looks at, Keras's `start_from_epoch`: the epochs before it
-    neither count towards the patience nor give the best weights. `loss_floor`:
-    see `StopOnDivergence`'s `floor`. Place them
-    before any callback that saves.
-    """
-    from transferkit.pieces.callbacks import ResumableEarlyStopping, StopOnDivergence
-
-    guards: list = [StopOnDivergence(stage, learning_rate=learning_rate, floor=loss_floor)]
-    stopping = None
-    if patience:
-        stopping = ResumableEarlyStopping(monitor=monitor or ("val_loss" if validated else "loss"),
-                                          patience=patience, ema=ema, start_from_epoch=judged_from)
-        guards.append(stopping)
-    return guards, stopping
-
-
-def curves(recipe: Recipe) -> list:
-    """Keras's TensorBoard callback writing each stage's training curves to `recipe.tensorboard` (none if unset).
-
-    Across processes, the first writes them.
-
-    Stages continue the epoch count, so the curves of a run follow on one axis.
-    """
-    from transferkit.training.runtime import is_chief
-
-    if not recipe.tensorboard or not is_chief():
-        return []
-    import keras
-
-    return [keras.callbacks.TensorBoard(log_dir=recipe.tensorboard, write_graph=False)]
-
-
-def find_learning_rate(model, x, y, recipe: Recipe, verbose: bool) -> float:
-    """Run the LR finder on the compiled `model` as it stands; its `valley` suggestion."""
-    from transferkit.pieces.lr_finder import lr_find
-
-    result = lr_find(model, learning_rate_data(x, y, recipe.batch_size), batch_size=recipe.batch_size)
-    print_line(f"lr-find: {result.summary()}", verbose)
-    if result.valley is None or not np.isfinite(result.valley):
-        raise TransferkitError("The LR finder found no valley; pass --lr explicitly.")
-    return float(result.valley)
-
-
 def steps_per_epoch(examples: int, batch_size: int) -> int:
     return max(1, -(-examples // batch_size))
-
-
-def merge_history(total: dict[str, list[float]], history) -> dict[str, list[float]]:
-    for key, values in history.history.items():
-        total.setdefault(key, []).extend(float(v) for v in values)
-    return total
 
 
 def channel_stats(x: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -325,24 +197,6 @@ def channel_stats(x: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 _STATS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-
-def learning_rate_data(x: Any, y: np.ndarray, batch_size: int) -> Any:
-    """What the LR finder sweeps over: `(x, y)` arrays, for image files a shuffled pipeline of them, or `x`
-    itself when `y` is `None` (a `tf.data.Dataset` of `(x, y)` batches built in a pipeline)."""
-    from transferkit.data.image_files import ImageFiles
-
-    if y is None:
-        return x
-    return pipeline(x, y, batch_size, shuffle=True) if isinstance(x, ImageFiles) else (x, y)
-
-
-def require_labels(data: Data) -> None:
-    """Refuse data without labels, or with a single class: a classifier needs two classes to tell apart."""
-    if data.y is None:
-        raise SettingsError(f"Data {data.spec!r} has no labels; fine-tuning needs labeled data "
-                            "(a folder with one sub-folder per class, or an npz with 'y').")
-    require_classes(data, 2)
 
 
 def print_line(text: str, verbose: bool) -> None:

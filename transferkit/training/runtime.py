@@ -24,6 +24,8 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 from transferkit.errors import SettingsError, TransferkitError
 
@@ -142,6 +144,24 @@ def set_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise SettingsError(f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={precision!r}")
     keras.mixed_precision.set_global_policy(precision)
+
+
+@contextlib.contextmanager
+def training_context(recipe: Any) -> Iterator[Any]:
+    """The recipe's precision policy and strategy scope, for building, compiling and fitting; yields the strategy.
+
+    `recipe` gives `device`, `strategy` and `precision`; the previous global policy comes back on exit.
+    """
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    try:
+        set_precision(recipe.precision)
+        strategy = resolve_strategy(recipe.device, recipe.strategy)
+        with strategy.scope():
+            yield strategy
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def is_chief() -> bool:

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import TYPE_CHECKING
 
 from transferkit.errors import SettingsError
+
+if TYPE_CHECKING:
+    from transferkit.recipe import Recipe
 
 _STAGE = re.compile(r"^(head|all|top(\d+)):(\d+)$")
 
@@ -28,6 +32,21 @@ class Stage:
     name: str
     top: int
     epochs: int
+
+
+def plan_stages(recipe: Recipe, blocks: list[str]) -> list[Stage]:
+    """The stages the recipe asks for, on a base with these `blocks` (names, bottom to top): a schedule
+    (`unfreeze_schedule`), gradual unfreezing (`gradual`), or the head then the top `unfreeze_top`."""
+    if recipe.unfreeze_schedule:
+        return parse_stages(recipe.unfreeze_schedule, len(blocks))
+    if recipe.unfreeze_top > len(blocks):
+        raise SettingsError(
+            f"--unfreeze-top {recipe.unfreeze_top} is more than the base has blocks: it has {len(blocks)} "
+            f"({', '.join(blocks)})."
+        )
+    if recipe.gradual:
+        return gradual_stages(recipe.head_epochs, recipe.epochs, len(blocks), recipe.unfreeze_top)
+    return two_stages(recipe.head_epochs, recipe.unfreeze_top, recipe.epochs, len(blocks))
 
 
 def parse_stages(text: str, num_blocks: int) -> list[Stage]:
