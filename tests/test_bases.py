@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import transferkit as tk
-from transferkit.finetuning.bases import base_blocks, load_body
+from transferkit.finetuning.bases import load_body
+from transferkit.pieces.backbones import base_blocks
 from transferkit.finetuning.plan import plan_finetune
 from transferkit.pieces.freezing import freeze_all_but_top
 from transferkit.recipe import Recipe

@@ -37,7 +37,7 @@ def inspect(model: keras.Model | str | Path, verbose: bool = True) -> list[Block
         manifest = artifacts.read_manifest(model, ("classifier",))
         model = artifacts.load_model(model)
         if manifest.base is not None and manifest.base.kind == "file":  # fine-tuned from --base FILE: its block rule
-            from transferkit.finetuning.bases import base_blocks
+            from transferkit.pieces.backbones import base_blocks
 
             blocks = base_blocks(find_base(model))[1]
     if blocks is None and is_hub_model(find_base(model)):  # a keras-hub backbone: its pyramid levels

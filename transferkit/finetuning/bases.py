@@ -41,25 +41,10 @@ from typing import Any
 
 import keras
 
-from transferkit.pieces.backbones import ImagenetPreprocess, backbone_named, blocks_of, to_pixels
+from transferkit.pieces.backbones import Blocks, base_blocks, base_inputs, with_dtype_policy
 from transferkit.errors import SettingsError
 
-Blocks = list[tuple[str, list[keras.layers.Layer]]]
-
 POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D, keras.layers.Flatten)
-NAMED_STAGES = (r"^(block_?\d+)(?:_|$)", r"^(stage_?\d+)(?:_|$)", r"^(conv\d+)_")
-# layers that join the block of the layer with weights before them
-FOLLOWERS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization, keras.layers.GroupNormalization,
-             keras.layers.PReLU)
-
-# --preprocess: 0..255 pixels → what the base's weights expect
-PREPROCESS = {
-    "none": lambda: None,
-    "scale:1/255": lambda: keras.layers.Rescaling(1 / 255, name="preprocess"),
-    "tf": lambda: keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess"),
-    "imagenet-caffe": lambda: ImagenetPreprocess("caffe", name="preprocess"),
-    "imagenet-torch": lambda: ImagenetPreprocess("torch", name="preprocess"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,24 +62,12 @@ def file_base(x, value_range: tuple[float, float], path: str | Path, cut: str | 
     """`--base FILE`: its body (computing under `precision`) on the images `x` made what it takes; returns the
     body's outputs, the body, its blocks and what the manifest records of it (`describe`)."""
     body = load_body(path, cut)
-    base = with_dtype_policy(body.model, precision)
     preprocess = preprocess or "none"
+    record = describe(body, preprocess)
+    base = with_dtype_policy(body.model, precision)
     outputs = base(base_inputs(x, value_range, base, preprocess))
     rule, blocks = base_blocks(base)
-    return outputs, base, blocks, describe(body, base, preprocess, rule)
-
-
-def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
-    """`model` as it was saved, or a copy with its weights whose layers compute under `policy` (mixed precision)."""
-    if policy == "float32":
-        return model
-
-    def clone(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": policy})
-
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
+    return outputs, base, blocks, {**record, "blocks_rule": rule}
 
 
 def load_body(path: str | Path, cut: str | int | None = None, model: keras.Model | None = None) -> Body:
@@ -166,53 +139,12 @@ def _layer(model: keras.Model, cut: str | int, path: str | Path) -> keras.layers
                         f"names (transferkit inspect --base FILE lists them) or a negative index.")
 
 
-def base_blocks(base: keras.Model) -> tuple[str, Blocks]:
-    """The rule that applies to `base` (see the module's docstring) and its blocks, bottom to top."""
-    entry = backbone_named(base.name)
-    if entry is not None:
-        return "keras applications", blocks_of(base, entry.blocks)
-    weighted = [layer for layer in base.layers if _trains(layer)]
-    staged = blocks_of(base, NAMED_STAGES)
-    if weighted and any(re.match(p, weighted[0].name) for p in NAMED_STAGES) and len(staged) >= 2:
-        return "named stages", staged
-    return "weighted layers", _weighted_layer_blocks(base)
-
-
-def _trains(layer: keras.layers.Layer) -> bool:
-    return any(w.trainable for w in layer.weights)
-
-
-def _weighted_layer_blocks(base: keras.Model) -> Blocks:
-    blocks: dict[str, list[keras.layers.Layer]] = {}
-    current = None
-    for layer in base.layers:
-        if _trains(layer) and not isinstance(layer, FOLLOWERS):
-            current = layer.name
-        if current is not None and layer.weights:
-            blocks.setdefault(current, []).append(layer)
-    return list(blocks.items())
-
-
-def base_inputs(x, value_range: tuple[float, float], base: keras.Model, preprocess: str):
-    """Layers from the user's raw images to what `base` takes: its size and channels, `preprocess`ed."""
-    if len(x.shape) != 4:
-        raise SettingsError(f"--base takes images; the data's inputs have shape {tuple(x.shape[1:])}, expected "
-                            f"(height, width, channels).")
-    height, width, channels = base.inputs[0].shape[1:]
-    pixels = to_pixels(x, value_range, (height or x.shape[1], width or x.shape[2]), channels or x.shape[-1])
-    if preprocess.startswith("imagenet") and pixels.shape[-1] != 3:
-        raise SettingsError(f"--preprocess {preprocess} is for RGB images; the base takes "
-                            f"{pixels.shape[-1]} channel(s): expected none, scale:1/255 or tf.")
-    layer = PREPROCESS[preprocess]()
-    return pixels if layer is None else layer(pixels)
-
-
-def describe(body: Body, base: keras.Model, preprocess: str, blocks_rule: str) -> dict[str, Any]:
-    """What the manifest records of the base: the file (and its SHA-256), the cut, input, preprocessing, rule."""
-    size = [None if d is None else int(d) for d in base.inputs[0].shape[1:]]
+def describe(body: Body, preprocess: str) -> dict[str, Any]:
+    """What the manifest records of the base: the file (and its SHA-256), the cut, input, preprocessing."""
+    size = [None if d is None else int(d) for d in body.model.inputs[0].shape[1:]]
     digest = hashlib.sha256(Path(body.file).read_bytes()).hexdigest()
-    return {"kind": "file", "file": body.file, "sha256": digest, "model": base.name, "cut": body.cut,
-            "cut_rule": body.cut_rule, "input_size": size, "preprocess": preprocess, "blocks_rule": blocks_rule,
+    return {"kind": "file", "file": body.file, "sha256": digest, "model": body.model.name, "cut": body.cut,
+            "cut_rule": body.cut_rule, "input_size": size, "preprocess": preprocess,
             "description": f"{Path(body.file).name} up to {body.cut} ({'x'.join(str(d) for d in size)}, "
                            f"preprocess {preprocess})"}
 

@@ -20,16 +20,13 @@ import keras
 from transferkit.store import artifacts
 from transferkit.store.manifest import Manifest
 from transferkit.pieces.augmentation import augment_inputs
-from transferkit.pieces.backbones import backbone_input_size, blocks_of, build_backbone, get_backbone, image_adapter
-from transferkit.finetuning.bases import file_base, with_dtype_policy
+from transferkit.pieces.backbones import Blocks, backbone_base, blocks_of, with_dtype_policy
+from transferkit.finetuning.bases import file_base
 from transferkit.finetuning.hub import hub_base, is_hub
 from transferkit.data.sources import Data
 from transferkit.errors import SettingsError
 from transferkit.recipe import Recipe
 from transferkit.pieces.setups import dropout_layer, setup_for
-
-
-Blocks = list[tuple[str, list[keras.layers.Layer]]]
 
 
 @dataclasses.dataclass
@@ -74,7 +71,8 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | No
                 f"The data's inputs have shape {data.input_shape}, but the encoder in {recipe.from_!r} "
                 f"takes {tuple(encoder_manifest.input_shape)}."
             )
-        base = with_dtype_policy(artifacts.load_model(recipe.from_), recipe.precision)
+        encoder = artifacts.load_model(recipe.from_)
+        base = with_dtype_policy(encoder, recipe.precision)
         x = base(augmented)
         blocks = blocks_of(base)
         info = {"from": str(recipe.from_), "kind": "encoder", "description": f"encoder {recipe.from_}"}
@@ -85,18 +83,8 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | No
         x, base, blocks, info = hub_base(augmented, data.value_range, recipe.backbone, recipe.image_size,
                                          recipe.weights, recipe.precision)
     else:
-        entry = get_backbone(recipe.backbone)
-        if len(data.input_shape) != 3:
-            raise SettingsError(f"Backbone {recipe.backbone!r} takes images; the data's inputs have shape "
-                                f"{data.input_shape}.")
-        side = backbone_input_size(entry, *data.input_shape[:2], recipe.image_size)
-        x = image_adapter(augmented, data.value_range, side, entry.preprocess)
-        base = build_backbone(recipe.backbone, recipe.weights, (side, side, 3))
-        x = base(x)
-        blocks = blocks_of(base, entry.blocks)
-        info = {"backbone": recipe.backbone, "weights": recipe.weights, "input_side": side,
-                "preprocess": entry.preprocess, "kind": "backbone",
-                "description": f"{recipe.backbone} (weights {recipe.weights}) at {side}x{side}"}
+        x, base, blocks, info = backbone_base(augmented, data.value_range, recipe.backbone, recipe.weights,
+                                              recipe.image_size)
     # pooling has no weights: it belongs to the features, so a cached head stage stores the pooled outputs
     if len(x.shape) == 4:
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)

@@ -25,7 +25,7 @@ Blocks, for `--unfreeze-top`, bottom to top, by the first rule that applies:
    the first level; layers after the top level (a final norm) join the top block.
    Blocks are whole Keras layers: a level computed inside a layer that computes
    several adds no block of its own (DINOv2: `stem`, then its whole encoder).
-2. else the rule of `--base FILE` (`transferkit.finetuning.bases.base_blocks`): the
+2. else the rule of `--base FILE` (`transferkit.pieces.backbones.base_blocks`): the
    layers' named stages, else each layer with weights and the normalization after it.
 
 The manifest records the preset, the backbone's class, the converter, the input
@@ -48,13 +48,13 @@ from typing import Any
 
 import keras
 
-from transferkit.pieces.backbones import InferenceByDefault, blocks_of, looks_like_download_failure, to_pixels
-from transferkit.finetuning.bases import base_blocks, layer_table
+from transferkit.pieces.backbones import (Blocks, InferenceByDefault, base_blocks, blocks_of,
+                                         looks_like_download_failure, to_pixels)
+from transferkit.finetuning.bases import layer_table
 from transferkit.errors import SettingsError, TransferkitError
 
 PREFIX = "hub:"
 INSTALL = "pip install 'transferkit[hub]'"
-Blocks = list[tuple[str, list[keras.layers.Layer]]]
 
 
 def is_hub(backbone: str | None) -> bool:

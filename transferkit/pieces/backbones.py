@@ -1,8 +1,11 @@
-"""Bases to fine-tune: Keras Applications backbones (a registry) and saved encoders.
+"""Bases to fine-tune: Keras Applications backbones (a registry), saved encoders and any Keras model.
 
 Each registry entry says how to build the backbone, what preprocessing its
 weights expect, its minimum input size, and how its layers group into blocks,
 top to bottom, so that `unfreeze_top=N` means the same thing everywhere.
+`backbone_base` puts a registry backbone on raw images; `base_inputs`,
+`base_blocks` and `with_dtype_policy` do the same for any other model (a saved
+encoder, a model file): what it takes, its blocks, its computing precision.
 
 Example:
 
@@ -21,6 +24,8 @@ import keras
 
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.pieces.colors import LUMA
+
+Blocks = list[tuple[str, list[keras.layers.Layer]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +136,7 @@ def looks_like_download_failure(err: Exception) -> bool:
     return any(s in text for s in ("url", "fetch", "download", "connection", "resolve", "network", "http"))
 
 
-def blocks_of(base: keras.Model, patterns: tuple[str, ...] | None = None) -> list[tuple[str, list[keras.layers.Layer]]]:
+def blocks_of(base: keras.Model, patterns: tuple[str, ...] | None = None) -> Blocks:
     """The base's blocks, bottom to top, as `(block_name, layers)`.
 
     `patterns` are the registry's block expressions; `None` means a transferkit
@@ -151,6 +156,72 @@ def blocks_of(base: keras.Model, patterns: tuple[str, ...] | None = None) -> lis
         if current is not None and layer.weights:
             blocks.setdefault(current, []).append(layer)
     return list(blocks.items())
+
+
+# a model's layers named by stage (`block1_conv`, `stage2_...`, `conv3_...`)
+NAMED_STAGES = (r"^(block_?\d+)(?:_|$)", r"^(stage_?\d+)(?:_|$)", r"^(conv\d+)_")
+# layers that join the block of the layer with weights before them
+FOLLOWERS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization, keras.layers.GroupNormalization,
+             keras.layers.PReLU)
+
+
+def base_blocks(base: keras.Model) -> tuple[str, Blocks]:
+    """The blocks of any Keras model, bottom to top, and the rule that found them, the first that applies.
+
+    1. `"keras applications"`: a Keras Applications model (known by its name,
+       `mobilenetv2_1.00_224`): the registry's blocks, as for a backbone;
+    2. `"named stages"`: layers named by stage (`NAMED_STAGES`) from the first
+       layer with weights on, in two stages or more: those stages;
+    3. `"weighted layers"`: each layer with trainable weights starts a block, which
+       the normalization and PReLU layers after it join (a convolution with its BatchNorm).
+    """
+    entry = backbone_named(base.name)
+    if entry is not None:
+        return "keras applications", blocks_of(base, entry.blocks)
+    weighted = [layer for layer in base.layers if any(w.trainable for w in layer.weights)]
+    staged = blocks_of(base, NAMED_STAGES)
+    if weighted and any(re.match(p, weighted[0].name) for p in NAMED_STAGES) and len(staged) >= 2:
+        return "named stages", staged
+    blocks: dict[str, list[keras.layers.Layer]] = {}
+    current = None
+    for layer in base.layers:
+        if any(w.trainable for w in layer.weights) and not isinstance(layer, FOLLOWERS):
+            current = layer.name
+        if current is not None and layer.weights:
+            blocks.setdefault(current, []).append(layer)
+    return "weighted layers", list(blocks.items())
+
+
+def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
+    """`model` as it was saved, or a copy with its weights whose layers compute under `policy` (mixed precision)."""
+    if policy == "float32":
+        return model
+
+    def clone(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": policy})
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def backbone_base(x, value_range: tuple[float, float], name: str, weights: str = "none",
+                  image_size: int | None = None):
+    """The registry's backbone `name` on the raw images `x`.
+
+    Returns its outputs, the backbone, its blocks and what a manifest records of it
+    (`kind`, `description`, the input side and preprocessing).
+    """
+    entry = get_backbone(name)
+    if len(x.shape) != 4:
+        raise SettingsError(f"Backbone {name!r} takes images; the data's inputs have shape {tuple(x.shape[1:])}.")
+    side = backbone_input_size(entry, *x.shape[1:3], image_size)
+    pixels = image_adapter(x, value_range, side, entry.preprocess)
+    base = build_backbone(name, weights, (side, side, 3))
+    outputs = base(pixels)
+    info = {"backbone": name, "weights": weights, "input_side": side, "preprocess": entry.preprocess,
+            "kind": "backbone", "description": f"{name} (weights {weights}) at {side}x{side}"}
+    return outputs, base, blocks_of(base, entry.blocks), info
 
 
 def backbone_input_size(entry: Backbone, height: int, width: int, image_size: int | None) -> int:
@@ -225,6 +296,30 @@ def to_pixels(x, value_range: tuple[float, float], size: tuple[int, int], channe
         # after it when the model is called without `training` (PITFALLS 1); `fit` still passes True
         x = keras.layers.Resizing(*size, name="resize")(x, training=False)
     return x
+
+
+# a model's `preprocess`: 0..255 pixels → what its weights expect
+PREPROCESS = {
+    "none": lambda: None,
+    "scale:1/255": lambda: keras.layers.Rescaling(1 / 255, name="preprocess"),
+    "tf": lambda: keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess"),
+    "imagenet-caffe": lambda: ImagenetPreprocess("caffe", name="preprocess"),
+    "imagenet-torch": lambda: ImagenetPreprocess("torch", name="preprocess"),
+}
+
+
+def base_inputs(x, value_range: tuple[float, float], base: keras.Model, preprocess: str):
+    """Layers from the user's raw images to what `base` takes: its size and channels, `preprocess`ed."""
+    if len(x.shape) != 4:
+        raise SettingsError(f"--base takes images; the data's inputs have shape {tuple(x.shape[1:])}, expected "
+                            f"(height, width, channels).")
+    height, width, channels = base.inputs[0].shape[1:]
+    pixels = to_pixels(x, value_range, (height or x.shape[1], width or x.shape[2]), channels or x.shape[-1])
+    if preprocess.startswith("imagenet") and pixels.shape[-1] != 3:
+        raise SettingsError(f"--preprocess {preprocess} is for RGB images; the base takes "
+                            f"{pixels.shape[-1]} channel(s): expected none, scale:1/255 or tf.")
+    layer = PREPROCESS[preprocess]()
+    return pixels if layer is None else layer(pixels)
 
 
 @keras.saving.register_keras_serializable(package="transferkit")
