@@ -267,9 +267,10 @@ def batches_of(x: np.ndarray | ImageFiles, batch_size: int = 256, desc: str | No
 
     Arrays are sliced; `ImageFiles` decoded through `pipeline`.
     """
+    decoded = pipeline(x, batch_size=batch_size) if isinstance(x, ImageFiles) else None
     with progress_bar(len(x) if desc else 0, desc or "") as tick:
-        if isinstance(x, ImageFiles):
-            for batch in pipeline(x, batch_size=batch_size):
+        if decoded is not None:
+            for batch in decoded:
                 batch = batch.numpy()
                 yield batch
                 tick(len(batch))
