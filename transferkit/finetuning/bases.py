@@ -7,7 +7,8 @@ keeps: `cut` is a layer's name or a negative index into `model.layers`
 GlobalAveragePooling2D, GlobalMaxPooling2D or Flatten layer, or, in a model
 without one, the last Dense layer and what follows it.
 
-Blocks, for `unfreeze_top`, bottom to top, by the first rule that applies:
+Blocks, for `unfreeze_top`, bottom to top, by the first rule that applies
+(`transferkit.pieces.backbones.base_blocks`, with the input adapter `base_inputs`):
 
 1. a Keras Applications model (known by its name, `mobilenetv2_1.00_224`):
    the registry's blocks, as for `--backbone`;

@@ -25,12 +25,13 @@ import numpy as np
 from transferkit.store import artifacts
 from transferkit.store.manifest import Manifest
 from transferkit.training import runs
-from transferkit.finetuning.class_weights import class_names, resolve_class_weight
+from transferkit.finetuning.class_weights import class_names, class_weight_record, resolve_class_weight
 from transferkit.training.defaults import resolve_finetune
 from transferkit.data.sources import Data, Split, require_labels, split_data
 from transferkit.errors import SettingsError
-from transferkit.pieces.augment_spec import parse_augment
+from transferkit.pieces.augment_spec import describe_augment, parse_augment
 from transferkit.pieces.discriminative import block_factors
+from transferkit.pieces.losses import SparseCategoricalCrossentropyWithSmoothing
 from transferkit.recipe import Recipe
 from transferkit.finetuning.semi_supervised import check_pool, per_class, pool_epochs, unlabeled_pool
 from transferkit.training.stages import Stage, plan_stages
@@ -75,6 +76,8 @@ class StagePlan:
     soft: bool
     retrains: bool  # a later phase trains again weights the run has trained (judged from its start)
     first_of_phase: bool  # the stage that picks its phase's examples
+    loss: Any = None  # what the stage compiles with (`loss_and_metric`)
+    metrics: list | None = None
 
     @property
     def top(self) -> int:
@@ -108,6 +111,9 @@ class Plan:
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # the run's settings as given (backups)
     class_weight: dict[int, float] | None = None  # per-class loss weights for fit (--class-weight)
     stage_plans: list[StagePlan] = dataclasses.field(default_factory=list)  # every phase's stages, in order
+    augment: str = "none"  # the augmentation's canonical spec (`describe_augment`)
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the manifest says before training
+    test_loss: tuple[Any, list] | None = None  # the loss and metric of the true labels, for the test
 
     @property
     def labeled(self) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +153,7 @@ class Plan:
     @property
     def random_inputs(self) -> bool:
         """Augmented or mixed inputs differ every epoch: no head stage can reuse one pass of the base over them."""
-        return bool(parse_augment(self.recipe.augment)) or self.recipe.mixes
+        return self.augment != "none" or self.recipe.mixes
 
     @property
     def total_epochs(self) -> int:
@@ -160,7 +166,10 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
         raise SettingsError("finetune needs a base: --from DIR (a saved encoder), --backbone NAME (Keras "
                             "Applications) or --base FILE (a Keras model file).")
     data, split, encoder_manifest = _data_and_split(recipe)
-    class_weight = resolve_class_weight(recipe.class_weight, data.y[split.labeled], class_names(data))
+    names = class_names(data)
+    class_weight = resolve_class_weight(recipe.class_weight, data.y[split.labeled], names)
+    weighting = class_weight_record(recipe.class_weight, class_weight, names)
+    augment = describe_augment(parse_augment(recipe.augment))
     settings = recipe.run_settings()  # as given: what is chosen from them follows
     keras.utils.set_random_seed(recipe.seed)
     clf = build_classifier(recipe, data, encoder_manifest)
@@ -168,7 +177,11 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
                                       "encoder" if clf.info["kind"] == "encoder" else "backbone")
     stages = plan_stages(recipe, [name for name, _ in clf.blocks])
     plan = Plan(recipe, data, split, clf, stages, replicas, chosen=chosen, settings=settings,
-                class_weight=class_weight)
+                class_weight=class_weight, augment=augment)
+    plan.record = {"num_classes": data.num_classes, "base": clf.info, "blocks": [name for name, _ in clf.blocks],
+                   "augment": augment, "mixup": recipe.mixup, "cutmix": recipe.cutmix,
+                   "class_weight": weighting, "ema": recipe.ema}
+    plan.test_loss = loss_and_metric(False, recipe.label_smoothing)
     check_pool(recipe.semi_supervised, plan.unlabeled)
     plan.phases = plan_phases(plan)
     plan.stage_plans = plan_stage_plans(plan)
@@ -202,6 +215,8 @@ def plan_stage_plans(plan: Plan) -> list[StagePlan]:
     for phase in plan.phases:
         for position, stage in enumerate(phase.stages):
             start, end = end, end + stage.epochs
+            soft = phase.name == "propagated" or recipe.mixes
+            loss, metrics = loss_and_metric(soft, recipe.label_smoothing)
             planned.append(StagePlan(
                 stage, phase, len(planned), start, end,
                 learning_rate="auto" if recipe.lr == "auto" else plan.stage_lr(stage),
@@ -209,9 +224,20 @@ def plan_stage_plans(plan: Plan) -> list[StagePlan]:
                 lr_factors=lr_factors(plan.clf.blocks, stage.top, recipe.lr_decay),
                 cacheable=stage.top == 0 and cache and not plan.random_inputs,
                 uncached=stage.top == 0 and recipe.cache_features and plan.random_inputs,
-                soft=phase.name == "propagated" or recipe.mixes,
-                retrains=phase is not plan.phases[0], first_of_phase=position == 0))
+                soft=soft, retrains=phase is not plan.phases[0], first_of_phase=position == 0, loss=loss,
+                metrics=metrics))
     return planned
+
+
+def loss_and_metric(soft: bool, label_smoothing: float = 0.0) -> tuple[Any, list]:
+    """Cross-entropy on class indices, or on probabilities, smoothed by `label_smoothing`; the metric: `accuracy`."""
+    if soft:
+        loss = (keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing) if label_smoothing
+                else "categorical_crossentropy")
+        return loss, [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if label_smoothing:
+        return SparseCategoricalCrossentropyWithSmoothing(label_smoothing), ["accuracy"]
+    return "sparse_categorical_crossentropy", ["accuracy"]
 
 
 def lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:

@@ -36,15 +36,12 @@ import numpy as np
 
 from transferkit.store import artifacts
 from transferkit.training import backend, runner, runs
-from transferkit.pieces.augment_spec import describe_augment, parse_augment
 from transferkit.pieces.augmentation import mix_batches
 from transferkit.store.backup import Backup
 from transferkit.training.defaults import describe_chosen
 from transferkit.data.sources import pipeline
-from transferkit.finetuning.class_weights import class_names, class_weight_record
 from transferkit.finetuning.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
 from transferkit.pieces.freezing import audit, format_audit, freeze_all_but_top
-from transferkit.pieces.losses import SparseCategoricalCrossentropyWithSmoothing
 from transferkit.recipe import Recipe
 from transferkit.training.distributed import on_this_process
 from transferkit.training.runtime import is_chief, training_context
@@ -144,8 +141,9 @@ def _train(plan: Plan, out: Path, verbose: bool) -> runs.Result:
             record.update(stopped_after=finished.stopping.stopped_epoch + 1,
                           best_epoch=finished.stopping.best_epoch + 1)
     history = run.history
+    semi_record = _semi_record(plan, pseudo_counts)
 
-    loss, accuracy = _loss_and_metric(soft=False, label_smoothing=recipe.label_smoothing)
+    loss, accuracy = plan.test_loss
     # the last stage trained the head alone, or on soft labels: compile the classifier for the true labels
     if trained is not clf.model or getattr(clf.model, "loss", None) != loss:
         clf.model.compile(optimizer=runner.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
@@ -153,19 +151,7 @@ def _train(plan: Plan, out: Path, verbose: bool) -> runs.Result:
         pipeline(data.x[split.test], data.y[split.test], plan.batch_size), verbose=0)
     metrics = {"test_accuracy": float(test_accuracy), "test_loss": float(test_loss)}
     manifest = runs.base_manifest("classifier", recipe, data, split)
-    manifest.update(
-        num_classes=data.num_classes,
-        base=clf.info,
-        blocks=[name for name, _ in clf.blocks],
-        stages=done,
-        semi_supervised=_semi_record(plan, pseudo_counts),
-        augment=describe_augment(parse_augment(recipe.augment)),
-        mixup=recipe.mixup,
-        cutmix=recipe.cutmix,
-        class_weight=class_weight_record(recipe.class_weight, plan.class_weight, class_names(data)),
-        ema=recipe.ema,
-        metrics=metrics,
-    )
+    manifest.update(plan.record, stages=done, semi_supervised=semi_record, metrics=metrics)
     runs.save_run(out, clf.model, recipe, manifest, split, history)
     backup.discard()
     runs.print_line(f"test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(split.test)} "
@@ -178,14 +164,14 @@ def _stage(plan: Plan, step: StagePlan, trained: keras.Model, inputs: dict[str, 
     """What the runner trains for `step`: `trained` on `inputs` (and the validation inputs), targets `y`."""
     recipe, data, clf = plan.recipe, plan.data, plan.clf
     y_val = data.y[plan.split.val]
-    loss, accuracy = _loss_and_metric(step.soft, recipe.label_smoothing)
+    loss, accuracy = step.loss, step.metrics
     # in a fixed order, made only where used (training health; JAX's compiled loss)
     unshuffled = functools.cache(functools.partial(pipeline, inputs["train"], y, plan.batch_size))
     batches = pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed)
-    if recipe.mixes:
-        batches = mix_batches(batches, recipe.mixup, recipe.cutmix, seed=recipe.seed + step.index)
     validation = None if inputs["val"] is None else pipeline(
         inputs["val"], np.eye(data.num_classes, dtype="float32")[y_val] if step.soft else y_val, plan.batch_size)
+    if recipe.mixes:
+        batches = mix_batches(batches, recipe.mixup, recipe.cutmix, seed=recipe.seed + step.index)
 
     def compiled(lr: float) -> None:
         if verbose:
@@ -223,17 +209,6 @@ def warn_if_constant(features: np.ndarray, description: str) -> bool:
           f"{spread:.2g}): the head can only guess. Use pretrained weights (--weights imagenet or a weights file) "
           "or another base.", file=sys.stderr, flush=True)
     return True
-
-
-def _loss_and_metric(soft: bool, label_smoothing: float = 0.0) -> tuple[Any, list]:
-    """Cross-entropy on class indices, or on probabilities, smoothed by `label_smoothing`; the metric: `accuracy`."""
-    if soft:
-        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing) if label_smoothing \
-            else "categorical_crossentropy"
-        return loss, [keras.metrics.CategoricalAccuracy(name="accuracy")]
-    if label_smoothing:
-        return SparseCategoricalCrossentropyWithSmoothing(label_smoothing), ["accuracy"]
-    return "sparse_categorical_crossentropy", ["accuracy"]
 
 
 def _examples(plan: Plan, phase: Phase, propagated: np.ndarray | None, backup: Backup) -> Examples:
