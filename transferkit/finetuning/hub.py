@@ -69,8 +69,8 @@ def import_keras_hub(why: str):
     except ModuleNotFoundError as err:
         if err.name != "keras_hub":
             raise
-        raise SettingsError(f"{why} needs keras-hub, which is not installed; expected it installed: {INSTALL}") \
-            from None
+        raise SettingsError(
+            f"{why} needs keras-hub, which is not installed; expected it installed: {INSTALL}") from None
     return keras_hub
 
 
@@ -178,6 +178,8 @@ def hub_base(x, value_range: tuple[float, float], name: str, image_size: int | N
     wanted = (height, width) if height and width else (image_size, image_size) if image_size else None
     converter = load_converter(hub, wanted)
     size = tuple(wanted or (converter.image_size if converter is not None else None) or x.shape[1:3])
+    record = describe(hub, converter, (*size, channels or 3))
+    rule, blocks = hub_blocks(base)
     pixels = to_pixels(x, value_range, size if converter is None else tuple(x.shape[1:3]), channels or 3)
     if converter is None:
         print(f"warning: the preset of --backbone {name!r} has no image converter: the backbone gets 0..255 "
@@ -185,21 +187,19 @@ def hub_base(x, value_range: tuple[float, float], name: str, image_size: int | N
         inputs = pixels
     else:  # InferenceByDefault: the converter's Resizing would switch the backbone's BatchNorm to training
         inputs = converter(InferenceByDefault(name="inference_by_default")(pixels))
-    rule, blocks = hub_blocks(base)
-    record = describe(hub, converter, (*size, channels or 3), rule)
     named = base.input if isinstance(base.input, dict) else None  # DINOv2 takes {"images": ...}
     outputs = base({key: inputs for key in named} if named else inputs)
     if len(outputs.shape) == 3:  # tokens (a ViT's, DINOv2's): their mean, rather than every token flattened
         outputs = keras.layers.GlobalAveragePooling1D(name="token_pool")(outputs)
-    return outputs, base, blocks, record
+    return outputs, base, blocks, {**record, "blocks_rule": rule}
 
 
-def describe(hub: HubBackbone, converter, input_size: tuple[int, int, int], rule: str) -> dict[str, Any]:
+def describe(hub: HubBackbone, converter, input_size: tuple[int, int, int]) -> dict[str, Any]:
     """What the manifest records of a keras-hub base, and what loading the artifact needs (`requires`)."""
     weights = Path(hub.preset) / "model.weights.h5"
     record = {
         "kind": "hub", "backbone": hub.name, "preset": hub.preset, "class": type(hub.model).__name__,
-        "model": hub.model.name, "input_size": [int(d) for d in input_size], "blocks_rule": rule,
+        "model": hub.model.name, "input_size": [int(d) for d in input_size],
         "image_converter": None if converter is None else {
             "class": type(converter).__name__, "image_size": list(converter.image_size or []) or None,
             "scale": converter.scale, "offset": converter.offset},
