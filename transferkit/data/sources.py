@@ -34,7 +34,7 @@ from transferkit.data.image_listing import IMAGE_SUFFIXES, Listing, list_images
 from transferkit.data.images import Checked, check_images
 from transferkit.data.images import read_images  # noqa: F401 - part of this module's interface (prediction uses it)
 from transferkit.data.progress import progress_bar, showing
-from transferkit.recipe import RESIZE_MODES
+from transferkit.recipe import RESIZE_MODES, Recipe
 
 SCHEMES = ("digits", "npz", "dir", "tfds")
 _CHUNK_BYTES = 1 << 26  # rows read at a time when hashing or checking large (memory-mapped) inputs
@@ -157,6 +157,12 @@ def load_data(spec: str = "digits", image_size: int | None = None, resize: str =
     if data.y is not None and data.y.min() < 0:
         raise SettingsError(f"Data {spec!r} has label {int(data.y.min())}; expected class numbers 0, 1, 2, ...")
     return data
+
+
+def load_recipe_data(recipe: Recipe) -> Data:
+    """The recipe's data, read with its image size, resize mode and bad-file policy."""
+    return load_data(recipe.data, image_size=recipe.image_size, resize=recipe.resize,
+                     skip_bad_files=recipe.skip_bad_files)
 
 
 def split_data(

@@ -27,7 +27,7 @@ from transferkit.store.manifest import Manifest
 from transferkit.training import runs
 from transferkit.finetuning.class_weights import class_names, class_weight_record, resolve_class_weight
 from transferkit.training.defaults import resolve_finetune
-from transferkit.data.sources import Data, Split, require_labels, split_data
+from transferkit.data.sources import Data, Split, load_recipe_data, require_labels, split_data
 from transferkit.errors import SettingsError
 from transferkit.pieces.augment_spec import describe_augment, parse_augment
 from transferkit.pieces.discriminative import block_factors
@@ -108,7 +108,6 @@ class Plan:
     replicas: int = 1
     phases: list[Phase] = dataclasses.field(default_factory=list)
     chosen: dict[str, Any] = dataclasses.field(default_factory=dict)  # settings resolved by transferkit.training.defaults
-    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # the run's settings as given (backups)
     class_weight: dict[int, float] | None = None  # per-class loss weights for fit (--class-weight)
     stage_plans: list[StagePlan] = dataclasses.field(default_factory=list)  # every phase's stages, in order
     augment: str = "none"  # the augmentation's canonical spec (`describe_augment`)
@@ -170,13 +169,15 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     class_weight = resolve_class_weight(recipe.class_weight, data.y[split.labeled], names)
     weighting = class_weight_record(recipe.class_weight, class_weight, names)
     augment = describe_augment(parse_augment(recipe.augment))
-    settings = recipe.run_settings()  # as given: what is chosen from them follows
+    if augment != "none" and len(data.input_shape) != 3:
+        raise SettingsError(f"--augment needs image inputs (height, width, channels); the data's inputs have "
+                            f"shape {data.input_shape}. Received: augment={recipe.augment!r}")
     keras.utils.set_random_seed(recipe.seed)
-    clf = build_classifier(recipe, data, encoder_manifest)
+    clf = build_classifier(recipe, data, encoder_manifest, augment)
     recipe, chosen = resolve_finetune(recipe, len(split.labeled), len(clf.blocks),
                                       "encoder" if clf.info["kind"] == "encoder" else "backbone")
     stages = plan_stages(recipe, [name for name, _ in clf.blocks])
-    plan = Plan(recipe, data, split, clf, stages, replicas, chosen=chosen, settings=settings,
+    plan = Plan(recipe, data, split, clf, stages, replicas, chosen=chosen,
                 class_weight=class_weight, augment=augment)
     plan.record = {"num_classes": data.num_classes, "base": clf.info, "blocks": [name for name, _ in clf.blocks],
                    "augment": augment, "mixup": recipe.mixup, "cutmix": recipe.cutmix,
@@ -254,7 +255,7 @@ def _data_and_split(recipe: Recipe) -> tuple[Data, Split, Manifest | None]:
     On the encoder's own data, the encoder's split, so its test examples stay unseen.
     """
     encoder_manifest = artifacts.read_manifest(recipe.from_, ("encoder",)) if recipe.from_ else None
-    data = runs.load_recipe_data(recipe)
+    data = load_recipe_data(recipe)
     require_labels(data)
     if recipe.mixes and len(data.input_shape) != 3:
         raise SettingsError(f"--mixup and --cutmix need image inputs (height, width, channels); the data's inputs "

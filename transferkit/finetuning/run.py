@@ -53,11 +53,12 @@ from transferkit.finetuning.plan import Phase, Plan, StagePlan, plan_finetune
 def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     """Build the classifier, train it stage by stage, test it, save it."""
     recipe = recipe.validate()
+    settings = recipe.run_settings()  # as given, for the backups: what is chosen from them follows
     out = runs.out_dir(recipe, "classifier")
     runs.check_out_writable(out)
     with training_context(recipe) as strategy:
         plan = plan_finetune(recipe, strategy.num_replicas_in_sync)
-        return _train(plan, out, verbose and is_chief())
+        return _train(plan, out, settings, verbose and is_chief())
 
 
 @dataclasses.dataclass
@@ -69,7 +70,7 @@ class Examples:
     soft: bool = False
 
 
-def _train(plan: Plan, out: Path, verbose: bool) -> runs.Result:
+def _train(plan: Plan, out: Path, settings: dict[str, Any], verbose: bool) -> runs.Result:
     recipe, data, split, clf = plan.recipe, plan.data, plan.split, plan.clf
     x_val = data.x[split.val]
     semi = recipe.semi_supervised
@@ -80,7 +81,7 @@ def _train(plan: Plan, out: Path, verbose: bool) -> runs.Result:
                     + (f"; semi-supervised {semi} on {len(plan.unlabeled)} unlabeled examples"
                        if semi != "none" else ""), verbose)
 
-    backup = Backup.for_output(out, plan.settings)
+    backup = Backup.for_output(out, settings)
     run = runner.Run(recipe, backup, backup.state(restart=recipe.restart), verbose, total_epochs=plan.total_epochs)
     if run.state:
         runs.print_line(f"resuming from the backup in {backup.folder}: epoch {run.resume_at + 1} of "

@@ -11,7 +11,7 @@ import numpy as np
 
 from transferkit.store import artifacts
 from transferkit.store.manifest import Manifest
-from transferkit.data.sources import Data, Split, batches_of, load_data, split_data
+from transferkit.data.sources import Data, Split, batches_of, load_data, load_recipe_data, split_data
 from transferkit.errors import SettingsError
 from transferkit.recipe import Recipe, dump_toml
 
@@ -32,12 +32,6 @@ class Result:
     def __repr__(self) -> str:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items())
         return f"Result(artifact={str(self.artifact)!r}, {metrics})"
-
-
-def load_recipe_data(recipe: Recipe) -> Data:
-    """The recipe's data, read with its image size, resize mode and bad-file policy."""
-    return load_data(recipe.data, image_size=recipe.image_size, resize=recipe.resize,
-                     skip_bad_files=recipe.skip_bad_files)
 
 
 def load_like_artifact(spec: str, manifest: Manifest, verbose: bool = True) -> Data:
