@@ -33,7 +33,8 @@ from transferkit.pieces.augment_spec import describe_augment, parse_augment
 from transferkit.pieces.discriminative import block_factors
 from transferkit.pieces.losses import SparseCategoricalCrossentropyWithSmoothing
 from transferkit.recipe import Recipe
-from transferkit.finetuning.semi_supervised import check_pool, per_class, pool_epochs, unlabeled_pool
+from transferkit.finetuning.semi_supervised import (NEIGHBOURS, SPREAD, check_pool, per_class, pool_epochs,
+                                                    unlabeled_pool)
 from transferkit.training.stages import Stage, plan_stages
 from transferkit.finetuning.classifier import Blocks, Classifier, build_classifier
 
@@ -113,6 +114,7 @@ class Plan:
     augment: str = "none"  # the augmentation's canonical spec (`describe_augment`)
     record: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the manifest says before training
     test_loss: tuple[Any, list] | None = None  # the loss and metric of the true labels, for the test
+    semi_record: dict[str, Any] = dataclasses.field(default_factory=dict)  # the manifest's `semi_supervised`
 
     @property
     def labeled(self) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +160,12 @@ class Plan:
     def total_epochs(self) -> int:
         return sum(s.epochs for phase in self.phases for s in phase.stages)
 
+    @property
+    def graph_on(self) -> str:
+        """What propagate's kNN graph is built on: the base's features, or the inputs (also for untrained backbones)."""
+        untrained = self.clf.info["kind"] == "backbone" and self.recipe.weights == "none"
+        return "inputs" if untrained else self.recipe.propagate_on
+
 
 def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     """Check the settings, load and split the data, build the classifier and its stages; train nothing."""
@@ -182,6 +190,7 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     plan.record = {"num_classes": data.num_classes, "base": clf.info, "blocks": [name for name, _ in clf.blocks],
                    "augment": augment, "mixup": recipe.mixup, "cutmix": recipe.cutmix,
                    "class_weight": weighting, "ema": recipe.ema}
+    plan.semi_record = semi_record(plan)
     plan.test_loss = loss_and_metric(False, recipe.label_smoothing)
     check_pool(recipe.semi_supervised, plan.unlabeled)
     plan.phases = plan_phases(plan)
@@ -228,6 +237,20 @@ def plan_stage_plans(plan: Plan) -> list[StagePlan]:
                 soft=soft, retrains=phase is not plan.phases[0], first_of_phase=position == 0, loss=loss,
                 metrics=metrics))
     return planned
+
+
+def semi_record(plan: Plan) -> dict[str, Any]:
+    """What the artifact says of the unlabeled data it learns from; the run counts each round's pseudo-labels in it."""
+    recipe = plan.recipe
+    if recipe.semi_supervised == "none":
+        return {"mode": "none"}
+    record: dict[str, Any] = {"mode": recipe.semi_supervised, "unlabeled_examples": len(plan.unlabeled),
+                              "unlabeled_rows": plan.unlabeled.tolist()}
+    if recipe.semi_supervised == "pseudo":
+        record.update(rounds=recipe.pseudo_rounds, threshold=recipe.pseudo_threshold, pseudo_labeled={})
+    else:
+        record.update(kernel="knn", n_neighbors=NEIGHBOURS, alpha=SPREAD, graph_on=plan.graph_on)
+    return record
 
 
 def loss_and_metric(soft: bool, label_smoothing: float = 0.0) -> tuple[Any, list]:

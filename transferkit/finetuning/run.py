@@ -45,7 +45,7 @@ from transferkit.pieces.freezing import audit, format_audit, freeze_all_but_top
 from transferkit.recipe import Recipe
 from transferkit.training.distributed import on_this_process
 from transferkit.training.runtime import is_chief, training_context
-from transferkit.finetuning.semi_supervised import NEIGHBOURS, SPREAD, flat_inputs, propagate_labels, pseudo_labels
+from transferkit.finetuning.semi_supervised import flat_inputs, propagate_labels, pseudo_labels
 from transferkit.training.stages import describe
 from transferkit.finetuning.plan import Phase, Plan, StagePlan, plan_finetune
 
@@ -95,7 +95,6 @@ def _train(plan: Plan, out: Path, settings: dict[str, Any], verbose: bool) -> ru
     reuse = graph if graph is not None and not run.state and graph.nbytes <= MEMORY_LIMIT_BYTES else None
     del graph
     done: list[dict[str, Any]] = []
-    pseudo_counts: dict[str, int] = {}
     trained = clf.model
     examples = None
     for step in plan.stage_plans:
@@ -115,7 +114,7 @@ def _train(plan: Plan, out: Path, settings: dict[str, Any], verbose: bool) -> ru
         if examples is None:
             examples = _examples(plan, step.phase, propagated, backup)
             if step.phase.round:
-                pseudo_counts[step.phase.name] = len(examples.rows) - len(split.labeled)
+                plan.semi_record["pseudo_labeled"][step.phase.name] = len(examples.rows) - len(split.labeled)
         x, y = data.x[examples.rows], examples.y
         if recipe.mixes and not examples.soft:  # mixed batches mix one-hot targets
             y = np.eye(data.num_classes, dtype="float32")[y]
@@ -142,7 +141,6 @@ def _train(plan: Plan, out: Path, settings: dict[str, Any], verbose: bool) -> ru
             record.update(stopped_after=finished.stopping.stopped_epoch + 1,
                           best_epoch=finished.stopping.best_epoch + 1)
     history = run.history
-    semi_record = _semi_record(plan, pseudo_counts)
 
     loss, accuracy = plan.test_loss
     # the last stage trained the head alone, or on soft labels: compile the classifier for the true labels
@@ -152,7 +150,7 @@ def _train(plan: Plan, out: Path, settings: dict[str, Any], verbose: bool) -> ru
         pipeline(data.x[split.test], data.y[split.test], plan.batch_size), verbose=0)
     metrics = {"test_accuracy": float(test_accuracy), "test_loss": float(test_loss)}
     manifest = runs.base_manifest("classifier", recipe, data, split)
-    manifest.update(plan.record, stages=done, semi_supervised=semi_record, metrics=metrics)
+    manifest.update(plan.record, stages=done, semi_supervised=plan.semi_record, metrics=metrics)
     runs.save_run(out, clf.model, recipe, manifest, split, history)
     backup.discard()
     runs.print_line(f"test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(split.test)} "
@@ -246,29 +244,9 @@ def _propagate(plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
     data, split, clf = plan.data, plan.split, plan.clf
     rows = np.concatenate([split.labeled, plan.unlabeled])
     graph = None
-    if _graph_on(plan) == "features":
+    if plan.graph_on == "features":
         graph = compute_features(clf.features, data.x[rows], plan.batch_size, limit_bytes=math.inf)
     labels = np.concatenate([data.y[split.labeled], np.full(len(plan.unlabeled), -1)]).astype(np.int64)
     # a graph on the inputs holds them flattened (N x d float32, filled batch by batch): kNN needs every row at once
     on = flat_inputs(data.x, rows, plan.batch_size) if graph is None else graph.astype(np.float64)
     return propagate_labels(on, labels, data.num_classes), graph
-
-
-def _graph_on(plan: Plan) -> str:
-    """What propagate's kNN graph is built on: the base's features, or the inputs (also for untrained backbones)."""
-    untrained = plan.clf.info["kind"] == "backbone" and plan.recipe.weights == "none"
-    return "inputs" if untrained else plan.recipe.propagate_on
-
-
-def _semi_record(plan: Plan, pseudo_counts: dict[str, int]) -> dict[str, Any]:
-    """What the artifact says of the unlabeled data it learned from."""
-    recipe = plan.recipe
-    if recipe.semi_supervised == "none":
-        return {"mode": "none"}
-    record: dict[str, Any] = {"mode": recipe.semi_supervised, "unlabeled_examples": len(plan.unlabeled),
-                              "unlabeled_rows": plan.unlabeled.tolist()}
-    if recipe.semi_supervised == "pseudo":
-        record.update(rounds=recipe.pseudo_rounds, threshold=recipe.pseudo_threshold, pseudo_labeled=pseudo_counts)
-    else:
-        record.update(kernel="knn", n_neighbors=NEIGHBOURS, alpha=SPREAD, graph_on=_graph_on(plan))
-    return record
