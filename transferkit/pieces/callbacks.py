@@ -118,10 +118,10 @@ class StopOnDivergence(keras.callbacks.Callback):
         if broken:
             self._fail(f"{broken} weights became NaN or infinite", "its end")
         loss = (logs or {}).get("loss")
-        if self.growth is not None and loss is not None and self.first_loss is not None and \
-                float(loss) > self.growth * max(self.first_loss, self.floor, 1e-12):
-            reference = f"its first value ({self.first_loss:.4g})" if self.first_loss >= self.floor \
-                else f"a uniform guess's ({self.floor:.4g})"
+        if (self.growth is not None and loss is not None and self.first_loss is not None
+                and float(loss) > self.growth * max(self.first_loss, self.floor, 1e-12)):
+            reference = (f"its first value ({self.first_loss:.4g})" if self.first_loss >= self.floor
+                         else f"a uniform guess's ({self.floor:.4g})")
             self._fail(f"the loss grew to {float(loss):.4g}, over {self.growth:g} times {reference}", "its end")
 
     def _fail(self, what: str, where: str) -> None:
