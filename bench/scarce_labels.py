@@ -38,7 +38,7 @@ TASKS = ("autoencoder", "denoising", "stacked", "rotation", "pairs", "gan")
 PRETRAIN = {"batch_size": 32, "units": (128, 64, 32), "activation": "selu", "lr": 1e-3}
 TASK_SETTINGS = {
     "autoencoder": {"epochs": 30},
-    "denoising": {"epochs": 30, "noise": 0.3},
+    "denoising": {"epochs": 30, "noise": 0.3, "noise_kind": "gaussian"},
     "stacked": {"epochs": 10},            # per block: 30 epochs in all
     "rotation": {"epochs": 8},            # 4 rotations of each input per epoch
     "pairs": {"epochs": 60, "batch_size": 128, "lr": 3e-3},

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 import transferkit as tk
 from transferkit.cli import cli
 from transferkit.data.sources import load_data
-from transferkit.training.defaults import FINETUNE_STEPS, HEAD_STEPS, MIN_EPOCHS, PRETRAIN_STEPS
+from transferkit.training.defaults import (FINETUNE_STEPS, HEAD_STEPS, MIN_EPOCHS, PRETRAIN_MAX_EPOCHS,
+                                          PRETRAIN_STEPS)
 from transferkit.recipe import Recipe
 
 from helpers import run
@@ -168,8 +169,21 @@ def test_default_pretraining_is_denoising_on_a_step_budget():
     from transferkit.training.defaults import resolve_pretrain
 
     recipe, chosen = resolve_pretrain(Recipe(), examples=1258)
-    assert recipe.task == "denoising"
-    assert chosen == {"epochs": math.ceil(PRETRAIN_STEPS / math.ceil(1258 / 32)), "lr": 1e-3}
+    assert recipe.task == "denoising" and recipe.noise_kind == "dropout"
+    assert chosen == {"epochs": min(math.ceil(PRETRAIN_STEPS / math.ceil(1258 / 32)), PRETRAIN_MAX_EPOCHS),
+                      "lr": 1e-3}
+
+
+@pytest.mark.parametrize("examples", [144, 1258, 50_000])
+def test_pretraining_epochs_make_the_step_budget_within_their_bounds(examples):
+    from transferkit.training.defaults import resolve_pretrain
+
+    epochs = resolve_pretrain(Recipe(), examples=examples)[1]["epochs"]
+    batches = math.ceil(examples / 32)
+    # the fewest epochs that reach the budget, unless that is more passes than the bound or fewer than the floor
+    expected = min(max(MIN_EPOCHS, -(-PRETRAIN_STEPS // batches)), PRETRAIN_MAX_EPOCHS)
+    assert epochs == expected
+    assert epochs * batches >= PRETRAIN_STEPS or epochs == PRETRAIN_MAX_EPOCHS
 
 
 def test_explicit_settings_are_obeyed_exactly(encoder_dir, tmp_path):

@@ -82,8 +82,8 @@ class Recipe:
     # training
     epochs: int | None = setting(None, "Most epochs of training (finetune: of each unfreezing stage); early "
                                        "stopping may end it sooner.", check=at_least(0), expected="an integer >= 0",
-                                 auto="auto: about 1500 optimizer steps to pretrain, 300 per unfreezing stage, "
-                                      "at least 5 epochs")
+                                 auto="auto: about 6000 optimizer steps to pretrain (at most 150 epochs), 300 "
+                                      "per unfreezing stage, at least 5 epochs")
     batch_size: int = setting(32, "Examples per optimizer step.", check=at_least(1), expected="an integer >= 1")
     lr: float | str | None = setting(None, "Learning rate (the peak, for onecycle), or auto: the LR finder's "
                                            "valley.", check=lambda v: v == "auto" or at_least(0, strictly=True)(v),
@@ -114,15 +114,16 @@ class Recipe:
     # pretrain
     task: str = setting("denoising", "Pretraining task.", commands=PRETRAIN, choices=TASKS)
     arch: str = setting("dense", "Encoder architecture.", commands=PRETRAIN, choices=ARCHS)
-    units: tuple[int, ...] = setting((128, 64, 32), "Dense units per block, bottom to top, e.g. 128,64,32.",
+    units: tuple[int, ...] = setting((512, 256, 128), "Dense units per block, bottom to top, e.g. 128,64,32.",
                                      commands=PRETRAIN, kind="list", check=_positive_integers,
                                      expected="positive integers")
     filters: tuple[int, ...] = setting((16, 32, 32), "Conv filters per block, e.g. 16,32,32.", commands=PRETRAIN,
                                        kind="list", check=_positive_integers, expected="positive integers")
-    noise: float = setting(0.3, "Denoising noise: std as a fraction of the data's (gaussian), or rate.",
-                           commands=PRETRAIN, check=in_range(0, 1), expected="a number in [0, 1] (a fraction of "
-                                                                             "the data's std)")
-    noise_kind: str = setting("gaussian", "Denoising noise: gaussian or dropout.", commands=PRETRAIN,
+    noise: float = setting(0.3, "Denoising noise: the fraction of inputs masked (dropout), or the std as a "
+                                "fraction of the data's (gaussian).",
+                           commands=PRETRAIN, check=in_range(0, 1), expected="a number in [0, 1]")
+    noise_kind: str = setting("dropout", "Denoising noise: dropout (masking: a fraction --noise of the inputs "
+                                         "set to 0) or gaussian.", commands=PRETRAIN,
                               choices=NOISE_KINDS)
     tied_weights: bool = setting(False, "Dense decoder reuses the encoder's kernels.", commands=PRETRAIN)
     # finetune: the base

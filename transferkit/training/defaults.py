@@ -27,7 +27,10 @@ from transferkit.recipe import Recipe
 
 HEAD_STEPS = 600  # the most optimizer steps of a head-only stage
 FINETUNE_STEPS = 300  # of a stage that unfreezes blocks of the base
-PRETRAIN_STEPS = 1500  # of pretraining (per block for `stacked`)
+PRETRAIN_STEPS = 6000  # of pretraining (per block for `stacked`)
+# pretraining's passes over a small folder: 6,000 steps over 180 photos would be 1,500 passes that
+# cost minutes and overfit; the digits (1,258 inputs, 40 batches) reach their 6,000 steps in 150
+PRETRAIN_MAX_EPOCHS = 150
 MIN_EPOCHS = 5
 # under 1cycle, early stopping judges a stage from this fraction of its epochs on: its rate has come half way
 # down from the peak (judging the peak's epochs stopped stages too soon; bench/defaults.py, README "Defaults")
@@ -41,23 +44,28 @@ PRETRAIN_LR = {"gan": 2e-4}  # DCGAN's rate (Radford et al., 2016); other tasks:
 PRETRAIN_DEFAULT_LR = 1e-3
 
 
-def epochs_for(steps: int, examples: int, batch_size: int) -> int:
+def epochs_for(steps: int, examples: int, batch_size: int, most: int | None = None) -> int:
     """The epochs that make about `steps` optimizer steps over `examples` in batches of `batch_size`.
+
+    At least `MIN_EPOCHS`, and at most `most` (None: no bound).
 
     Example:
 
     >>> epochs_for(600, examples=72, batch_size=32), epochs_for(600, examples=60000, batch_size=32)
     (200, 5)
+    >>> epochs_for(6000, examples=144, batch_size=32, most=150)
+    150
     """
     per_epoch = max(1, math.ceil(examples / batch_size))
-    return max(MIN_EPOCHS, math.ceil(steps / per_epoch))
+    epochs = max(MIN_EPOCHS, math.ceil(steps / per_epoch))
+    return epochs if most is None else min(epochs, max(MIN_EPOCHS, most))
 
 
 def resolve_pretrain(recipe: Recipe, examples: int) -> tuple[Recipe, dict[str, Any]]:
     """`recipe` with its unset pretraining settings chosen for `examples` training inputs, and what was chosen."""
     chosen: dict[str, Any] = {}
     if recipe.epochs is None:
-        chosen["epochs"] = epochs_for(PRETRAIN_STEPS, examples, recipe.batch_size)
+        chosen["epochs"] = epochs_for(PRETRAIN_STEPS, examples, recipe.batch_size, most=PRETRAIN_MAX_EPOCHS)
     if recipe.lr is None:
         chosen["lr"] = PRETRAIN_LR.get(recipe.task, PRETRAIN_DEFAULT_LR)
     return recipe.replace(**chosen), chosen
