@@ -34,6 +34,24 @@ def test_propagate_labels_every_point_of_two_moons_from_one_label_each():
     assert (soft.argmax(axis=1) == y).all()
 
 
+def test_a_cosine_graph_joins_rows_by_their_direction_not_their_length():
+    # two classes of directions, arcs of 6 degrees (evenly spaced: one chain of neighbours) around 45 and 65
+    # degrees, each row at a length from 0.1 to 10: by distance, short rows of both classes are neighbours
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 100)
+    angle = np.radians(np.where(y == 0, 45, 65) + np.tile(np.linspace(-3, 3, 100), 2))
+    length = np.exp(rng.uniform(np.log(0.1), np.log(10), len(y)))
+    x = np.stack([np.cos(angle), np.sin(angle)], axis=1) * length[:, None]
+    labels = one_label_per_class(y)
+    by_angle = propagate_labels(x, labels, num_classes=2, cosine=True)
+    assert (by_angle.argmax(axis=1) == y).all()
+    by_distance = propagate_labels(x, labels, num_classes=2)
+    assert (by_distance.argmax(axis=1) != y).any(), "the lengths do not mislead a Euclidean graph: proves nothing"
+    # the angle alone decides: rescaling every row leaves the labels as they were
+    rescaled = propagate_labels(x * rng.uniform(0.5, 2, (len(y), 1)), labels, num_classes=2, cosine=True)
+    np.testing.assert_allclose(rescaled, by_angle, atol=1e-6)
+
+
 def test_propagate_keeps_the_known_labels_one_hot():
     x, y = make_blobs(60, centers=3, random_state=1)
     labels = one_label_per_class(y)
@@ -147,6 +165,7 @@ def test_propagate_trains_on_soft_labels_of_the_pool_then_the_true_labels(tmp_pa
     assert [(s["phase"], s["name"]) for s in result.manifest["stages"]] == [
         ("propagated", "head"), ("propagated", "top1"), ("labeled", "top1")]
     assert result.manifest["semi_supervised"]["kernel"] == "knn"
+    assert result.manifest["semi_supervised"]["metric"] == "cosine"  # a graph on the encoder's features
     assert 0 <= result.metrics["test_accuracy"] <= 1
 
 

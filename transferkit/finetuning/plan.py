@@ -249,7 +249,8 @@ def semi_record(plan: Plan) -> dict[str, Any]:
     if recipe.semi_supervised == "pseudo":
         record.update(rounds=recipe.pseudo_rounds, threshold=recipe.pseudo_threshold, pseudo_labeled={})
     else:
-        record.update(kernel="knn", n_neighbors=NEIGHBOURS, alpha=SPREAD, graph_on=plan.graph_on)
+        record.update(kernel="knn", n_neighbors=NEIGHBOURS, alpha=SPREAD, graph_on=plan.graph_on,
+                      metric="cosine" if plan.graph_on == "features" else "euclidean")
     return record
 
 

@@ -239,7 +239,8 @@ def _propagate(plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
 
     The raw inputs stand in for the base's outputs (then None) with
     `propagate_on="inputs"` and when the base has no pretrained weights (a
-    backbone with `weights="none"`).
+    backbone with `weights="none"`). Features are joined by their angle (a
+    cosine kNN graph), inputs by their distance.
     """
     data, split, clf = plan.data, plan.split, plan.clf
     rows = np.concatenate([split.labeled, plan.unlabeled])
@@ -249,4 +250,5 @@ def _propagate(plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
     labels = np.concatenate([data.y[split.labeled], np.full(len(plan.unlabeled), -1)]).astype(np.int64)
     # a graph on the inputs holds them flattened (N x d float32, filled batch by batch): kNN needs every row at once
     on = flat_inputs(data.x, rows, plan.batch_size) if graph is None else graph.astype(np.float64)
-    return propagate_labels(on, labels, data.num_classes), graph
+    # a network's features by their angle (the scale of a code says little); inputs by distance, as scikit-learn
+    return propagate_labels(on, labels, data.num_classes, cosine=graph is not None), graph

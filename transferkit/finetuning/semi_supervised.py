@@ -82,7 +82,7 @@ def pseudo_labels(probs: np.ndarray, round_: int, rounds: int,
 
 
 def propagate_labels(features: np.ndarray, labels: np.ndarray, num_classes: int,
-                     n_neighbors: int = NEIGHBOURS, alpha: float = SPREAD) -> np.ndarray:
+                     n_neighbors: int = NEIGHBOURS, alpha: float = SPREAD, cosine: bool = False) -> np.ndarray:
     """Soft labels for every row of `features`: LabelSpreading over a kNN graph; `labels` is -1 where unknown.
 
     Rows with a known label keep it (one-hot); the others get LabelSpreading's
@@ -91,11 +91,18 @@ def propagate_labels(features: np.ndarray, labels: np.ndarray, num_classes: int,
     the distances of float32 rows in float64 all the same. `alpha` is the share of each step's labels taken from the
     neighbours: 0.9 rather than scikit-learn's 0.2, which with one label per
     class leaves most of two moons unreached (and is no better on digits).
+    `cosine`: neighbours by the angle between rows (each row scaled to unit
+    L2 norm first, scikit-learn's `normalize`), as Iscen et al. (2019, "Label
+    Propagation for Deep Semi-supervised Learning") build the graph of a
+    network's features; else by Euclidean distance.
     """
+    from sklearn.preprocessing import normalize
     from sklearn.semi_supervised import LabelSpreading
 
     flat = features.reshape(len(features), -1)
     flat = flat if flat.dtype == np.float32 else flat.astype(np.float64)  # float32: no float64 copy of N x d
+    if cosine:
+        flat = normalize(flat)
     spreading = LabelSpreading(kernel="knn", n_neighbors=min(n_neighbors, len(flat) - 1), alpha=alpha,
                                max_iter=1000)
     spreading.fit(flat, labels)
