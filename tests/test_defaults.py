@@ -13,7 +13,7 @@ import transferkit as tk
 from transferkit.cli import cli
 from transferkit.data.sources import load_data
 from transferkit.training.defaults import (FINETUNE_STEPS, HEAD_STEPS, MIN_EPOCHS, PRETRAIN_MAX_EPOCHS,
-                                          PRETRAIN_STEPS)
+                                          PRETRAIN_STEPS, describe_chosen)
 from transferkit.recipe import Recipe
 
 from helpers import run
@@ -168,10 +168,21 @@ def test_a_backbone_unfreezes_at_the_keras_guides_ratio():
 def test_default_pretraining_is_denoising_on_a_step_budget():
     from transferkit.training.defaults import resolve_pretrain
 
-    recipe, chosen = resolve_pretrain(Recipe(), examples=1258)
+    recipe, chosen = resolve_pretrain(Recipe(), examples=1258, input_shape=(64,))
     assert recipe.task == "denoising" and recipe.noise_kind == "dropout"
-    assert chosen == {"epochs": min(math.ceil(PRETRAIN_STEPS / math.ceil(1258 / 32)), PRETRAIN_MAX_EPOCHS),
+    assert chosen == {"units": (512, 256, 128),
+                      "epochs": min(math.ceil(PRETRAIN_STEPS / math.ceil(1258 / 32)), PRETRAIN_MAX_EPOCHS),
                       "lr": 1e-3}
+    assert describe_chosen("pretrain", chosen) == ("pretrain: chosen automatically (set them to change): "
+                                                   "--units 512,256,128 --epochs 150 --lr 0.001")
+
+
+def test_images_get_the_narrower_encoder_and_given_units_are_kept():
+    from transferkit.training.defaults import resolve_pretrain
+
+    assert resolve_pretrain(Recipe(), 126, input_shape=(150, 147, 3))[0].units == (128, 64, 32)
+    recipe, chosen = resolve_pretrain(Recipe(units=(32, 16)), 1258, input_shape=(64,))
+    assert recipe.units == (32, 16) and "units" not in chosen
 
 
 @pytest.mark.parametrize("examples", [144, 1258, 50_000])

@@ -114,9 +114,10 @@ class Recipe:
     # pretrain
     task: str = setting("denoising", "Pretraining task.", commands=PRETRAIN, choices=TASKS)
     arch: str = setting("dense", "Encoder architecture.", commands=PRETRAIN, choices=ARCHS)
-    units: tuple[int, ...] = setting((512, 256, 128), "Dense units per block, bottom to top, e.g. 128,64,32.",
-                                     commands=PRETRAIN, kind="list", check=_positive_integers,
-                                     expected="positive integers")
+    units: tuple[int, ...] | None = setting(None, "Dense units per block, bottom to top, e.g. 128,64,32.",
+                                            commands=PRETRAIN, kind="list", check=_positive_integers,
+                                            expected="positive integers",
+                                            auto="512,256,128 for vector inputs, 128,64,32 for images")
     filters: tuple[int, ...] = setting((16, 32, 32), "Conv filters per block, e.g. 16,32,32.", commands=PRETRAIN,
                                        kind="list", check=_positive_integers, expected="positive integers")
     noise: float = setting(0.3, "Denoising noise: the fraction of inputs masked (dropout), or the std as a "

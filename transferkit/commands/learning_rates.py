@@ -87,8 +87,8 @@ def schedule_curve(recipe: Recipe, command: str = "finetune") -> ScheduleCurve:
         from transferkit.pretraining.plan import plan_pretrain
         from transferkit.training.defaults import resolve_pretrain
 
-        _, split = runs.prepare(recipe)
-        recipe, _ = resolve_pretrain(recipe, len(split.train))
+        data, split = runs.prepare(recipe)
+        recipe, _ = resolve_pretrain(recipe, len(split.train), data.input_shape)
         stages = [(s.name, s.steps, s.learning_rate, s.schedule) for s in plan_pretrain(recipe, len(split.train))]
     cycles_momentum = OneCycleMomentum.supports(make_optimizer(recipe, 1e-3))
     lrs, momenta, starts = [], [], []

@@ -90,7 +90,7 @@ def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
 def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
     data, split = runs.prepare(recipe)
     settings = recipe.run_settings()  # as given: what is chosen from them follows
-    recipe, chosen = resolve_pretrain(recipe, len(split.train))
+    recipe, chosen = resolve_pretrain(recipe, len(split.train), data.input_shape)
     runs.print_line(describe_chosen("pretrain", chosen), verbose)
     check_settings(recipe, data, split)
     out = runs.out_dir(recipe, "encoder")

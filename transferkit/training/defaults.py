@@ -40,6 +40,11 @@ FINETUNE_LR = 1e-2  # the head stage's peak rate; unfreezing stages take `finetu
 # (a Keras Applications backbone): a hundredth, the Keras guide's ratio (Adam 1e-3 for the head, 1e-5 for
 # the whole model), since a tenth let a VGG16 diverge in bench/defaults.py
 FINETUNE_LR_FACTOR = {"encoder": 0.1, "backbone": 0.01}
+# the encoder's units: for vectors (a table, the digits), the widest measured (bench/defaults.py: 512,256,128 beat
+# 128,64,32 by 1.7 and 1.9 points at 5% and 10% labels); for images, whose pixels number thousands, the narrower
+# one: 512 units on a 150x147 photo folder made a 34M-weight first block (130 MB) and took 4x as long, for the same
+# test accuracy (0.944 on README's photo folder)
+PRETRAIN_UNITS = {"vectors": (512, 256, 128), "images": (128, 64, 32)}
 PRETRAIN_LR = {"gan": 2e-4}  # DCGAN's rate (Radford et al., 2016); other tasks: 1e-3 (Adam's default)
 PRETRAIN_DEFAULT_LR = 1e-3
 
@@ -61,9 +66,16 @@ def epochs_for(steps: int, examples: int, batch_size: int, most: int | None = No
     return epochs if most is None else min(epochs, max(MIN_EPOCHS, most))
 
 
-def resolve_pretrain(recipe: Recipe, examples: int) -> tuple[Recipe, dict[str, Any]]:
-    """`recipe` with its unset pretraining settings chosen for `examples` training inputs, and what was chosen."""
+def resolve_pretrain(recipe: Recipe, examples: int, input_shape: tuple[int, ...] = ()
+                     ) -> tuple[Recipe, dict[str, Any]]:
+    """`recipe` with its unset pretraining settings chosen for `examples` training inputs, and what was chosen.
+
+    Unset: `epochs` (from `PRETRAIN_STEPS`, at most `PRETRAIN_MAX_EPOCHS`), `lr` and `units`
+    (`PRETRAIN_UNITS`: for inputs of one axis, "vectors", else "images").
+    """
     chosen: dict[str, Any] = {}
+    if recipe.units is None:
+        chosen["units"] = PRETRAIN_UNITS["vectors" if len(input_shape) <= 1 else "images"]
     if recipe.epochs is None:
         chosen["epochs"] = epochs_for(PRETRAIN_STEPS, examples, recipe.batch_size, most=PRETRAIN_MAX_EPOCHS)
     if recipe.lr is None:
@@ -103,6 +115,14 @@ def describe_chosen(command: str, chosen: dict[str, Any]) -> str:
     """The line a command prints first: the settings it chose, written as flags a user can copy."""
     if not chosen:
         return f"{command}: every setting given"
-    flags = " ".join(f"--{key.replace('_', '-')} {value:g}" if isinstance(value, float)
-                     else f"--{key.replace('_', '-')} {value}" for key, value in chosen.items())
+    flags = " ".join(f"--{key.replace('_', '-')} {_flag_value(value)}" for key, value in chosen.items())
     return f"{command}: chosen automatically (set them to change): {flags}"
+
+
+def _flag_value(value: Any) -> str:
+    """`value` as a flag takes it: 0.001 for a float, 512,256,128 for a list."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple | list):
+        return ",".join(str(v) for v in value)
+    return str(value)
