@@ -52,3 +52,25 @@ def test_skipped_files_and_the_resize_mode_are_recorded_and_reused(tmp_path):
     # evaluate reads the folder the way training did: the same fingerprint, so the test split alone
     report = tk.evaluate(classifier.artifact, spec, verbose=False)
     assert report.metrics["examples"] == manifest["split"]["sizes"]["test"]
+
+
+def test_evaluate_and_predict_skip_bad_files_when_asked(tmp_path):
+    # a classifier trained on a clean folder meets a folder with a broken file, as the error tells the user
+    data = folder(tmp_path / "photos")
+    encoder = tk.pretrain(data=f"dir:{data}", out=str(tmp_path / "enc"), **FAST).artifact
+    classifier = tk.finetune(from_=str(encoder), data=f"dir:{data}", head_epochs=1, epochs=0, lr=1e-3,
+                             out=str(tmp_path / "clf"), verbose=False).artifact
+    new = folder(tmp_path / "new", per_class=3)
+    broken = new / "b" / "broken.png"
+    broken.write_bytes(b"not a png")
+    for command in (["evaluate", str(classifier), "--data", f"dir:{new}"], ["predict", str(classifier), f"dir:{new}"]):
+        refused = run(*command)
+        assert refused.exit_code == 2 and "broken.png" in refused.stderr and "--skip-bad-files" in refused.stderr
+        done = run(*command, "--skip-bad-files")
+        assert done.exit_code == 0, done.stderr[-800:]
+    assert tk.evaluate(classifier, f"dir:{new}", skip_bad_files=True, verbose=False).metrics["examples"] == 6
+    good = [str(p) for p in sorted((new / "a").glob("*.png"))]
+    rows = tk.predict(classifier, [*good, str(broken)], skip_bad_files=True, verbose=False)
+    assert [row["input"] for row in rows] == good  # the broken file is left out, the others keep their names
+    with pytest.raises(SettingsError, match="broken.png"):
+        tk.predict(classifier, [*good, str(broken)], verbose=False)

@@ -87,7 +87,7 @@ def export(model_dir: str | Path, out: str | Path | None = None, *, mc_samples: 
 
 def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int = 0, top_k: int | None = None,
              plots: str | Path | None = None, output: str | Path | None = None, tta: int = 1,
-             verbose: bool = True) -> Result:
+             verbose: bool = True, skip_bad_files: bool = False) -> Result:
     """How well a saved classifier does on its test split (or on `data`), and where it fails.
 
     Args:
@@ -100,6 +100,7 @@ def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int 
         tta: Integer >= 1. Also evaluate test-time augmentation: the mean probabilities over each input and
             `tta - 1` augmented copies (the model's own augmentation, else horizontal flips). Defaults to `1` (off).
         verbose: Bool. Print the report. Defaults to `True`.
+        skip_bad_files: Bool. Skip `dir:` files that cannot be decoded instead of stopping. Defaults to `False`.
 
     Returns:
         A `Result` (an `evaluation.Evaluation`) whose `metrics` hold accuracy,
@@ -113,20 +114,22 @@ def evaluate(model_dir: str | Path, data: str | None = None, *, mc_samples: int 
 
     with quiet(not verbose):
         return run_evaluate(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output,
-                            tta=tta, verbose=verbose)
+                            tta=tta, verbose=verbose, skip_bad_files=skip_bad_files)
 
 
 def predict(model_dir: str | Path, inputs: list[str] | str, *, mc_samples: int = 0,
-            output: str | Path | None = None, tta: int = 1, verbose: bool = True) -> list[dict[str, Any]]:
+            output: str | Path | None = None, tta: int = 1, verbose: bool = True,
+            skip_bad_files: bool = False) -> list[dict[str, Any]]:
     """Predicted class and probability (and MC dropout uncertainty) for image files or a data spec.
 
     `tta` > 1 adds `tta_class` and `tta_probability`: the mean over each input and `tta - 1` augmented copies.
+    `skip_bad_files`: files that cannot be decoded are left out (and listed) instead of stopping.
     """
     from transferkit.commands.predict import run_predict
 
     with quiet(not verbose):
         return run_predict(model_dir, [inputs] if isinstance(inputs, str) else list(inputs), mc_samples=mc_samples,
-                           output=output, tta=tta, verbose=verbose)
+                           output=output, tta=tta, verbose=verbose, skip_bad_files=skip_bad_files)
 
 
 def find_lr(recipe: str | Path | Recipe | None = None, *, stage: str | None = None, plot: str | Path | None = None,

@@ -161,6 +161,8 @@ def schedule(recipe: str | None, command: str, plot: str, **settings: Any) -> No
     plot_schedule(plot, recipe, command=command, **settings)
 
 
+# the help of the Recipe's setting that pretrain and finetune take, for evaluate and predict
+_SKIP_HELP = describe(Recipe.__dataclass_fields__["skip_bad_files"]).help
 _TTA_HELP = ("Test-time augmentation: also average the probabilities over the input and N-1 augmented copies "
              "(the model's own --augment, else horizontal flips; dropout off), reported beside the plain figures "
              "(1: off; images only).")
@@ -203,13 +205,15 @@ def export(model_dir: str, out: str | None, formats: tuple[str, ...], quantize: 
 @click.option("--plots", type=click.Path(), help="Write confusion.png (and top_losses.png for images) here.")
 @click.option("--output", type=click.Path(), help="Write the whole report to this JSON file.")
 @click.option("--tta", type=int, default=1, show_default=True, help=_TTA_HELP)
+@click.option("--skip-bad-files", is_flag=True, help=_SKIP_HELP)
 @handle_errors
 def evaluate(model_dir: str, data: str | None, mc_samples: int, top_k: int | None, plots: str | None,
-             output: str | None, tta: int) -> None:
+             output: str | None, tta: int, skip_bad_files: bool) -> None:
     """Accuracy, per-class figures, confusion and calibration of MODEL_DIR on its test split (or on --data)."""
     from transferkit.api import evaluate as run
 
-    run(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output, tta=tta)
+    run(model_dir, data, mc_samples=mc_samples, top_k=top_k, plots=plots, output=output, tta=tta,
+        skip_bad_files=skip_bad_files)
 
 
 @cli.command()
@@ -219,12 +223,14 @@ def evaluate(model_dir: str, data: str | None, mc_samples: int, top_k: int | Non
               help="MC dropout samples per example; adds std, entropy and mutual information.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the rows to a .csv or .json file.")
 @click.option("--tta", type=int, default=1, show_default=True, help=_TTA_HELP)
+@click.option("--skip-bad-files", is_flag=True, help=_SKIP_HELP)
 @handle_errors
-def predict(model_dir: str, inputs: tuple[str, ...], mc_samples: int, output: str | None, tta: int) -> None:
+def predict(model_dir: str, inputs: tuple[str, ...], mc_samples: int, output: str | None, tta: int,
+            skip_bad_files: bool) -> None:
     """Class and probability for INPUTS: image files, or a data spec (npz:PATH, dir:PATH)."""
     from transferkit.api import predict as run
 
-    run(model_dir, list(inputs), mc_samples=mc_samples, output=output, tta=tta)
+    run(model_dir, list(inputs), mc_samples=mc_samples, output=output, tta=tta, skip_bad_files=skip_bad_files)
 
 
 @cli.command()

@@ -37,7 +37,7 @@ class Evaluation(runs.Result):
 
 def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int = 0, batch_size: int = 256,
                  top_k: int | None = None, plots: str | Path | None = None, output: str | Path | None = None,
-                 tta: int = 1, verbose: bool = True) -> Evaluation:
+                 tta: int = 1, verbose: bool = True, skip_bad_files: bool = False) -> Evaluation:
     """Accuracy, loss, calibration and where the model fails, on the artifact's test split or every example of `data`.
 
     Given `data` that is the artifact's own training data (same fingerprint), only
@@ -56,6 +56,8 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
         tta: Integer >= 1. Predictions averaged per example over the input and `tta - 1` augmented
             copies, reported beside the plain ones. Defaults to `1` (off).
         verbose: Bool. Print the report. Defaults to `True`.
+        skip_bad_files: Bool. Skip `dir:` files that cannot be decoded, counted and listed, instead of stopping
+            (always, if the artifact's training skipped some). Defaults to `False`.
 
     Returns:
         An `Evaluation`: `metrics` holds the headline figures, `report` everything.
@@ -72,7 +74,7 @@ def run_evaluate(model_dir: str | Path, data: str | None = None, mc_samples: int
     top_k = resolve_top_k(top_k, num_classes)
     plots, output = _check_destinations(plots, output)
     spec = data or manifest.data.spec
-    loaded, split = runs.artifact_data(model_dir, manifest, spec, verbose)
+    loaded, split = runs.artifact_data(model_dir, manifest, spec, verbose, skip_bad_files)
     require_labels(loaded)
     if split is not None:
         where, x, y = "test split", loaded.x[split.test], loaded.y[split.test]

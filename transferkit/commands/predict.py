@@ -38,7 +38,8 @@ OUTPUT_FORMATS = (".csv", ".json")
 
 
 def run_predict(model_dir: str | Path, inputs: list[str], mc_samples: int = 0, output: str | Path | None = None,
-                batch_size: int = 256, tta: int = 1, verbose: bool = True) -> list[dict[str, Any]]:
+                batch_size: int = 256, tta: int = 1, verbose: bool = True,
+                skip_bad_files: bool = False) -> list[dict[str, Any]]:
     """One row per input: its name, the predicted class, its probability (and MC figures, and TTA's).
 
     With `tta` > 1 each row also has `tta_class` and `tta_probability`: from the
@@ -49,7 +50,8 @@ def run_predict(model_dir: str | Path, inputs: list[str], mc_samples: int = 0, o
     are printed as CSV, or written to `output` (`.csv` or `.json`) through a
     temporary file renamed into place. Inputs are read batch by batch (image
     files decoded as they go, a progress bar for long runs) and each batch's
-    rows are written before the next is read.
+    rows are written before the next is read. With `skip_bad_files`, files that
+    cannot be decoded are left out and listed on stderr instead of stopping the run.
     """
     model_dir = Path(model_dir)
     manifest = artifacts.read_manifest(model_dir, ("classifier",))
@@ -58,7 +60,7 @@ def run_predict(model_dir: str | Path, inputs: list[str], mc_samples: int = 0, o
         raise SettingsError(f"--output must end in .csv or .json. Received: output={str(output)!r}")
     if output is not None and not Path(output).parent.is_dir():
         raise SettingsError(f"The folder of --output {str(output)!r} does not exist.")
-    names, x = _load_inputs(inputs, manifest)
+    names, x = _load_inputs(inputs, manifest, skip_bad_files)
     model = artifacts.load_model(model_dir)
     classes = manifest.data.class_names or [str(i) for i in range(manifest.num_classes)]
     if mc_samples and not has_dropout(model):
@@ -137,10 +139,10 @@ def _row_writer(output: str | Path | None, verbose: bool):
         os.replace(tmp, output)
 
 
-def _load_inputs(inputs: list[str], manifest: Manifest) -> tuple[list[str], Any]:
+def _load_inputs(inputs: list[str], manifest: Manifest, skip_bad_files: bool = False) -> tuple[list[str], Any]:
     shape = tuple(manifest.input_shape)
     if len(inputs) == 1 and inputs[0].partition(":")[0] in SCHEMES:
-        data = runs.load_like_artifact(inputs[0], manifest)
+        data = runs.load_like_artifact(inputs[0], manifest, skip_bad_files=skip_bad_files)
         names, x = [str(i) for i in range(len(data.x))], data.x
     else:
         missing = [p for p in inputs if not Path(p).is_file()]
@@ -149,9 +151,15 @@ def _load_inputs(inputs: list[str], manifest: Manifest) -> tuple[list[str], Any]
                                 "(npz:PATH, dir:PATH, tfds:NAME, digits).")
         if len(shape) != 3:
             raise SettingsError(f"The model takes inputs of shape {shape}, not images.")
-        paths = [Path(p) for p in inputs]
-        checked = check_images(paths, shape[:2], channels=shape[2])  # a file that cannot be read fails here, named
-        names, x = list(inputs), ImageFiles(paths, shape[:2], shape[2], plain=checked.plain)
+        # a file that cannot be read fails here, named; or, skipping bad files, is left out (and listed)
+        checked = check_images([Path(p) for p in inputs], shape[:2], channels=shape[2], skip_bad_files=skip_bad_files)
+        if skip_bad_files and checked.bad:
+            print(f"skipped {len(checked.bad)} file(s) that cannot be read: "
+                  + ", ".join(path for path, _ in checked.bad), file=sys.stderr)
+        if not len(checked.kept):
+            raise SettingsError("No input can be read: every file given is broken.")
+        names = [inputs[i] for i in checked.kept]
+        x = ImageFiles([Path(n) for n in names], shape[:2], shape[2], plain=checked.plain)
     if tuple(x.shape[1:]) != shape:
         raise SettingsError(f"The inputs have shape {tuple(x.shape[1:])}; the model takes {shape}.")
     return names, x

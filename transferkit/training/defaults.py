@@ -42,8 +42,8 @@ FINETUNE_LR = 1e-2  # the head stage's peak rate; unfreezing stages take `finetu
 FINETUNE_LR_FACTOR = {"encoder": 0.1, "backbone": 0.01}
 # the encoder's units: for vectors (a table, the digits), the widest measured (bench/defaults.py: 512,256,128 beat
 # 128,64,32 by 1.7 and 1.9 points at 5% and 10% labels); for images, whose pixels number thousands, the narrower
-# one: 512 units on a 150x147 photo folder made a 34M-weight first block (130 MB) and took 4x as long, for the same
-# test accuracy (0.944 on README's photo folder)
+# one: on a folder of 180 photos resized to 150x147, 512 units made a 34M-weight first block (130 MB) and pretrained
+# in 6:45 against 2:22, fine-tuned in 6:08 against 3:02, for 34 of 36 test images right against 33
 PRETRAIN_UNITS = {"vectors": (512, 256, 128), "images": (128, 64, 32)}
 PRETRAIN_LR = {"gan": 2e-4}  # DCGAN's rate (Radford et al., 2016); other tasks: 1e-3 (Adam's default)
 PRETRAIN_DEFAULT_LR = 1e-3

@@ -34,21 +34,24 @@ class Result:
         return f"Result(artifact={str(self.artifact)!r}, {metrics})"
 
 
-def load_like_artifact(spec: str, manifest: Manifest, verbose: bool = True) -> Data:
-    """Data `spec` read the way an artifact's training data was: its image size, resize mode, bad-file policy."""
+def load_like_artifact(spec: str, manifest: Manifest, verbose: bool = True, skip_bad_files: bool = False) -> Data:
+    """Data `spec` read the way an artifact's training data was: its image size, resize mode, bad-file policy.
+
+    Files that cannot be decoded are skipped if the artifact's training skipped some, or with `skip_bad_files`.
+    """
     return load_data(spec, image_size=manifest.image_size, resize=manifest.resize,
-                     skip_bad_files=bool(manifest.data.skipped), verbose=verbose)
+                     skip_bad_files=skip_bad_files or bool(manifest.data.skipped), verbose=verbose)
 
 
 def artifact_data(model_dir: str | Path, manifest: Manifest, spec: str | None = None,
-                  verbose: bool = True) -> tuple[Data, Split | None]:
+                  verbose: bool = True, skip_bad_files: bool = False) -> tuple[Data, Split | None]:
     """Data `spec` (default: the artifact's own) read as the artifact's was, and the artifact's split when it is
     that same data (by fingerprint), else `None`.
 
     Raises:
         SettingsError: inputs of another shape than the artifact's model takes.
     """
-    loaded = load_like_artifact(spec or manifest.data.spec, manifest, verbose)
+    loaded = load_like_artifact(spec or manifest.data.spec, manifest, verbose, skip_bad_files)
     if loaded.input_shape != tuple(manifest.input_shape):
         raise SettingsError(f"The data's inputs have shape {loaded.input_shape}; the model in {str(model_dir)!r} "
                             f"takes {tuple(manifest.input_shape)}.")
