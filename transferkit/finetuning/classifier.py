@@ -4,7 +4,7 @@ Example:
 
 >>> from transferkit.recipe import Recipe
 >>> from transferkit.data.sources import load_data
->>> clf = build_classifier(Recipe(backbone="mobilenetv2"), load_data("digits"), None, "none")   # doctest: +SKIP
+>>> clf = build_classifier(Recipe(backbone="mobilenetv2"), load_data("digits"), None)   # doctest: +SKIP
 >>> [name for name, _ in clf.blocks][-1]                                                 # doctest: +SKIP
 'block_16'
 """
@@ -19,7 +19,7 @@ import keras
 
 from transferkit.store import artifacts
 from transferkit.store.manifest import Manifest
-from transferkit.pieces.augmentation import Augmentation
+from transferkit.pieces.augmentation import augment_inputs
 from transferkit.pieces.backbones import Blocks, backbone_base, blocks_of, with_dtype_policy
 from transferkit.finetuning.bases import file_base
 from transferkit.finetuning.hub import hub_base, is_hub
@@ -58,16 +58,13 @@ class Classifier:
         return keras.Model(features_in, outputs, name="head_on_features")
 
 
-def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | None, augment: str) -> Classifier:
+def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | None) -> Classifier:
     """inputs → (augmentation) → (adapter) → base → pooling: the features; then (dropout) → softmax: the head.
 
     The base: the encoder `from_`, the Keras Applications `backbone`, or the body of the model file `base`.
-    `augment`: the augmentation's canonical spec, checked (`"none"`: no augmentation).
     """
     inputs = keras.Input(data.input_shape, name="inputs")
-    augmented = inputs
-    if augment != "none":
-        augmented = Augmentation(augment, value_range=data.value_range, name="augmentation")(inputs)
+    augmented = augment_inputs(inputs, recipe.augment, data.value_range)  # `inputs` itself without --augment
     if encoder_manifest is not None:
         if tuple(encoder_manifest.input_shape) != data.input_shape:
             raise SettingsError(

@@ -177,11 +177,8 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     class_weight = resolve_class_weight(recipe.class_weight, data.y[split.labeled], names)
     weighting = class_weight_record(recipe.class_weight, class_weight, names)
     augment = describe_augment(parse_augment(recipe.augment))
-    if augment != "none" and len(data.input_shape) != 3:
-        raise SettingsError(f"--augment needs image inputs (height, width, channels); the data's inputs have "
-                            f"shape {data.input_shape}. Received: augment={recipe.augment!r}")
     keras.utils.set_random_seed(recipe.seed)
-    clf = build_classifier(recipe, data, encoder_manifest, augment)
+    clf = build_classifier(recipe, data, encoder_manifest)  # refuses --augment on inputs that are not images
     recipe, chosen = resolve_finetune(recipe, len(split.labeled), len(clf.blocks),
                                       "encoder" if clf.info["kind"] == "encoder" else "backbone")
     stages = plan_stages(recipe, [name for name, _ in clf.blocks])
