@@ -69,6 +69,13 @@ def test_evaluate_and_predict_skip_bad_files_when_asked(tmp_path):
         done = run(*command, "--skip-bad-files")
         assert done.exit_code == 0, done.stderr[-800:]
     assert tk.evaluate(classifier, f"dir:{new}", skip_bad_files=True, verbose=False).metrics["examples"] == 6
+    # a folder's rows are named by their file's path in the folder; a line says where they were written
+    output = tmp_path / "predictions.csv"
+    done = run("predict", str(classifier), f"dir:{new}", "--skip-bad-files", "--output", str(output))
+    assert done.exit_code == 0 and f"6 predictions written to {output}" in done.stderr
+    named = [line.split(",")[0] for line in output.read_text().splitlines()[1:]]
+    readable = [p.relative_to(new).as_posix() for p in new.rglob("*.png") if p != broken]
+    assert sorted(named) == sorted(readable) and len(named) == 6
     good = [str(p) for p in sorted((new / "a").glob("*.png"))]
     rows = tk.predict(classifier, [*good, str(broken)], skip_bad_files=True, verbose=False)
     assert [row["input"] for row in rows] == good  # the broken file is left out, the others keep their names

@@ -70,7 +70,7 @@ class Recipe:
                                    check=in_range(0, 1, low_open=True, high_open=True), expected="a number in (0, 1)")
     val_fraction: float = setting(0.1, "Fraction of the examples held out for validation (early stopping).",
                                   check=in_range(0, 1, high_open=True), expected="a number in [0, 1)")
-    label_fraction: float = setting(1.0, "Fraction of training examples whose labels are kept.",
+    label_fraction: float = setting(1.0, "Fraction of training examples whose labels are kept.", commands=FINETUNE,
                                     check=in_range(0, 1, low_open=True), expected="a number in (0, 1]")
     image_size: int | None = setting(None, "Resize dir: and tfds: images to this square size.",
                                      check=at_least(1), expected="an integer >= 1",

@@ -48,7 +48,8 @@ def run_predict(model_dir: str | Path, inputs: list[str], mc_samples: int = 0, o
 
     `inputs` are image files, or one data spec (`npz:PATH`, `dir:PATH`, ...). Rows
     are printed as CSV, or written to `output` (`.csv` or `.json`) through a
-    temporary file renamed into place. Inputs are read batch by batch (image
+    temporary file renamed into place (and a line on stderr says so). A row's
+    `input` is its file's path (in the folder, for `dir:PATH`), else its index. Inputs are read batch by batch (image
     files decoded as they go, a progress bar for long runs) and each batch's
     rows are written before the next is read. With `skip_bad_files`, files that
     cannot be decoded are left out and listed on stderr instead of stopping the run.
@@ -80,6 +81,8 @@ def run_predict(model_dir: str | Path, inputs: list[str], mc_samples: int = 0, o
                     row.update(tta_class=classes[best], tta_probability=float(averaged[i, best]))
                 rows.append(row)
                 write(row)
+    if output is not None and verbose:
+        print(f"{len(rows)} predictions written to {output}", file=sys.stderr)
     return rows
 
 
@@ -139,11 +142,19 @@ def _row_writer(output: str | Path | None, verbose: bool):
         os.replace(tmp, output)
 
 
+def row_names(x: Any) -> list[str]:
+    """The name of each row of a data spec's inputs: a folder's files by their path in it, other rows by index."""
+    if isinstance(x, ImageFiles):
+        root = Path(x.root) if x.root else None
+        return [Path(p).relative_to(root).as_posix() if root else str(p) for p in x.paths]
+    return [str(i) for i in range(len(x))]
+
+
 def _load_inputs(inputs: list[str], manifest: Manifest, skip_bad_files: bool = False) -> tuple[list[str], Any]:
     shape = tuple(manifest.input_shape)
     if len(inputs) == 1 and inputs[0].partition(":")[0] in SCHEMES:
         data = runs.load_like_artifact(inputs[0], manifest, skip_bad_files=skip_bad_files)
-        names, x = [str(i) for i in range(len(data.x))], data.x
+        names, x = row_names(data.x), data.x
     else:
         missing = [p for p in inputs if not Path(p).is_file()]
         if missing:
