@@ -115,3 +115,13 @@ def test_imagenet_weights_without_network_say_how_to_pass_a_file(tmp_path, monke
 def test_export_of_a_folder_that_is_not_an_artifact(tmp_path):
     result = run("export", tmp_path)
     assert result.exit_code == 2 and "is not a transferkit artifact" in result.output
+
+
+def test_an_error_is_the_only_line_on_stderr_in_a_fresh_process(tmp_path):
+    # the native start-up lines of the backend (banner, oneDNN notice, CUDA probe) do not come before it
+    missing = tmp_path / "no-such-model"
+    done = subprocess.run([sys.executable, "-m", "transferkit.cli", "evaluate", str(missing)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith("Error: ")
+    assert str(missing) in done.stderr

@@ -18,6 +18,7 @@ import click
 
 from transferkit.commands.export_formats import FORMATS, QUANTIZE, parse_formats
 from transferkit.errors import SettingsError, TransferkitError
+from transferkit.native_logs import start_backend
 from transferkit.recipe import Recipe
 from transferkit.training.runtime import BACKENDS, choose_backend
 from transferkit.settings import Setting, describe, flag_name
@@ -72,12 +73,15 @@ def _shown(default: Any, flag: str, meta: Setting) -> str:
 
 
 def handle_errors(f: Callable) -> Callable:
-    """Turn our errors into one line and an exit status: 2 for settings, 1 for failures."""
+    """Start the backend quietly, then turn our errors into one line and an exit status: 2 for settings, 1 for
+    failures."""
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
         try:
+            # the backend's native start-up lines hidden (all shown with --debug or TF_CPP_MIN_LOG_LEVEL=0)
+            start_backend(quiet=not ctx.obj.get("debug") and os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0")
             return f(*args, **kwargs)
         except SettingsError as err:
             if ctx.obj.get("debug"):
