@@ -46,6 +46,8 @@ def test_every_field_has_one_toml_key_that_round_trips(tmp_path):
 def test_the_pretraining_flags_are_only_where_they_mean_something():
     assert "task" in recipe_flags("pretrain") and "task" not in recipe_flags("finetune")
     assert "from_" in recipe_flags("finetune") and "from_" not in recipe_flags("pretrain")
+    # the pretraining tasks learn without labels: which fraction of them is kept is fine-tuning's setting
+    assert "label_fraction" in recipe_flags("finetune") and "label_fraction" not in recipe_flags("pretrain")
 
 
 @pytest.mark.parametrize("name, bad", [("label_fraction", 0.0), ("label_fraction", 1.5), ("batch_size", 0),
