@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -187,6 +188,29 @@ def read_manifest(path: str | Path, kinds: tuple[str, ...] = ("encoder", "classi
 
 def read_json(path: str | Path, name: str) -> Any:
     return json.loads((Path(path) / name).read_text())
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """A saved encoder as fine-tuning reads it before building on it: its folder, manifest, and the rows it trained on.
+
+    `pretrained_on`: the indices of its training split (None when the folder holds no `split.json`).
+    """
+
+    path: Path
+    manifest: Manifest
+    pretrained_on: list[int] | None
+
+
+def read_encoder(path: str | Path) -> Encoder:
+    """The encoder artifact at `path`: its manifest (checked to be an encoder's) and its split's training rows.
+
+    Raises:
+        SettingsError, TransferkitError: as `read_manifest`.
+    """
+    manifest = read_manifest(path, ("encoder",))
+    split = Path(path) / SPLIT
+    return Encoder(Path(path), manifest, read_json(path, SPLIT)["train"] if split.is_file() else None)
 
 
 def versions() -> dict[str, str]:
