@@ -8,7 +8,8 @@ Each word names one of Keras 3's random image preprocessing layers
 (RandomContrast) and `randaugment` (RandAugment, 2 random operations). The
 presets are data: `light` moves and turns (no flip, so it suits digits and
 text, whose mirror image is another symbol), `medium` also flips and changes
-contrast (photos). This module does not import Keras.
+contrast (photos). This module imports Keras only when it makes a word's layer
+(`random_layer`), so the recipe checks the setting without it.
 
 Example:
 
@@ -36,6 +37,7 @@ WORDS: dict[str, tuple[str, float, float] | None] = {
     "contrast": ("a contrast factor", 0.0, 1.0),
     "randaugment": None,
 }
+NO_STEPS = ("", "none")  # the specs of no augmentation (and `None`)
 EXPECTED = ("none, light, medium, or a comma list of flip, rotate:DEG, zoom:F, translate:F, contrast:F, "
             "randaugment")
 
@@ -55,7 +57,7 @@ def parse_augment(spec: str | None) -> Augment:
     Raises:
         SettingsError: an unknown word, a missing or extra value, or a value out of range.
     """
-    if spec is None or str(spec).strip().lower() in ("", "none"):
+    if spec is None or str(spec).strip().lower() in NO_STEPS:
         return ()
     steps: list[tuple[str, float | None]] = []
     for item in str(spec).replace(" ", "").lower().split(","):
@@ -90,3 +92,21 @@ def describe_augment(steps: Augment) -> str:
     if not steps:
         return "none"
     return ",".join(word if value is None else f"{word}:{value:g}" for word, value in steps)
+
+
+def random_layer(word: str, value: float | None, value_range: tuple[float, float], seed: int | None):
+    """The Keras layer of one augmentation word: `flip`, `rotate`, `zoom`, `translate`, `contrast`, `randaugment`."""
+    import keras
+
+    layers = keras.layers
+    if word == "flip":
+        return layers.RandomFlip("horizontal", seed=seed)
+    if word == "rotate":  # RandomRotation's factor is a fraction of a full turn, drawn in [-f, f]
+        return layers.RandomRotation(value / 360.0, seed=seed)
+    if word == "zoom":
+        return layers.RandomZoom((-value, value), seed=seed)
+    if word == "translate":
+        return layers.RandomTranslation(value, value, seed=seed)
+    if word == "contrast":
+        return layers.RandomContrast(value, value_range=value_range, seed=seed)
+    return layers.RandAugment(value_range=value_range, seed=seed)

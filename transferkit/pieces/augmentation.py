@@ -30,7 +30,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.pieces.augment_spec import describe_augment, parse_augment
+from transferkit.pieces.augment_spec import NO_STEPS, describe_augment, parse_augment, random_layer
 from transferkit.errors import SettingsError
 
 TTA_SEED = 0  # the default flips of test-time augmentation: the same copies on every run
@@ -77,7 +77,7 @@ class Augmentation(keras.layers.Layer):
         self.spec = describe_augment(steps)
         self.value_range = (low, high)
         self.seed = seed
-        self.steps = [_random_layer(word, value, self.value_range, None if seed is None else seed + i)
+        self.steps = [random_layer(word, value, self.value_range, None if seed is None else seed + i)
                       for i, (word, value) in enumerate(steps)]
 
     def build(self, input_shape):
@@ -104,30 +104,25 @@ class Augmentation(keras.layers.Layer):
         return {**super().get_config(), "spec": self.spec, "value_range": list(self.value_range), "seed": self.seed}
 
 
-def _random_layer(word: str, value: float | None, value_range: tuple[float, float], seed: int | None):
-    """The Keras layer of one augmentation word."""
-    layers = keras.layers
-    if word == "flip":
-        return layers.RandomFlip("horizontal", seed=seed)
-    if word == "rotate":  # RandomRotation's factor is a fraction of a full turn, drawn in [-f, f]
-        return layers.RandomRotation(value / 360.0, seed=seed)
-    if word == "zoom":
-        return layers.RandomZoom((-value, value), seed=seed)
-    if word == "translate":
-        return layers.RandomTranslation(value, value, seed=seed)
-    if word == "contrast":
-        return layers.RandomContrast(value, value_range=value_range, seed=seed)
-    return layers.RandAugment(value_range=value_range, seed=seed)
-
-
 def augment_inputs(inputs, spec: str, value_range: tuple[float, float], seed: int | None = None):
     """`inputs` through an `Augmentation` of `spec` (named `augmentation`), or `inputs` itself for `"none"`."""
-    if not parse_augment(spec):
-        return inputs
+    layer = augmentation_for(inputs, spec, value_range, seed)
+    return inputs if layer is None else layer(inputs)
+
+
+def augmentation_for(inputs, spec: str, value_range: tuple[float, float], seed: int | None = None):
+    """The `Augmentation` of `spec` for `inputs` (named `augmentation`), or None for `"none"`.
+
+    Raises:
+        SettingsError: `inputs` are not images.
+        ValueError: an unknown word or a value out of range (as `Augmentation`).
+    """
+    if spec is None or str(spec).strip().lower() in NO_STEPS:
+        return None
     if len(inputs.shape) != 4:
         raise SettingsError(f"--augment needs image inputs (height, width, channels); the data's inputs have "
                             f"shape {tuple(inputs.shape[1:])}. Received: augment={spec!r}")
-    return Augmentation(spec, value_range=value_range, seed=seed, name="augmentation")(inputs)
+    return Augmentation(spec, value_range=value_range, seed=seed, name="augmentation")
 
 
 def find_augmentation(model: keras.Model) -> Augmentation | None:
