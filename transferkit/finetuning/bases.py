@@ -8,7 +8,8 @@ GlobalAveragePooling2D, GlobalMaxPooling2D or Flatten layer, or, in a model
 without one, the last Dense layer and what follows it.
 
 Blocks, for `unfreeze_top`, bottom to top, by the first rule that applies
-(`transferkit.pieces.backbones.base_blocks`, with the input adapter `base_inputs`):
+(`transferkit.pieces.backbones.base_blocks`, with the input adapter `base_inputs`: both
+in `saved_base`):
 
 1. a Keras Applications model (known by its name, `mobilenetv2_1.00_224`):
    the registry's blocks, as for `--backbone`;
@@ -42,7 +43,7 @@ from typing import Any
 
 import keras
 
-from transferkit.pieces.backbones import Blocks, base_blocks, base_inputs, with_dtype_policy
+from transferkit.pieces.backbones import Blocks, base_blocks
 from transferkit.errors import SettingsError
 
 POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D, keras.layers.Flatten)
@@ -58,17 +59,11 @@ class Body:
     cut_rule: str
 
 
-def file_base(x, value_range: tuple[float, float], path: str | Path, cut: str | int | None, preprocess: str | None,
-              precision: str) -> tuple[Any, keras.Model, Blocks, dict[str, Any]]:
-    """`--base FILE`: its body (computing under `precision`) on the images `x` made what it takes; returns the
-    body's outputs, the body, its blocks and what the manifest records of it (`describe`)."""
+def file_body(path: str | Path, cut: str | int | None, preprocess: str | None) -> tuple[keras.Model, dict[str, Any]]:
+    """`--base FILE`: its body (up to `cut`) and what the manifest records of it (`describe`; `preprocess`
+    None is "none"). `transferkit.pieces.backbones.saved_base` puts it on the images, with its blocks."""
     body = load_body(path, cut)
-    preprocess = preprocess or "none"
-    record = describe(body, preprocess)
-    base = with_dtype_policy(body.model, precision)
-    outputs = base(base_inputs(x, value_range, base, preprocess))
-    rule, blocks = base_blocks(base)
-    return outputs, base, blocks, {**record, "blocks_rule": rule}
+    return body.model, describe(body, preprocess or "none")
 
 
 def load_body(path: str | Path, cut: str | int | None = None, model: keras.Model | None = None) -> Body:

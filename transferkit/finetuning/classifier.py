@@ -19,9 +19,9 @@ import keras
 
 from transferkit.store import artifacts
 from transferkit.store.manifest import Manifest
-from transferkit.pieces.augmentation import augment_inputs
-from transferkit.pieces.backbones import Blocks, backbone_base, blocks_of, with_dtype_policy
-from transferkit.finetuning.bases import file_base
+from transferkit.pieces.augmentation import augmentation_for
+from transferkit.pieces.backbones import Blocks, backbone_base, saved_base
+from transferkit.finetuning.bases import file_body
 from transferkit.finetuning.hub import hub_base, is_hub
 from transferkit.data.sources import Data
 from transferkit.errors import SettingsError
@@ -44,6 +44,7 @@ class Classifier:
     info: dict[str, Any]
     pooled: Any  # the classifier's symbolic tensor between the features and the head
     head_layers: list[keras.layers.Layer]
+    augment: str = "none"  # the augmentation's canonical spec (`Augmentation.spec`)
 
     @functools.cached_property
     def features(self) -> keras.Model:
@@ -64,27 +65,29 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | No
     The base: the encoder `from_`, the Keras Applications `backbone`, or the body of the model file `base`.
     """
     inputs = keras.Input(data.input_shape, name="inputs")
-    augmented = augment_inputs(inputs, recipe.augment, data.value_range)  # `inputs` itself without --augment
+    augmentation = augmentation_for(inputs, recipe.augment, data.value_range)  # refuses inputs that are not images
+    augmented = inputs if augmentation is None else augmentation(inputs)
+    saved = preprocess = None  # a saved model to put on the inputs (`saved_base`), and its input adapter
     if encoder_manifest is not None:
         if tuple(encoder_manifest.input_shape) != data.input_shape:
             raise SettingsError(
                 f"The data's inputs have shape {data.input_shape}, but the encoder in {recipe.from_!r} "
                 f"takes {tuple(encoder_manifest.input_shape)}."
             )
-        encoder = artifacts.load_model(recipe.from_)
-        base = with_dtype_policy(encoder, recipe.precision)
-        x = base(augmented)
-        blocks = blocks_of(base)
+        saved = artifacts.load_model(recipe.from_)
         info = {"from": str(recipe.from_), "kind": "encoder", "description": f"encoder {recipe.from_}"}
     elif recipe.base:
-        x, base, blocks, info = file_base(augmented, data.value_range, recipe.base, recipe.cut, recipe.preprocess,
-                                          recipe.precision)
+        saved, info = file_body(recipe.base, recipe.cut, recipe.preprocess)
+        preprocess = info["preprocess"]
     elif is_hub(recipe.backbone):  # keras-hub: the preset's image converter, blocks from its pyramid levels
         x, base, blocks, info = hub_base(augmented, data.value_range, recipe.backbone, recipe.image_size,
                                          recipe.weights, recipe.precision)
     else:
         x, base, blocks, info = backbone_base(augmented, data.value_range, recipe.backbone, recipe.weights,
                                               recipe.image_size)
+    if saved is not None:
+        x, base, blocks, rule = saved_base(augmented, data.value_range, saved, recipe.precision, preprocess)
+        info = info if rule is None else {**info, "blocks_rule": rule}
     # pooling has no weights: it belongs to the features, so a cached head stage stores the pooled outputs
     if len(x.shape) == 4:
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
@@ -99,4 +102,5 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | No
     for layer in head_layers:
         outputs = layer(outputs)
     return Classifier(model=keras.Model(inputs, outputs, name="classifier"), base=base, blocks=blocks, info=info,
-                      pooled=x, head_layers=head_layers)
+                      pooled=x, head_layers=head_layers,
+                      augment="none" if augmentation is None else augmentation.spec)

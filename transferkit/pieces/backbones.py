@@ -205,6 +205,23 @@ def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
     return copy
 
 
+def saved_base(x, value_range: tuple[float, float], model: keras.Model, precision: str, preprocess: str | None = None):
+    """A saved model as the base on the images `x`, computing under `precision`.
+
+    `preprocess` None: a transferkit encoder, which takes the inputs as they are
+    and names its blocks (`blocks_of`); else a model file's body, through
+    `base_inputs` with `preprocess`, its blocks by `base_blocks`. Returns its
+    outputs, the base (a copy under a mixed `precision`), its blocks and the
+    rule that found them (None for an encoder).
+    """
+    base = with_dtype_policy(model, precision)
+    if preprocess is None:
+        return base(x), base, blocks_of(base), None
+    outputs = base(base_inputs(x, value_range, base, preprocess))
+    rule, blocks = base_blocks(base)
+    return outputs, base, blocks, rule
+
+
 def backbone_base(x, value_range: tuple[float, float], name: str, weights: str = "none",
                   image_size: int | None = None):
     """The registry's backbone `name` on the raw images `x`.
