@@ -26,12 +26,11 @@ from transferkit.store import artifacts
 from transferkit.store.manifest import Manifest
 from transferkit.training import runs
 from transferkit.finetuning.class_weights import class_names, class_weight_record, resolve_class_weight
-from transferkit.training.defaults import resolve_finetune
+from transferkit.training.defaults import choose_finetune, describe_chosen
 from transferkit.data.sources import Data, Split, load_recipe_data, require_labels, split_data
 from transferkit.errors import SettingsError
-from transferkit.pieces.augment_spec import describe_augment, parse_augment
 from transferkit.pieces.discriminative import block_factors
-from transferkit.pieces.losses import SparseCategoricalCrossentropyWithSmoothing
+from transferkit.pieces.losses import loss_and_metric
 from transferkit.recipe import Recipe
 from transferkit.finetuning.semi_supervised import (NEIGHBOURS, SPREAD, check_pool, per_class, pool_epochs,
                                                     unlabeled_pool)
@@ -109,9 +108,10 @@ class Plan:
     replicas: int = 1
     phases: list[Phase] = dataclasses.field(default_factory=list)
     chosen: dict[str, Any] = dataclasses.field(default_factory=dict)  # settings resolved by transferkit.training.defaults
+    chosen_line: str = ""  # the line the run prints first: what was chosen, as flags (`describe_chosen`)
     class_weight: dict[int, float] | None = None  # per-class loss weights for fit (--class-weight)
     stage_plans: list[StagePlan] = dataclasses.field(default_factory=list)  # every phase's stages, in order
-    augment: str = "none"  # the augmentation's canonical spec (`describe_augment`)
+    augment: str = "none"  # the augmentation's canonical spec (`Augmentation.spec`)
     record: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the manifest says before training
     test_loss: tuple[Any, list] | None = None  # the loss and metric of the true labels, for the test
     semi_record: dict[str, Any] = dataclasses.field(default_factory=dict)  # the manifest's `semi_supervised`
@@ -176,20 +176,21 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     names = class_names(data)
     class_weight = resolve_class_weight(recipe.class_weight, data.y[split.labeled], names)
     weighting = class_weight_record(recipe.class_weight, class_weight, names)
-    augment = describe_augment(parse_augment(recipe.augment))
     keras.utils.set_random_seed(recipe.seed)
     clf = build_classifier(recipe, data, encoder_manifest)  # refuses --augment on inputs that are not images
-    recipe, chosen = resolve_finetune(recipe, len(split.labeled), len(clf.blocks),
-                                      "encoder" if clf.info["kind"] == "encoder" else "backbone")
+    chosen = choose_finetune(recipe, len(split.labeled), len(clf.blocks),
+                             "encoder" if clf.info["kind"] == "encoder" else "backbone")
+    chosen_line = describe_chosen("finetune", chosen)
+    recipe = recipe.replace(**chosen)
     stages = plan_stages(recipe, [name for name, _ in clf.blocks])
-    plan = Plan(recipe, data, split, clf, stages, replicas, chosen=chosen,
-                class_weight=class_weight, augment=augment)
+    test_loss = loss_and_metric(False, recipe.label_smoothing)
+    plan = Plan(recipe, data, split, clf, stages, replicas, chosen=chosen, chosen_line=chosen_line,
+                class_weight=class_weight, augment=clf.augment, test_loss=test_loss)
+    check_pool(recipe.semi_supervised, plan.unlabeled)
     plan.record = {"num_classes": data.num_classes, "base": clf.info, "blocks": [name for name, _ in clf.blocks],
-                   "augment": augment, "mixup": recipe.mixup, "cutmix": recipe.cutmix,
+                   "augment": clf.augment, "mixup": recipe.mixup, "cutmix": recipe.cutmix,
                    "class_weight": weighting, "ema": recipe.ema}
     plan.semi_record = semi_record(plan)
-    plan.test_loss = loss_and_metric(False, recipe.label_smoothing)
-    check_pool(recipe.semi_supervised, plan.unlabeled)
     plan.phases = plan_phases(plan)
     plan.stage_plans = plan_stage_plans(plan)
     return plan
@@ -251,17 +252,6 @@ def semi_record(plan: Plan) -> dict[str, Any]:
     return record
 
 
-def loss_and_metric(soft: bool, label_smoothing: float = 0.0) -> tuple[Any, list]:
-    """Cross-entropy on class indices, or on probabilities, smoothed by `label_smoothing`; the metric: `accuracy`."""
-    if soft:
-        loss = (keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing) if label_smoothing
-                else "categorical_crossentropy")
-        return loss, [keras.metrics.CategoricalAccuracy(name="accuracy")]
-    if label_smoothing:
-        return SparseCategoricalCrossentropyWithSmoothing(label_smoothing), ["accuracy"]
-    return "sparse_categorical_crossentropy", ["accuracy"]
-
-
 def lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:
     """Per-variable factors of discriminative fine-tuning, or {} when every rate is the same."""
     if lr_decay == 1 or top < 2:
@@ -275,24 +265,27 @@ def _data_and_split(recipe: Recipe) -> tuple[Data, Split, Manifest | None]:
 
     On the encoder's own data, the encoder's split, so its test examples stay unseen.
     """
-    encoder_manifest = artifacts.read_manifest(recipe.from_, ("encoder",)) if recipe.from_ else None
+    encoder = artifacts.read_encoder(recipe.from_) if recipe.from_ else None
     data = load_recipe_data(recipe)
     require_labels(data)
     if recipe.mixes and len(data.input_shape) != 3:
         raise SettingsError(f"--mixup and --cutmix need image inputs (height, width, channels); the data's inputs "
                             f"have shape {data.input_shape}. Received: mixup={recipe.mixup}, cutmix={recipe.cutmix}")
-    same_data = encoder_manifest is not None and encoder_manifest.data.fingerprint == data.fingerprint
+    same_data = encoder is not None and encoder.manifest.data.fingerprint == data.fingerprint
     seed = recipe.resolved_split_seed
     if same_data and recipe.split_seed is None:
-        seed = int(encoder_manifest.split.seed)
+        seed = int(encoder.manifest.split.seed)
     split = split_data(data, seed=seed, test_fraction=recipe.test_fraction, val_fraction=recipe.val_fraction,
                        label_fraction=recipe.label_fraction, label_seed=recipe.seed)
     if same_data:
-        pretrained_on = np.asarray(artifacts.read_json(recipe.from_, artifacts.SPLIT)["train"])
-        leaked = np.intersect1d(pretrained_on, split.test)
+        if encoder.pretrained_on is None:
+            raise SettingsError(f"{str(encoder.path)!r} holds no {artifacts.SPLIT}, which fine-tuning on the "
+                                f"encoder's own data checks its test examples against; expected an encoder folder "
+                                f"written by transferkit pretrain.")
+        leaked = np.intersect1d(np.asarray(encoder.pretrained_on), split.test)
         if len(leaked):
             raise SettingsError(
                 f"split seed {seed} puts {len(leaked)} test examples among the encoder's pretraining inputs; "
-                f"use the encoder's split seed {encoder_manifest.split.seed} (leave --split-seed unset)."
+                f"use the encoder's split seed {encoder.manifest.split.seed} (leave --split-seed unset)."
             )
-    return data, split, encoder_manifest
+    return data, split, None if encoder is None else encoder.manifest

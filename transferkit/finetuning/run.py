@@ -38,7 +38,6 @@ from transferkit.store import artifacts
 from transferkit.training import backend, runner, runs
 from transferkit.pieces.augmentation import mix_batches
 from transferkit.store.backup import Backup
-from transferkit.training.defaults import describe_chosen
 from transferkit.data.sources import pipeline
 from transferkit.finetuning.feature_cache import MEMORY_LIMIT_BYTES, can_cache, compute_features
 from transferkit.pieces.freezing import audit, format_audit, freeze_all_but_top
@@ -74,7 +73,7 @@ def _train(plan: Plan, out: Path, settings: dict[str, Any], verbose: bool) -> ru
     recipe, data, split, clf = plan.recipe, plan.data, plan.split, plan.clf
     x_val = data.x[split.val]
     semi = recipe.semi_supervised
-    runs.print_line(describe_chosen("finetune", plan.chosen), verbose)
+    runs.print_line(plan.chosen_line, verbose)
     runs.print_line(f"finetune: {clf.info['description']} on {len(split.labeled)} labeled examples "
                     f"({recipe.label_fraction:g} of {len(split.train)}), {data.num_classes} classes; "
                     f"stages {describe(plan.stages)}"

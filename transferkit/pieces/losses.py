@@ -1,4 +1,4 @@
-"""Cross-entropy with label smoothing for integer class labels.
+"""Cross-entropy with label smoothing for integer class labels; a classifier's loss and metric.
 
 Keras's `SparseCategoricalCrossentropy` has no `label_smoothing` (only the
 one-hot `CategoricalCrossentropy` has); this loss takes class indices, makes
@@ -12,9 +12,14 @@ Example:
 >>> loss = SparseCategoricalCrossentropyWithSmoothing(label_smoothing=0.1)
 >>> round(float(loss(np.array([0]), np.array([[0.5, 0.25, 0.25]]))), 4)
 0.7394
+
+`loss_and_metric` picks what a classifier compiles with, for class indices or
+for probabilities (soft or mixed targets), smoothed or not.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import keras
 from keras import ops
@@ -50,3 +55,20 @@ class SparseCategoricalCrossentropyWithSmoothing(keras.losses.Loss):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def loss_and_metric(soft: bool, label_smoothing: float = 0.0) -> tuple[Any, list]:
+    """Cross-entropy on class indices, or on probabilities, smoothed by `label_smoothing`; the metric: `accuracy`.
+
+    Example:
+
+    >>> loss_and_metric(False)
+    ('sparse_categorical_crossentropy', ['accuracy'])
+    """
+    if soft:
+        loss = (keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing) if label_smoothing
+                else "categorical_crossentropy")
+        return loss, [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if label_smoothing:
+        return SparseCategoricalCrossentropyWithSmoothing(label_smoothing), ["accuracy"]
+    return "sparse_categorical_crossentropy", ["accuracy"]

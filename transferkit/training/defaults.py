@@ -85,7 +85,14 @@ def resolve_pretrain(recipe: Recipe, examples: int, input_shape: tuple[int, ...]
 
 def resolve_finetune(recipe: Recipe, labeled: int, num_blocks: int, base_kind: str = "encoder"
                      ) -> tuple[Recipe, dict[str, Any]]:
-    """`recipe` with its unset fine-tuning settings chosen for `labeled` examples and a base of `num_blocks`.
+    """`recipe` with its unset fine-tuning settings chosen for `labeled` examples and a base of `num_blocks`
+    (see `choose_finetune`), and what was chosen."""
+    chosen = choose_finetune(recipe, labeled, num_blocks, base_kind)
+    return recipe.replace(**chosen), chosen
+
+
+def choose_finetune(recipe: Recipe, labeled: int, num_blocks: int, base_kind: str = "encoder") -> dict[str, Any]:
+    """The fine-tuning settings `recipe` leaves unset, chosen for `labeled` examples and a base of `num_blocks`.
 
     Unset: `head_epochs` (from `HEAD_STEPS`), `epochs` (from `FINETUNE_STEPS`),
     `lr` (`FINETUNE_LR`), `unfreeze_top` (every block, as fastai's
@@ -103,7 +110,7 @@ def resolve_finetune(recipe: Recipe, labeled: int, num_blocks: int, base_kind: s
         chosen["unfreeze_top"] = num_blocks
     if recipe.finetune_lr_factor is None:
         chosen["finetune_lr_factor"] = FINETUNE_LR_FACTOR[base_kind]
-    return recipe.replace(**chosen), chosen
+    return chosen
 
 
 def gan_learning_rate(recipe: Recipe) -> float:
