@@ -208,9 +208,8 @@ def read_encoder(path: str | Path) -> Encoder:
     Raises:
         SettingsError, TransferkitError: as `read_manifest`.
     """
-    manifest = read_manifest(path, ("encoder",))
-    split = Path(path) / SPLIT
-    return Encoder(Path(path), manifest, read_json(path, SPLIT)["train"] if split.is_file() else None)
+    pretrained_on = read_json(path, SPLIT)["train"] if (Path(path) / SPLIT).is_file() else None
+    return Encoder(Path(path), read_manifest(path, ("encoder",)), pretrained_on)
 
 
 def versions() -> dict[str, str]:
