@@ -148,9 +148,10 @@ def save_run(out: Path, model, recipe: Recipe, manifest: Manifest | dict[str, An
 
     if not is_chief():
         return out
+    recipe_text = dump_toml(recipe.to_dict())
     with artifacts.atomic_dir(out) as tmp, on_this_process():
         model.save(tmp / artifacts.MODEL)
-        (tmp / artifacts.RECIPE).write_text(dump_toml(recipe.to_dict()))
+        (tmp / artifacts.RECIPE).write_text(recipe_text)
         written = artifacts.write_manifest(tmp, manifest)
         artifacts.write_json(tmp / artifacts.SPLIT, split.to_dict())
         artifacts.write_json(tmp / "history.json", history)
