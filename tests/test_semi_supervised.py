@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_blobs, make_moons
 
-from transferkit.finetuning import run as finetuning
+from transferkit.finetuning import stage_loop
 from transferkit.errors import SettingsError
 from transferkit.finetuning.semi_supervised import pool_epochs, propagate_labels, pseudo_labels
 
@@ -105,8 +105,8 @@ def captured(monkeypatch):
         seen.append((phase.name, examples, plan.split))
         return examples
 
-    real = finetuning._examples
-    monkeypatch.setattr(finetuning, "_examples", spy)
+    real = stage_loop.phase_examples
+    monkeypatch.setattr(stage_loop, "phase_examples", spy)
     return seen
 
 

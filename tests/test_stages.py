@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import transferkit as tk
-from transferkit.finetuning import run as finetuning
+from transferkit.finetuning import stage_loop
 from transferkit.pieces.discriminative import with_learning_rate_factors
 from transferkit.errors import SettingsError
 from transferkit.training.stages import gradual_stages, parse_stages
@@ -39,13 +39,13 @@ def test_bad_schedules_fail_before_any_training(schedule, words, bn_encoder_dir,
 
 def test_every_stage_changes_exactly_the_blocks_it_names(bn_encoder_dir, tmp_path, monkeypatch):
     snapshots = []
-    original = finetuning.freeze_all_but_top
+    original = stage_loop.freeze_all_but_top
 
     def recording(base, blocks, top, train_batchnorm=False):
         snapshots.append(({w.path: keras.ops.convert_to_numpy(w) for w in base.weights}, top))
         return original(base, blocks, top, train_batchnorm)
 
-    monkeypatch.setattr(finetuning, "freeze_all_but_top", recording)
+    monkeypatch.setattr(stage_loop, "freeze_all_but_top", recording)
     result = tk.finetune(from_=str(bn_encoder_dir), unfreeze_schedule="head:1,top1:1,all:1", label_fraction=0.2,
                          lr=0.01, out=str(tmp_path / "clf"), verbose=False)
     base = result.model.get_layer("encoder")
@@ -102,12 +102,13 @@ def test_lr_decay_gives_lower_blocks_lower_rates_in_the_audit(bn_encoder_dir, tm
                          ids=["head", "head-after-unfreezing", "propagate-reuses-the-graph-features"])
 def test_cached_head_training_gives_the_same_model(schedule, semi, encoder_dir, tmp_path, monkeypatch):
     # a head stage after a stage that trained the base must not reuse the outputs of the base before it
-    import transferkit.finetuning.run as finetuning
+    from transferkit.finetuning import examples, feature_cache
 
     passes = []  # the number of rows of each pass of the base
-    compute = finetuning.compute_features
-    monkeypatch.setattr(finetuning, "compute_features", lambda model, x, *a, **k: passes.append(len(x)) or
-                        compute(model, x, *a, **k))
+    compute = feature_cache.compute_features
+    for module in (stage_loop, examples):  # the stages' passes and propagate's graph
+        monkeypatch.setattr(module, "compute_features", lambda model, x, *a, **k: passes.append(len(x)) or
+                            compute(model, x, *a, **k))
     weights = []
     for cache in (True, False):
         passes.clear()

@@ -16,6 +16,7 @@ True
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -90,3 +91,22 @@ def compute_features(features_model: keras.Model, x, batch_size: int,
     for _ in ds:  # one pass fills the cache file
         pass
     return ds
+
+
+FLAT_FEATURES = 1e-6  # the largest spread across examples of any feature, below which the head has nothing
+
+
+def warn_if_constant(features: np.ndarray, description: str) -> bool:
+    """Warn on stderr, once, when no feature of the base varies across the examples: the head can only guess.
+
+    A backbone with random weights (`--weights none`) keeps BatchNorm's initial
+    statistics, and a deep one can then output the same (near-zero) features for
+    every input. Returns whether it warned.
+    """
+    spread = float(np.std(features.reshape(len(features), -1), axis=0).max()) if len(features) > 1 else 1.0
+    if spread >= FLAT_FEATURES:
+        return False
+    print(f"warning: the features of {description} do not vary across the training examples (largest spread "
+          f"{spread:.2g}): the head can only guess. Use pretrained weights (--weights imagenet or a weights file) "
+          "or another base.", file=sys.stderr, flush=True)
+    return True

@@ -88,13 +88,6 @@ class StagePlan:
         """Its name in messages: the stage's, and the phase's unless that is the labeled examples."""
         return self.stage.name if self.phase.name == "labeled" else f"{self.stage.name} ({self.phase.name})"
 
-    def header(self, lr: float, examples: int, first: int, schedule: str, cached: bool, trainable: list[str]) -> str:
-        """The line that introduces the stage once its learning rate is known (`first`: its first epoch run)."""
-        return (f"stage {self.name}: epochs {first + 1}-{self.end} on {examples} examples, {schedule} learning rate "
-                f"{lr:.3g}{', on cached base outputs' if cached else ''}"
-                f"{', uncached: its inputs change every epoch' if self.uncached else ''}; trainable: "
-                f"{', '.join(trainable) or 'no block'} + head")
-
 
 @dataclasses.dataclass
 class Plan:
