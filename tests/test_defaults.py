@@ -236,7 +236,8 @@ def test_finetune_help_shows_every_default():
                             ("--optimizer", "nadam"), ("--unfreeze-top", "every block"),
                             ("--head-epochs", "auto: about 600 optimizer steps"), ("--lr", "0.01 to fine-tune")]:
         start = text.index(option + " ")
-        assert f"[default: ({default}" in text[start:text.index("[default:", start) + 60], option
+        assert f"[default: {default}" in text[start:text.index("[default:", start) + 60], option
+    assert "[default: (" not in text  # written as is, not in Click's parentheses for a string
 
 
 def test_the_first_line_says_what_was_chosen(encoder_dir, tmp_path):

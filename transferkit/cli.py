@@ -43,11 +43,25 @@ def recipe_options(command: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
+class RecipeOption(click.Option):
+    """A Recipe setting's option: its shown default written as is (`[default: 0.1]`, not Click's `[default: (0.1)]`).
+
+    The option's own default stays None, so a flag not given leaves the recipe
+    file's value; what `--help` shows is the Recipe's default, as a string.
+    """
+
+    def get_help_extra(self, ctx: click.Context) -> dict[str, Any]:
+        extra = dict(super().get_help_extra(ctx))
+        if isinstance(self.show_default, str):
+            extra["default"] = self.show_default
+        return extra
+
+
 def _option(field: dataclasses.Field) -> Callable:
     meta, flag = describe(field), flag_name(field)
     default = field.default
     shown = meta.auto if default is None else _shown(default, flag, meta)
-    kwargs: dict[str, Any] = {"help": meta.help, "show_default": shown or False}
+    kwargs: dict[str, Any] = {"help": meta.help, "show_default": shown or False, "cls": RecipeOption}
     if isinstance(default, bool):
         off = meta.off or "--no-" + flag[2:]
         return click.option(f"{flag}/{off}", field.name, default=None, **kwargs)
