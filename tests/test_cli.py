@@ -20,6 +20,25 @@ def test_help_does_not_import_tensorflow():
     assert out.stdout.strip() == "[]"
 
 
+def test_a_bad_flag_or_value_is_one_line_naming_the_flag_before_tensorflow_starts():
+    code = ("import sys; from click.testing import CliRunner; from transferkit.cli import cli\n"
+            "for args in (['finetune', '--lr', 'abc'], ['finetune', '--schedule', 'cosine'], "
+            "['pretrain', '--units', '12,x'], ['finetune', '--lrr', '3'], ['finetune', '--patience', '-1']):\n"
+            "    r = CliRunner().invoke(cli, args, obj={})\n"
+            "    print(r.exit_code, repr(r.stderr))\n"
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    *answers, imported = out.strip().splitlines()
+    assert imported == "[]"
+    expected = ["--lr must be a positive number or auto. Received: --lr='abc'", "'--schedule': 'cosine' is not one",
+                "--units must be integers such as 128,64; Received: --units='12,x'", "No such option '--lrr'",
+                "--patience must be an integer >= 0. Received: --patience=-1"]
+    for answer, words in zip(answers, expected, strict=True):
+        code, stderr = answer.split(" ", 1)
+        lines = eval(stderr).strip().splitlines()
+        assert code == "2" and len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0], answer
+
+
 @pytest.mark.parametrize("command", [[], ["pretrain"], ["finetune"], ["export"], ["evaluate"]])
 def test_every_command_has_help(command):
     result = run(*command, "--help")
@@ -67,8 +86,9 @@ def bad_inputs(tmp_path, enc):
         "missing path": (["pretrain", "--data", "npz:/no/such.npz"], 2, "does not exist"),
         "empty folder": (["pretrain", "--data", f"dir:{empty}"], 2, "holds no images"),
         "label fraction above 1": (["finetune", "--from", enc, "--label-fraction", "1.5"], 2,
-                                   "label_fraction must be a number in (0, 1]. Received: label_fraction=1.5"),
-        "label fraction 0": (["finetune", "--from", enc, "--label-fraction", "0"], 2, "Received: label_fraction=0"),
+                                   "--label-fraction must be a number in (0, 1]. Received: --label-fraction=1.5"),
+        "label fraction 0": (["finetune", "--from", enc, "--label-fraction", "0"], 2,
+                             "Received: --label-fraction=0"),
         "unknown backbone": (["finetune", "--backbone", "alexnet"], 2, "Unknown backbone 'alexnet'"),
         "unfreeze-top too large": (["finetune", "--from", enc, "--unfreeze-top", "9"], 2,
                                    "--unfreeze-top 9 is more than the base has blocks: it has 2"),

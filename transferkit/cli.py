@@ -19,7 +19,7 @@ import click
 from transferkit.commands.export_formats import FORMATS, QUANTIZE, parse_formats
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.native_logs import start_backend
-from transferkit.recipe import Recipe
+from transferkit.recipe import Recipe, check_value
 from transferkit.training.runtime import BACKENDS, choose_backend
 from transferkit.settings import Setting, describe, flag_name
 
@@ -57,11 +57,22 @@ class RecipeOption(click.Option):
         return extra
 
 
+def _checked(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A Recipe setting's flag checked as it is read (its `Setting`), before anything is imported or loaded."""
+    if value is not None:
+        try:
+            check_value(param.name, value, label=param.opts[0])
+        except SettingsError as err:
+            raise click.UsageError(str(err), ctx) from None
+    return value
+
+
 def _option(field: dataclasses.Field) -> Callable:
     meta, flag = describe(field), flag_name(field)
     default = field.default
     shown = meta.auto if default is None else _shown(default, flag, meta)
-    kwargs: dict[str, Any] = {"help": meta.help, "show_default": shown or False, "cls": RecipeOption}
+    kwargs: dict[str, Any] = {"help": meta.help, "show_default": shown or False, "cls": RecipeOption,
+                              "callback": _checked}
     if isinstance(default, bool):
         off = meta.off or "--no-" + flag[2:]
         return click.option(f"{flag}/{off}", field.name, default=None, **kwargs)
@@ -112,7 +123,35 @@ def handle_errors(f: Callable) -> Callable:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """The command group, whose usage errors (a bad flag or value) are one line on stderr with status 2.
+
+    Click prints a usage error as the command's usage, a hint and the error;
+    here it is the error alone, as every other error of transferkit is.
+    """
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            done = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as err:  # the group's help, as Click shows it
+            err.show()
+            sys.exit(err.exit_code)
+        except click.UsageError as err:
+            hint = f" (see: {err.ctx.command_path} --help)" if err.ctx is not None else ""
+            click.echo(f"Error: {err.format_message()}{hint}", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(done if isinstance(done, int) else 0)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option("--backend", type=click.Choice(BACKENDS),
               help="Keras backend to compute with (sets KERAS_BACKEND; default: KERAS_BACKEND, else tensorflow).")

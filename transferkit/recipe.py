@@ -348,15 +348,40 @@ def _field_key(key: str) -> str:
     return "from_" if key == "from" else key.replace("-", "_")
 
 
-def _coerce(key: str, value: Any) -> Any:
+def check_value(name: str, value: Any, label: str | None = None) -> Any:
+    """`value` of the field `name` as the Recipe stores it (`"128,64"` becomes `(128, 64)`), if its `Setting` allows it.
+
+    The rules between fields are `Recipe.validate`'s. `label` names the value in the
+    error (the CLI passes the flag, `--lr`); default `name`.
+
+    Raises:
+        SettingsError: the value cannot be read as the field's type, or is not allowed.
+
+    Example:
+
+    >>> check_value("units", "128,64")
+    (128, 64)
+    """
+    label = label or name
+    value = _coerce(name, value, label)
+    message = describe(Recipe.__dataclass_fields__[name]).error(label, value)
+    if message:
+        raise SettingsError(message)
+    return value
+
+
+def _coerce(key: str, value: Any, label: str | None = None) -> Any:
     """Lists from TOML become tuples; ints where floats are expected stay numbers."""
+    label = label or key
     if key in ("units", "filters"):
+        given = value
         if isinstance(value, str):
             value = [v for v in value.replace(" ", "").split(",") if v]
         try:
             return tuple(int(v) for v in value)
         except (TypeError, ValueError):
-            raise SettingsError(f"{key} must be integers such as 128,64; Received: {key}={value!r}") from None
+            value = given
+            raise SettingsError(f"{label} must be integers such as 128,64; Received: {label}={value!r}") from None
     if key == "cut" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if key == "batchnorm" and value in (False, None):
@@ -365,7 +390,7 @@ def _coerce(key: str, value: Any) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise SettingsError(f"lr must be a positive number or auto. Received: lr={value!r}") from None
+            raise SettingsError(f"{label} must be a positive number or auto. Received: {label}={value!r}") from None
     return value
 
 
