@@ -76,8 +76,14 @@ def test_evaluate_and_predict_skip_bad_files_when_asked(tmp_path):
     named = [line.split(",")[0] for line in output.read_text().splitlines()[1:]]
     readable = [p.relative_to(new).as_posix() for p in new.rglob("*.png") if p != broken]
     assert sorted(named) == sorted(readable) and len(named) == 6
+    # a folder given as a path, not a spec, is named with the spec to use
+    done = run("predict", str(classifier), str(new / "a"))
+    assert done.exit_code == 2 and done.stderr.strip().splitlines() == [
+        f"Error: Input '{new / 'a'}' is a folder; pass it as the data spec dir:{new / 'a'} (its images, in class "
+        "folders or not)."]
     good = [str(p) for p in sorted((new / "a").glob("*.png"))]
     rows = tk.predict(classifier, [*good, str(broken)], skip_bad_files=True, verbose=False)
     assert [row["input"] for row in rows] == good  # the broken file is left out, the others keep their names
     with pytest.raises(SettingsError, match="broken.png"):
         tk.predict(classifier, [*good, str(broken)], verbose=False)
+

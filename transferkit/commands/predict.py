@@ -157,6 +157,9 @@ def _load_inputs(inputs: list[str], manifest: Manifest, skip_bad_files: bool = F
         names, x = row_names(data.x), data.x
     else:
         missing = [p for p in inputs if not Path(p).is_file()]
+        if missing and Path(missing[0]).is_dir():
+            raise SettingsError(f"Input {missing[0]!r} is a folder; pass it as the data spec dir:{missing[0]} "
+                                "(its images, in class folders or not).")
         if missing:
             raise SettingsError(f"Input {missing[0]!r} is neither an image file nor a data spec "
                                 "(npz:PATH, dir:PATH, tfds:NAME, digits).")
