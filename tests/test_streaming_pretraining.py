@@ -75,7 +75,7 @@ def test_stacked_on_a_folder_trains_as_on_its_decoded_arrays(tmp_path):
 
 
 def test_flat_inputs_are_the_decoded_rows_flattened(tmp_path, no_whole_decoding):
-    from transferkit.finetuning.semi_supervised import flat_inputs
+    from transferkit.data.pipelines import flat_inputs
 
     files = load_data(f"dir:{photos(tmp_path / 'photos', classes=('a',), per_class=9)}", image_size=6,
                       verbose=False).x

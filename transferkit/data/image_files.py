@@ -3,7 +3,7 @@
 `ImageFiles` stands where a `(N, H, W, C)` float32 array of decoded images
 would: it has `len`, `shape`, `dtype` and `ndim`, and indexing it with a slice
 or an index array gives another `ImageFiles` (nothing is decoded).
-`transferkit.data.sources.pipeline` decodes the files one by one in a parallel `tf.data`
+`transferkit.data.pipelines.pipeline` decodes the files one by one in a parallel `tf.data`
 map: plain files (`transferkit.data.images.check_images` says which) by TensorFlow
 ops, the others by Pillow, then resizes them in the graph as Keras's
 `image_dataset_from_directory` does (`transferkit.data.image_ops`); the pixels are
@@ -133,7 +133,7 @@ class ImageFiles:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         if len(self) > QUIET_DECODE:
             warnings.warn(f"Decoding {len(self)} images into one array of {self.nbytes / 2**20:.0f} MiB: memory grows "
-                          "with the number of images here (stream them with transferkit.data.sources.pipeline).",
+                          "with the number of images here (stream them with transferkit.data.pipelines.pipeline).",
                           ResourceWarning, stacklevel=2)
         x = self.decode()
         return x if dtype is None else x.astype(dtype, copy=False)

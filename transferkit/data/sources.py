@@ -1,4 +1,4 @@
-"""Data specs, the seeded train / validation / test split, and tf.data pipelines.
+"""Data specs and the seeded train / validation / test split; their tf.data pipelines are in `pipelines`.
 
 A data spec is a string: `digits` (scikit-learn's bundled 8x8 digits, the
 default), `npz:PATH` (arrays `x` and optional `y`), `dir:PATH` (an image folder:
@@ -33,7 +33,8 @@ from transferkit.data.image_files import ImageFiles
 from transferkit.data.image_listing import IMAGE_SUFFIXES, Listing, list_images
 from transferkit.data.images import Checked, check_images
 from transferkit.data.images import read_images  # noqa: F401 - part of this module's interface (prediction uses it)
-from transferkit.data.progress import progress_bar, showing
+from transferkit.data.pipelines import as_array, batches_of, pipeline, rows_of  # noqa: F401 - part of this module's interface
+from transferkit.data.progress import showing
 from transferkit.recipe import RESIZE_MODES, Recipe
 
 SCHEMES = ("digits", "npz", "dir", "tfds")
@@ -241,59 +242,6 @@ def _row_chunks(x: np.ndarray):
     rows = max(1, _CHUNK_BYTES // max(1, x[:1].nbytes))
     for start in range(0, len(x), rows):
         yield x[start:start + rows]
-
-
-def pipeline(x: np.ndarray | ImageFiles, y: np.ndarray | ImageFiles | None = None, batch_size: int = 64,
-             shuffle: bool = False, seed: int = 0):
-    """A batched, prefetched `tf.data.Dataset` of `x` (and `y`): the one way into tf.data for every pass.
-
-    Arrays are cached in the dataset. `ImageFiles` are decoded image by image
-    in a parallel, ordered map (`ImageFiles.examples`), never all at once; the
-    shuffled order is the one the same arrays would get (a shuffle of the row
-    numbers with `seed`). `x` may also be an unbatched, already cached
-    `tf.data.Dataset` (spilled features).
-    """
-    import tensorflow as tf
-
-    if isinstance(x, ImageFiles) or isinstance(y, ImageFiles):
-        source = x if isinstance(x, ImageFiles) else y
-        ds = source.examples((x,) if y is None else (x, y), shuffle, seed)
-        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    if isinstance(x, tf.data.Dataset):
-        ds = x if y is None else tf.data.Dataset.zip((x, tf.data.Dataset.from_tensor_slices(y)))
-    else:
-        ds = tf.data.Dataset.from_tensor_slices(x if y is None else (x, y)).cache()
-    if shuffle:
-        ds = ds.shuffle(len(x) if y is None else len(y), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def batches_of(x: np.ndarray | ImageFiles, batch_size: int = 256, desc: str | None = None):
-    """`x` batch by batch as numpy arrays, in order; a progress bar on stderr titled `desc` for long passes.
-
-    Arrays are sliced; `ImageFiles` decoded through `pipeline`.
-    """
-    decoded = pipeline(x, batch_size=batch_size) if isinstance(x, ImageFiles) else None
-    with progress_bar(len(x) if desc else 0, desc or "") as tick:
-        if decoded is not None:
-            for batch in decoded:
-                batch = batch.numpy()
-                yield batch
-                tick(len(batch))
-        else:
-            for start in range(0, len(x), batch_size):
-                yield x[start:start + batch_size]
-                tick(min(batch_size, len(x) - start))
-
-
-def rows_of(x: np.ndarray | ImageFiles, rows: np.ndarray) -> np.ndarray:
-    """`x[rows]` as one array; of image files only those rows are decoded (`ImageFiles.rows`)."""
-    return x.rows(rows) if isinstance(x, ImageFiles) else np.asarray(x[rows])
-
-
-def as_array(x: np.ndarray | ImageFiles) -> np.ndarray:
-    """`x` as one array, decoding image files on purpose: for the few passes that cannot stream, of a bounded size."""
-    return x.decode() if isinstance(x, ImageFiles) else x
 
 
 def _stratified_order(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:

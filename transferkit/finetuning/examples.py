@@ -20,10 +20,10 @@ import math
 
 import numpy as np
 
-from transferkit.data.sources import pipeline
+from transferkit.data.pipelines import flat_inputs, pipeline
 from transferkit.finetuning.feature_cache import compute_features
 from transferkit.finetuning.plan import Phase, Plan
-from transferkit.finetuning.semi_supervised import flat_inputs, propagate_labels, pseudo_labels
+from transferkit.finetuning.semi_supervised import propagate_labels, pseudo_labels
 from transferkit.store import artifacts
 from transferkit.store.backup import Backup
 from transferkit.training.distributed import on_this_process

@@ -46,7 +46,7 @@ def compute_features(features_model: keras.Model, x, batch_size: int,
     """The base's outputs for `x`, as an array, or as an unbatched cached tf.data.Dataset past `limit_bytes`.
 
     `x` is an array, or image files (`ImageFiles`), decoded batch by batch
-    through `transferkit.data.sources.pipeline` while the base runs on the batches
+    through `transferkit.data.pipelines.pipeline` while the base runs on the batches
     before (a progress bar past a few hundred images).
     The base runs batch by batch through one compiled function per model
     (`transferkit.training.backend.forward`: a `tf.function` or a `jax.jit`, compiled
@@ -57,24 +57,26 @@ def compute_features(features_model: keras.Model, x, batch_size: int,
     """
     import tensorflow as tf
 
-    from transferkit.data.sources import batches_of
+    from transferkit.data.pipelines import batches_of
 
-    forward = backend.forward(features_model)
+    base = backend.forward(features_model)
     shape = tuple(features_model.output.shape[1:])
     size = len(x) * math.prod(shape) * 4
-    if size <= limit_bytes:
+    in_memory = size <= limit_bytes
+    batches = batches_of(x, batch_size, desc="base outputs" if in_memory else None)  # read only as the base runs
+    if in_memory:
         if not len(x):
             return np.zeros((0, *shape), "float32")
         out = None
 
         def run(i: int, batch) -> None:
-            out[i:i + len(batch)] = forward(batch)
+            out[i:i + len(batch)] = base(batch)
 
         with ThreadPoolExecutor(IN_FLIGHT) as pool:
             running = deque()
-            for i, batch in zip(range(0, len(x), batch_size), batches_of(x, batch_size, desc="base outputs")):
+            for i, batch in zip(range(0, len(x), batch_size), batches):
                 if out is None:  # compiles once, before the threads start
-                    first = forward(batch)
+                    first = base(batch)
                     out = np.empty((len(x), *first.shape[1:]), first.dtype)
                     out[:len(first)] = first
                     continue
@@ -86,7 +88,7 @@ def compute_features(features_model: keras.Model, x, batch_size: int,
         return out
     cache = Path(tempfile.mkdtemp(prefix="transferkit-features-")) / "features"
     spec = tf.TensorSpec((None, *shape), features_model.output.dtype)
-    ds = tf.data.Dataset.from_generator(lambda: (forward(batch) for batch in batches_of(x, batch_size)),
+    ds = tf.data.Dataset.from_generator(lambda: (base(batch) for batch in batches),
                                         output_signature=spec).unbatch().cache(str(cache))
     for _ in ds:  # one pass fills the cache file
         pass

@@ -113,30 +113,6 @@ def propagate_labels(features: np.ndarray, labels: np.ndarray, num_classes: int,
     return soft
 
 
-def flat_inputs(x, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """`x[rows]` flattened to `(len(rows), d)` float32, filled batch by batch: the kNN graph's inputs.
-
-    Only these `N x d` values are held: of image files one batch is decoded at
-    a time (never all of them as images, nor a float64 copy); rows are read in
-    ascending order (a tfds split streams once) and put back in the order asked.
-
-    Example:
-
-    >>> flat_inputs(np.arange(12.0).reshape(3, 2, 2), np.array([2, 0])).tolist()
-    [[8.0, 9.0, 10.0, 11.0], [0.0, 1.0, 2.0, 3.0]]
-    """
-    from transferkit.data.sources import batches_of
-
-    rows = np.asarray(rows)
-    order = np.argsort(rows, kind="stable")
-    flat = np.empty((len(rows), math.prod(x.shape[1:])), "float32")
-    at = 0
-    for batch in batches_of(x[rows[order]], batch_size, desc="inputs for the kNN graph"):
-        flat[order[at:at + len(batch)]] = np.reshape(batch, (len(batch), -1))
-        at += len(batch)
-    return flat
-
-
 def pool_epochs(epochs: int, labeled_steps: int, pool_steps: int) -> int:
     """Epochs of `pool_steps` steps that add up to about `epochs` epochs of `labeled_steps` steps (at least 1)."""
     return max(1, round(epochs * labeled_steps / pool_steps))

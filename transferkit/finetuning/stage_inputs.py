@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.data.sources import pipeline
+from transferkit.data.pipelines import pipeline
 from transferkit.finetuning.plan import Plan, StagePlan
 from transferkit.pieces.augmentation import mix_batches
 from transferkit.training import backend, runner, runs

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from transferkit.training import runs
-from transferkit.data.sources import batches_of, pipeline
+from transferkit.data.pipelines import batches_of, pipeline
 from transferkit.recipe import Recipe
 from transferkit.pretraining.job import Job, Pretrained, final_metrics, fit_task
 from transferkit.pretraining.encoder import build_autoencoder, build_decoder, corruption, encoder_blocks

@@ -18,7 +18,8 @@ import numpy as np
 
 from transferkit.training import runs
 from transferkit.store.backup import Backup, Kept
-from transferkit.data.sources import Data, Split, as_array, pipeline
+from transferkit.data.pipelines import as_array, pipeline
+from transferkit.data.sources import Data, Split
 from transferkit.data.image_files import ImageFiles, gather_together
 from transferkit.training.runner import Run, Stage, fit_stage
 from transferkit.recipe import Recipe

@@ -33,7 +33,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.data.sources import pipeline
+from transferkit.data.pipelines import learning_rate_data
 from transferkit.errors import SettingsError, TransferkitError
 from transferkit.pieces.callbacks import ResumableEarlyStopping, StopOnDivergence
 from transferkit.pieces.health import TrainingHealth
@@ -338,13 +338,3 @@ def find_learning_rate(model, x, y, recipe: Recipe, verbose: bool) -> float:
     if result.valley is None or not np.isfinite(result.valley):
         raise TransferkitError("The LR finder found no valley; pass --lr explicitly.")
     return float(result.valley)
-
-
-def learning_rate_data(x: Any, y: np.ndarray, batch_size: int) -> Any:
-    """What the LR finder sweeps over: `(x, y)` arrays, for image files a shuffled pipeline of them, or `x`
-    itself when `y` is `None` (a `tf.data.Dataset` of `(x, y)` batches built in a pipeline)."""
-    from transferkit.data.image_files import ImageFiles
-
-    if y is None:
-        return x
-    return pipeline(x, y, batch_size, shuffle=True) if isinstance(x, ImageFiles) else (x, y)

@@ -11,7 +11,8 @@ import numpy as np
 
 from transferkit.store import artifacts
 from transferkit.store.manifest import Manifest
-from transferkit.data.sources import Data, Split, batches_of, load_data, load_recipe_data, split_data
+from transferkit.data.pipelines import batches_of
+from transferkit.data.sources import Data, Split, load_data, load_recipe_data, split_data
 from transferkit.errors import SettingsError
 from transferkit.recipe import Recipe, dump_toml
 

@@ -1,0 +1,108 @@
+"""tf.data pipelines and batch-by-batch passes over a data set's inputs: arrays or image files alike.
+
+`pipeline` is the one way into tf.data for every pass (training, validation,
+prediction, the test); `batches_of` gives numpy batches in order for passes
+that run a model or sum statistics batch by batch; `flat_inputs` fills the
+flattened rows a kNN graph is built on. `ImageFiles` are decoded batch by
+batch, never all at once (`transferkit.data.image_files`).
+
+Example:
+
+>>> import numpy as np
+>>> x = np.arange(12.0).reshape(6, 2)
+>>> [b.shape for b in batches_of(x, 4)]
+[(4, 2), (2, 2)]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from transferkit.data.image_files import ImageFiles
+from transferkit.data.progress import progress_bar
+
+
+def pipeline(x: np.ndarray | ImageFiles, y: np.ndarray | ImageFiles | None = None, batch_size: int = 64,
+             shuffle: bool = False, seed: int = 0):
+    """A batched, prefetched `tf.data.Dataset` of `x` (and `y`): the one way into tf.data for every pass.
+
+    Arrays are cached in the dataset. `ImageFiles` are decoded image by image
+    in a parallel, ordered map (`ImageFiles.examples`), never all at once; the
+    shuffled order is the one the same arrays would get (a shuffle of the row
+    numbers with `seed`). `x` may also be an unbatched, already cached
+    `tf.data.Dataset` (spilled features).
+    """
+    import tensorflow as tf
+
+    if isinstance(x, ImageFiles) or isinstance(y, ImageFiles):
+        source = x if isinstance(x, ImageFiles) else y
+        ds = source.examples((x,) if y is None else (x, y), shuffle, seed)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if isinstance(x, tf.data.Dataset):
+        ds = x if y is None else tf.data.Dataset.zip((x, tf.data.Dataset.from_tensor_slices(y)))
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(x if y is None else (x, y)).cache()
+    if shuffle:
+        ds = ds.shuffle(len(x) if y is None else len(y), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def batches_of(x: np.ndarray | ImageFiles, batch_size: int = 256, desc: str | None = None):
+    """`x` batch by batch as numpy arrays, in order; a progress bar on stderr titled `desc` for long passes.
+
+    Arrays are sliced; `ImageFiles` decoded through `pipeline`.
+    """
+    decoded = pipeline(x, batch_size=batch_size) if isinstance(x, ImageFiles) else None
+    with progress_bar(len(x) if desc else 0, desc or "") as tick:
+        if decoded is not None:
+            for batch in decoded:
+                batch = batch.numpy()
+                yield batch
+                tick(len(batch))
+        else:
+            for start in range(0, len(x), batch_size):
+                yield x[start:start + batch_size]
+                tick(min(batch_size, len(x) - start))
+
+
+def rows_of(x: np.ndarray | ImageFiles, rows: np.ndarray) -> np.ndarray:
+    """`x[rows]` as one array; of image files only those rows are decoded (`ImageFiles.rows`)."""
+    return x.rows(rows) if isinstance(x, ImageFiles) else np.asarray(x[rows])
+
+
+def as_array(x: np.ndarray | ImageFiles) -> np.ndarray:
+    """`x` as one array, decoding image files on purpose: for the few passes that cannot stream, of a bounded size."""
+    return x.decode() if isinstance(x, ImageFiles) else x
+
+
+def flat_inputs(x, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """`x[rows]` flattened to `(len(rows), d)` float32, filled batch by batch: the kNN graph's inputs.
+
+    Only these `N x d` values are held: of image files one batch is decoded at
+    a time (never all of them as images, nor a float64 copy); rows are read in
+    ascending order (a tfds split streams once) and put back in the order asked.
+
+    Example:
+
+    >>> flat_inputs(np.arange(12.0).reshape(3, 2, 2), np.array([2, 0])).tolist()
+    [[8.0, 9.0, 10.0, 11.0], [0.0, 1.0, 2.0, 3.0]]
+    """
+    rows = np.asarray(rows)
+    order = np.argsort(rows, kind="stable")
+    flat = np.empty((len(rows), math.prod(x.shape[1:])), "float32")
+    at = 0
+    for batch in batches_of(x[rows[order]], batch_size, desc="inputs for the kNN graph"):
+        flat[order[at:at + len(batch)]] = np.reshape(batch, (len(batch), -1))
+        at += len(batch)
+    return flat
+
+
+def learning_rate_data(x: Any, y: np.ndarray | None, batch_size: int) -> Any:
+    """What the LR finder sweeps over: `(x, y)` arrays, for image files a shuffled pipeline of them, or `x`
+    itself when `y` is `None` (a `tf.data.Dataset` of `(x, y)` batches built in a pipeline)."""
+    if y is None:
+        return x
+    return pipeline(x, y, batch_size, shuffle=True) if isinstance(x, ImageFiles) else (x, y)
