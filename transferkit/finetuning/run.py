@@ -26,7 +26,8 @@ from __future__ import annotations
 from transferkit.finetuning.plan import plan_finetune
 from transferkit.finetuning.stage_loop import train_stages
 from transferkit.recipe import Recipe
-from transferkit.training import runner, runs
+from transferkit.training import runs
+from transferkit.training.compiling import make_optimizer
 from transferkit.data.pipelines import pipeline
 from transferkit.training.runtime import is_chief, training_context
 
@@ -45,7 +46,7 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
         loss, accuracy = plan.test_loss
         # the last stage trained the head alone, or on soft labels: compile the classifier for the true labels
         if trained.trained is not model or getattr(model, "loss", None) != loss:
-            model.compile(optimizer=runner.make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
+            model.compile(optimizer=make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
         test_loss, test_accuracy = model.evaluate(
             pipeline(data.x[split.test], data.y[split.test], plan.batch_size), verbose=0)
         metrics = {"test_accuracy": float(test_accuracy), "test_loss": float(test_loss)}

@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.data.pipelines import pipeline
+from transferkit.data.pipelines import learning_rate_data, pipeline
 from transferkit.finetuning.plan import Plan, StagePlan
 from transferkit.pieces.augmentation import mix_batches
 from transferkit.training import backend, runner, runs
@@ -42,6 +42,7 @@ def stage_of(plan: Plan, step: StagePlan, trained: keras.Model, inputs: dict[str
         inputs["val"], np.eye(data.num_classes, dtype="float32")[y_val] if step.soft else y_val, plan.batch_size)
     if recipe.mixes:
         batches = mix_batches(batches, recipe.mixup, recipe.cutmix, seed=recipe.seed + step.index)
+    lr_data = learning_rate_data(inputs["train"], y, recipe.batch_size) if step.learning_rate == "auto" else None
     first = max(step.start, resume_at)
 
     def compiled(lr: float) -> None:
@@ -56,7 +57,7 @@ def stage_of(plan: Plan, step: StagePlan, trained: keras.Model, inputs: dict[str
     return runner.Stage(
         step.name, trained, batches, start=step.start, end=step.end,
         batches_per_epoch=runs.steps_per_epoch(len(y), plan.batch_size), index=step.index, loss=step.loss,
-        metrics=step.metrics, learning_rate=step.learning_rate, lr_data=(inputs["train"], y), patience=step.patience,
+        metrics=step.metrics, learning_rate=step.learning_rate, lr_data=lr_data, patience=step.patience,
         loss_floor=math.log(data.num_classes),  # a uniform guess's cross-entropy
         retrains=step.retrains,  # propagate's last stage on the true labels, pseudo's rounds
         # val_loss where validation has an example of every class; else the training loss

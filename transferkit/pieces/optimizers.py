@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from transferkit.errors import SettingsError
+
 if TYPE_CHECKING:
     import keras
 
@@ -62,20 +64,24 @@ def optimizer(
         A `keras.optimizers.Optimizer`.
 
     Raises:
-        ValueError: if `name` is unknown or `learning_rate` is not positive
-            (Keras itself refuses more than one clipping argument).
+        SettingsError: (a `ValueError`) if `name` is unknown, `learning_rate`
+            is not positive, or Keras refuses the arguments (more than one
+            clipping argument), with Keras's message.
     """
     if name not in PRESETS:
-        raise ValueError(f"Unknown optimizer. Expected one of {', '.join(OPTIMIZERS)}. Received: name={name!r}")
+        raise SettingsError(f"Unknown optimizer. Expected one of {', '.join(OPTIMIZERS)}. Received: name={name!r}")
     if isinstance(learning_rate, (int, float)) and not learning_rate > 0:
-        raise ValueError(f"Expected a positive learning rate or a schedule. Received: learning_rate={learning_rate}")
+        raise SettingsError(f"Expected a positive learning rate or a schedule. Received: learning_rate={learning_rate}")
     import keras
 
     class_name, settings = PRESETS[name]
-    return getattr(keras.optimizers, class_name)(
-        learning_rate=learning_rate,
-        clipnorm=clipnorm,
-        clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm,
-        **{**settings, **kwargs},
-    )
+    try:
+        return getattr(keras.optimizers, class_name)(
+            learning_rate=learning_rate,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            **{**settings, **kwargs},
+        )
+    except ValueError as err:
+        raise SettingsError(str(err)) from None

@@ -18,7 +18,7 @@ import numpy as np
 
 from transferkit.training import runs
 from transferkit.store.backup import Backup, Kept
-from transferkit.data.pipelines import as_array, pipeline
+from transferkit.data.pipelines import as_array, learning_rate_data, pipeline
 from transferkit.data.sources import Data, Split
 from transferkit.data.image_files import ImageFiles, gather_together
 from transferkit.training.runner import Run, Stage, fit_stage
@@ -161,12 +161,16 @@ def fit_task(job: Job, model: keras.Model, x: Any, y: Any, loss: Any, validation
     else:
         val = pipeline(*validation, recipe.batch_size) if validation is not None and len(validation[1]) else None
     in_order = train.in_order(recipe.batch_size) if built else pipeline(x, y, recipe.batch_size)
+    sweep = None  # what the LR finder sweeps, for --lr auto
+    if recipe.lr == "auto":
+        sweep = epoch_batches(train, recipe.batch_size, recipe.seed, range(1)) if built else learning_rate_data(
+            x, y, recipe.batch_size)
     done = fit_stage(job.run, Stage(
         f"pretrain {recipe.task}" + (f" block {stage + 1}" if recipe.task == "stacked" else ""), model,
         lambda first: epoch_batches(train, recipe.batch_size, recipe.seed, range(first, start + recipe.epochs)),
         start=start, end=start + recipe.epochs, batches_per_epoch=runs.steps_per_epoch(len(train), recipe.batch_size),
         continuous=True, index=stage, loss=loss, metrics=metrics, learning_rate=recipe.lr,
-        lr_data=(epoch_batches(train, recipe.batch_size, recipe.seed, range(1)), None) if built else (x, y),
+        lr_data=sweep,
         patience=recipe.patience, validated=val is not None, validation=val, kept=kept, random_state=True,
         epoch_values=epoch_values, unshuffled=in_order if recipe.health_steps else None))
     if done.stopping is not None and done.stopping.stopped_epoch:

@@ -12,7 +12,7 @@ is policy over one `Learner.fit`:
 3. compiles with the recipe's optimizer and schedule (`compile_stage`);
    a stage resumed part-way gets its optimizer and random states back;
 4. trains under the divergence stop and early stopping with the best epoch's
-   weights (`stage_guards`), training health, TensorBoard curves and
+   weights (the guards), training health, TensorBoard curves and
    backups (`BackupCallback`, which owns resume as Keras's `BackupAndRestore`);
 5. appends the epochs to the run's history.
 
@@ -31,14 +31,13 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
-import numpy as np
 
-from transferkit.data.pipelines import learning_rate_data
-from transferkit.errors import SettingsError, TransferkitError
+from transferkit.data.pipelines import learning_rate_data  # noqa: F401 - part of this module's interface (lr-find uses it)
 from transferkit.pieces.callbacks import ResumableEarlyStopping, StopOnDivergence
 from transferkit.pieces.health import TrainingHealth
 from transferkit.recipe import Recipe
 from transferkit.store.backup import Backup, BackupCallback, Kept, random_state
+from transferkit.training.compiling import compile_stage, make_optimizer, schedule_options  # noqa: F401 - part of this module's interface
 from transferkit.training.defaults import ONECYCLE_JUDGED_FROM
 from transferkit.training.runs import print_line
 from transferkit.training.runtime import is_chief
@@ -106,7 +105,8 @@ class Stage:
             `batches_per_epoch` from it per epoch) rather than one pass per epoch.
         index: Int. The stage's number in the run's backups.
         loss, metrics: What to compile with. With `compile=False` the model is already compiled.
-        learning_rate: Float or `"auto"` (the LR finder on `lr_data`).
+        learning_rate: Float or `"auto"` (the LR finder on `lr_data`: what it sweeps, made by
+            `data.pipelines.learning_rate_data`).
         patience: Int. Early stopping's patience (0: off); `validated` picks `val_loss` over `loss`.
         loss_floor: Float. The divergence bound is at least 10 times this (a classifier: ln(classes)).
         retrains: Bool. The stage trains again weights the run has already trained (a semi-supervised
@@ -167,30 +167,53 @@ class Done:
 
 
 def fit_stage(run: Run, stage: Stage) -> Done:
-    """Train `stage` as part of `run` (see the module's docstring); the run's history grows in place."""
+    """Train `stage` as part of `run` (see the module's docstring); the run's history grows in place.
+
+    What the runner decides comes first: the stage's first epoch, the epoch its
+    early stopping judges from, whether the backup was made inside it. Then the
+    work, in the order it must happen: the backed-up weights (before the LR
+    finder), the compile, the guards, the training state (after the compile, as
+    the optimizer's variables exist only then) and backups, training health, `fit`.
+
+    The guards: the divergence stop, then early stopping with the best weights
+    (placed before any callback that saves). Early stopping watches `val_loss`
+    when the stage is `validated` (a validation set it can judge on), else the
+    training `loss`; `patience` 0 turns it off. With `ema` the best weights it
+    keeps are the optimizer's moving average; the epochs before `judged_from`
+    neither count towards the patience nor give the best weights (Keras's
+    `start_from_epoch`). `stage.guards` replaces them (e.g. NaN only).
+    """
     recipe = run.recipe
     kept = stage.model if stage.kept is None else stage.kept
+    first = max(stage.start, run.resume_at)
     judged = judged_from(stage, recipe)
+    resumes = run.backup is not None and run.resumes_in(stage.index)  # part-way through it: its training state too
     tensorboard = curves(recipe)
     run.restore_weights(kept, stage.start, stage.head)
-    lr, schedule = _compile(stage, recipe, run.verbose) if stage.compile else (None, [])
+    lr, schedule = None, []
+    if stage.compile:
+        lr, schedule = compile_stage(stage.model, recipe, stage.learning_rate,
+                                     (stage.end - stage.start) * stage.batches_per_epoch, stage.loss, stage.metrics,
+                                     lr_factors=stage.lr_factors, ema=stage.ema, lr_data=stage.lr_data,
+                                     verbose=run.verbose)
     if stage.on_compiled is not None:
         stage.on_compiled(lr)
+    guards, stopping = ([] if stage.guards is None else list(stage.guards)), None
     if stage.guards is None:
-        guards, stopping = stage_guards(stage.name, stage.patience, validated=stage.validated, learning_rate=lr,
-                                        ema=bool(stage.ema), judged_from=judged, loss_floor=stage.loss_floor)
-    else:
-        guards, stopping = list(stage.guards), None
+        guards.append(StopOnDivergence(stage.name, learning_rate=lr, floor=stage.loss_floor))
+    if stage.guards is None and stage.patience:
+        stopping = ResumableEarlyStopping(monitor="val_loss" if stage.validated else "loss", patience=stage.patience,
+                                          ema=bool(stage.ema), start_from_epoch=judged)
+        guards.append(stopping)
     training = stage.training
     if training is None:
         if not stage.model.optimizer.built:
             stage.model.optimizer.build(stage.model.trainable_variables)
         training = [stage.model.optimizer, *(random_state(stage.model) if stage.random_state else [])]
-    first = max(stage.start, run.resume_at)
     callbacks = [*schedule, *guards]
+    if resumes:
+        run.backup.restore_training(training, stopping)
     if run.backup is not None:
-        if run.resumes_in(stage.index):  # part-way through this stage: its training state too
-            run.backup.restore_training(training, stopping)
         callbacks.append(BackupCallback(run.backup, kept, stage.index, run.history, recipe.backup_every,
                                         final_epoch=run.total_epochs, training=training, head=stage.head,
                                         stopping=stopping, epoch_values=stage.epoch_values))
@@ -243,98 +266,3 @@ def curves(recipe: Recipe) -> list:
     if not recipe.tensorboard or not is_chief():
         return []
     return [keras.callbacks.TensorBoard(log_dir=recipe.tensorboard, write_graph=False)]
-
-
-def _compile(stage: Stage, recipe: Recipe, verbose: bool) -> tuple[float, list]:
-    """The stage's learning rate (`"auto"`: the LR finder's), and its model compiled at it: the schedule's callbacks."""
-    lr = stage.learning_rate
-    if lr == "auto":
-        stage.model.compile(optimizer=make_optimizer(recipe, 1e-3), loss=stage.loss, metrics=stage.metrics)
-        lr = find_learning_rate(stage.model, *stage.lr_data, recipe, verbose)
-    lr = float(lr)
-    return lr, compile_stage(stage.model, recipe, lr, (stage.end - stage.start) * stage.batches_per_epoch,
-                             stage.loss, stage.metrics, lr_factors=stage.lr_factors, ema=stage.ema)
-
-
-def make_optimizer(recipe: Recipe, learning_rate: Any, ema: float | None = None):
-    """The recipe's optimizer at `learning_rate` (a float or a schedule), with its clipping.
-
-    `ema`: keep an exponential moving average of the weights with this decay
-    (Keras's `use_ema=True, ema_momentum=ema`); `fit` ends with the average in the model.
-    """
-    from transferkit.pieces.optimizers import optimizer
-
-    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
-    try:
-        return optimizer(recipe.optimizer, learning_rate=learning_rate, clipnorm=recipe.clipnorm,
-                         clipvalue=recipe.clipvalue, **averaging)
-    except ValueError as err:
-        raise SettingsError(str(err)) from None
-
-
-def schedule_options(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's options for its schedule (plateau's factor and patience)."""
-    if recipe.schedule == "plateau":
-        return {"factor": recipe.plateau_factor, "patience": recipe.plateau_patience}
-    return {}
-
-
-def compile_stage(model, recipe: Recipe, learning_rate: float, total_steps: int, loss: Any,
-                  metrics: list | None = None, lr_factors: dict[str, float] | None = None,
-                  ema: float | None = None) -> list:
-    """Compile `model` with the recipe's optimizer on its schedule over `total_steps`; return the callbacks.
-
-    `learning_rate` is the peak rate for onecycle and the starting rate otherwise;
-    each call starts the schedule afresh. `lr_factors` gives variables their own
-    rate factors (discriminative fine-tuning). `ema`: the optimizer keeps a moving
-    average of the weights with this decay, which `keras.callbacks.SwapEMAWeights`
-    (among the callbacks) swaps in for validation and `fit` leaves in the model.
-    """
-    from transferkit.training.backend import jit_compile
-    from transferkit.pieces.discriminative import with_learning_rate_factors
-    from transferkit.pieces.momentum import schedule_callbacks
-    from transferkit.pieces.schedules import make_schedule
-
-    options = schedule_options(recipe)
-    rate = make_schedule(recipe.schedule, learning_rate, max(1, total_steps), **options)
-    opt = make_optimizer(recipe, rate, ema)
-    if lr_factors:
-        opt = with_learning_rate_factors(opt, lr_factors)
-    model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=jit_compile(recipe.jit_compile))
-    averaging = [keras.callbacks.SwapEMAWeights()] if ema else []
-    return schedule_callbacks(recipe.schedule, rate, optimizer=opt, **options) + averaging
-
-
-def stage_guards(stage: str, patience: int, validated: bool, learning_rate: float | None = None,
-                 monitor: str | None = None, ema: bool = False, judged_from: int = 0,
-                 loss_floor: float = 0.0) -> tuple[list, Any]:
-    """The callbacks every stage trains under: the divergence stop, then early stopping with the best weights.
-
-    Early stopping watches `val_loss` when `validated` (a validation set the
-    stage can judge on), else the training `loss`; `patience` 0 turns it off
-    (then the second value is None). With `ema` the best weights it keeps are the
-    optimizer's moving average. `judged_from`: the first epoch (the run's count)
-    early stopping looks at, Keras's `start_from_epoch`: the epochs before it
-    neither count towards the patience nor give the best weights. `loss_floor`:
-    see `StopOnDivergence`'s `floor`. Place them
-    before any callback that saves.
-    """
-    guards: list = [StopOnDivergence(stage, learning_rate=learning_rate, floor=loss_floor)]
-    stopping = None
-    if patience:
-        stopping = ResumableEarlyStopping(monitor=monitor or ("val_loss" if validated else "loss"),
-                                          patience=patience, ema=ema, start_from_epoch=judged_from)
-        guards.append(stopping)
-    return guards, stopping
-
-
-def find_learning_rate(model, x, y, recipe: Recipe, verbose: bool) -> float:
-    """Run the LR finder on the compiled `model` as it stands; its `valley` suggestion."""
-    from transferkit.pieces.lr_finder import lr_find
-
-    swept = learning_rate_data(x, y, recipe.batch_size)
-    result = lr_find(model, swept, batch_size=recipe.batch_size)
-    print_line(f"lr-find: {result.summary()}", verbose)
-    if result.valley is None or not np.isfinite(result.valley):
-        raise TransferkitError("The LR finder found no valley; pass --lr explicitly.")
-    return float(result.valley)

@@ -1,0 +1,92 @@
+"""A stage's compile: the recipe's optimizer, its learning-rate schedule and, for `lr="auto"`, the LR finder's rate.
+
+Every stage compiles afresh (`compile_stage`): a new optimizer on a schedule
+that starts again, with the rate factors of discriminative fine-tuning and the
+weights' moving average when asked. `make_optimizer` is the recipe's optimizer
+alone, at a given rate.
+
+Example:
+
+>>> rate, callbacks = compile_stage(model, recipe, 1e-3, total_steps=100, loss="mse")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from transferkit.errors import TransferkitError
+from transferkit.recipe import Recipe
+from transferkit.training.runs import print_line
+
+
+def optimizer_settings(recipe: Recipe, ema: float | None = None) -> dict[str, Any]:
+    """`pieces.optimizers.optimizer`'s arguments but the rate: the recipe's optimizer and clipping, and with
+    `ema` an exponential moving average of the weights with this decay (Keras's `use_ema=True, ema_momentum=ema`;
+    `fit` ends with the average in the model)."""
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
+    return {"name": recipe.optimizer, "clipnorm": recipe.clipnorm, "clipvalue": recipe.clipvalue, **averaging}
+
+
+def make_optimizer(recipe: Recipe, learning_rate: Any, ema: float | None = None):
+    """The recipe's optimizer at `learning_rate` (a float or a schedule), with its clipping (see `optimizer_settings`).
+
+    Raises:
+        SettingsError: an unknown optimizer, a rate that is not positive, more than one clipping.
+    """
+    from transferkit.pieces.optimizers import optimizer
+
+    settings = optimizer_settings(recipe, ema)
+    return optimizer(learning_rate=learning_rate, **settings)
+
+
+def schedule_options(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's options for its schedule (plateau's factor and patience)."""
+    if recipe.schedule == "plateau":
+        return {"factor": recipe.plateau_factor, "patience": recipe.plateau_patience}
+    return {}
+
+
+def compile_stage(model, recipe: Recipe, learning_rate: float | str, total_steps: int, loss: Any,
+                  metrics: list | None = None, lr_factors: dict[str, float] | None = None,
+                  ema: float | None = None, lr_data: Any = None, verbose: bool = False) -> tuple[float, list]:
+    """Compile `model` with the recipe's optimizer on its schedule over `total_steps`; the rate and the callbacks.
+
+    `learning_rate` is the peak rate for onecycle and the starting rate otherwise;
+    `"auto"`: the LR finder's `valley` on `lr_data` (what it sweeps, see
+    `data.pipelines.learning_rate_data`), found on `model` compiled as it stands
+    with the recipe's optimizer at 1e-3. Each call starts the schedule afresh.
+    `lr_factors` gives variables their own rate factors (discriminative
+    fine-tuning). `ema`: the optimizer keeps a moving average of the weights
+    with this decay, which `keras.callbacks.SwapEMAWeights` (among the callbacks)
+    swaps in for validation and `fit` leaves in the model.
+
+    Raises:
+        TransferkitError: the LR finder found no valley.
+    """
+    from transferkit.training.backend import jit_compile
+    from transferkit.pieces.discriminative import with_learning_rate_factors
+    from transferkit.pieces.lr_finder import lr_find
+    from transferkit.pieces.momentum import schedule_callbacks
+    from transferkit.pieces.optimizers import optimizer
+    from transferkit.pieces.schedules import make_schedule
+
+    options = schedule_options(recipe)
+    swept, settings = optimizer_settings(recipe), optimizer_settings(recipe, ema)
+    if learning_rate == "auto":
+        model.compile(optimizer=optimizer(learning_rate=1e-3, **swept), loss=loss, metrics=metrics)
+        result = lr_find(model, lr_data, batch_size=recipe.batch_size)
+        print_line(f"lr-find: {result.summary()}", verbose)
+        if result.valley is None or not np.isfinite(result.valley):
+            raise TransferkitError("The LR finder found no valley; pass --lr explicitly.")
+        learning_rate = result.valley
+    learning_rate = float(learning_rate)
+    rate = make_schedule(recipe.schedule, learning_rate, max(1, total_steps), **options)
+    opt = optimizer(learning_rate=rate, **settings)
+    if lr_factors:
+        opt = with_learning_rate_factors(opt, lr_factors)
+    model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=jit_compile(recipe.jit_compile))
+    averaging = [keras.callbacks.SwapEMAWeights()] if ema else []
+    return learning_rate, schedule_callbacks(recipe.schedule, rate, optimizer=opt, **options) + averaging
