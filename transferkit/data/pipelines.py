@@ -1,7 +1,8 @@
 """tf.data pipelines and batch-by-batch passes over a data set's inputs: arrays or image files alike.
 
 `pipeline` is the one way into tf.data for every pass (training, validation,
-prediction, the test); `batches_of` gives numpy batches in order for passes
+prediction, the test), and `stage_batches` makes all of a training stage's
+at once; `batches_of` gives numpy batches in order for passes
 that run a model or sum statistics batch by batch; `flat_inputs` fills the
 flattened rows a kNN graph is built on. `ImageFiles` are decoded batch by
 batch, never all at once (`transferkit.data.image_files`).
@@ -16,7 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -106,3 +110,25 @@ def learning_rate_data(x: Any, y: np.ndarray | None, batch_size: int) -> Any:
     if y is None:
         return x
     return pipeline(x, y, batch_size, shuffle=True) if isinstance(x, ImageFiles) else (x, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageBatches:
+    """A training stage's data as tf.data, made at once (see `stage_batches`)."""
+
+    train: Any  # shuffled batches, reshuffled every epoch
+    validation: Any  # batches in order, or None
+    unshuffled: Callable[[], Any]  # the training batches in order, made the first time they are asked for
+    sweep: Any  # what the LR finder sweeps (`learning_rate_data`), or None
+
+
+def stage_batches(x: Any, y: np.ndarray, batch_size: int, seed: int, validation: tuple[Any, np.ndarray] | None = None,
+                  sweep_batch_size: int | None = None) -> StageBatches:
+    """A stage's training batches of `(x, y)` shuffled with `seed`, its validation batches, the training batches in
+    order (made only where used: training health, JAX's compiled loss), and with `sweep_batch_size` the LR finder's
+    data."""
+    sweep = None if sweep_batch_size is None else learning_rate_data(x, y, sweep_batch_size)
+    unshuffled = functools.cache(functools.partial(pipeline, x, y, batch_size))
+    train = pipeline(x, y, batch_size, shuffle=True, seed=seed)
+    checked = None if validation is None else pipeline(*validation, batch_size)
+    return StageBatches(train, checked, unshuffled, sweep)

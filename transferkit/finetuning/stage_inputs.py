@@ -14,14 +14,13 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import keras
 import numpy as np
 
-from transferkit.data.pipelines import learning_rate_data, pipeline
+from transferkit.data.pipelines import stage_batches
 from transferkit.finetuning.plan import Plan, StagePlan
 from transferkit.pieces.augmentation import mix_batches
 from transferkit.training import backend, runner, runs
@@ -35,14 +34,13 @@ def stage_of(plan: Plan, step: StagePlan, trained: keras.Model, inputs: dict[str
     """
     recipe, data, clf = plan.recipe, plan.data, plan.clf
     y_val = data.y[plan.split.val]
-    # in a fixed order, made only where used (training health; JAX's compiled loss)
-    unshuffled = functools.cache(functools.partial(pipeline, inputs["train"], y, plan.batch_size))
-    batches = pipeline(inputs["train"], y, plan.batch_size, shuffle=True, seed=recipe.seed)
-    validation = None if inputs["val"] is None else pipeline(
-        inputs["val"], np.eye(data.num_classes, dtype="float32")[y_val] if step.soft else y_val, plan.batch_size)
+    validation = None if inputs["val"] is None else (
+        inputs["val"], np.eye(data.num_classes, dtype="float32")[y_val] if step.soft else y_val)
+    made = stage_batches(inputs["train"], y, plan.batch_size, recipe.seed, validation,
+                         sweep_batch_size=recipe.batch_size if step.learning_rate == "auto" else None)
+    batches = made.train
     if recipe.mixes:
         batches = mix_batches(batches, recipe.mixup, recipe.cutmix, seed=recipe.seed + step.index)
-    lr_data = learning_rate_data(inputs["train"], y, recipe.batch_size) if step.learning_rate == "auto" else None
     first = max(step.start, resume_at)
 
     def compiled(lr: float) -> None:
@@ -52,15 +50,15 @@ def stage_of(plan: Plan, step: StagePlan, trained: keras.Model, inputs: dict[str
                         f"{', uncached: its inputs change every epoch' if step.uncached else ''}; trainable: "
                         f"{', '.join(unfrozen) or 'no block'} + head", verbose)
         runs.print_line(table, verbose)
-        backend.build_compiled(trained, unshuffled)
+        backend.build_compiled(trained, made.unshuffled)
 
     return runner.Stage(
         step.name, trained, batches, start=step.start, end=step.end,
         batches_per_epoch=runs.steps_per_epoch(len(y), plan.batch_size), index=step.index, loss=step.loss,
-        metrics=step.metrics, learning_rate=step.learning_rate, lr_data=lr_data, patience=step.patience,
+        metrics=step.metrics, learning_rate=step.learning_rate, lr_data=made.sweep, patience=step.patience,
         loss_floor=math.log(data.num_classes),  # a uniform guess's cross-entropy
         retrains=step.retrains,  # propagate's last stage on the true labels, pseudo's rounds
         # val_loss where validation has an example of every class; else the training loss
-        validated=len(y_val) >= data.num_classes, validation=validation, lr_factors=step.lr_factors,
+        validated=len(y_val) >= data.num_classes, validation=made.validation, lr_factors=step.lr_factors,
         ema=recipe.ema, kept=clf.model, head=clf.head if cached else None, class_weight=plan.class_weight,
-        unshuffled=unshuffled, on_compiled=compiled)
+        unshuffled=made.unshuffled, on_compiled=compiled)
