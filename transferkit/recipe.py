@@ -296,6 +296,10 @@ class Recipe:
                 out[_toml_key(key)] = list(value) if isinstance(value, tuple) else value
         return out
 
+    def to_toml(self) -> str:
+        """The recipe as the text of a TOML file (an artifact's `recipe.toml`), which `load_recipe` reads back."""
+        return dump_toml(self.to_dict())
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Recipe":
         return cls().replace(**{_field_key(k): v for k, v in values.items()})

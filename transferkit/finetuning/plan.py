@@ -108,6 +108,7 @@ class Plan:
     record: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the manifest says before training
     test_loss: tuple[Any, list] | None = None  # the loss and metric of the true labels, for the test
     semi_record: dict[str, Any] = dataclasses.field(default_factory=dict)  # the manifest's `semi_supervised`
+    recipe_text: str = ""  # the recipe as TOML, for the artifact (`Recipe.to_toml`)
 
     @property
     def labeled(self) -> tuple[np.ndarray, np.ndarray]:
@@ -175,10 +176,12 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
                              "encoder" if clf.info["kind"] == "encoder" else "backbone")
     chosen_line = describe_chosen("finetune", chosen)
     recipe = recipe.replace(**chosen)
+    recipe_text = recipe.to_toml()  # the artifact's recipe.toml: the recipe as it trains
     stages = plan_stages(recipe, [name for name, _ in clf.blocks])
     test_loss = loss_and_metric(False, recipe.label_smoothing)
     plan = Plan(recipe, data, split, clf, stages, replicas, chosen=chosen, chosen_line=chosen_line,
-                class_weight=class_weight, augment=clf.augment, test_loss=test_loss)
+                class_weight=class_weight, augment=clf.augment, test_loss=test_loss,
+                recipe_text=recipe_text)
     check_pool(recipe.semi_supervised, plan.unlabeled)
     plan.record = {"num_classes": data.num_classes, "base": clf.info, "blocks": [name for name, _ in clf.blocks],
                    "augment": clf.augment, "mixup": recipe.mixup, "cutmix": recipe.cutmix,

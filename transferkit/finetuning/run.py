@@ -52,7 +52,7 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
         metrics = {"test_accuracy": float(test_accuracy), "test_loss": float(test_loss)}
         manifest = runs.base_manifest("classifier", recipe, data, split)
         manifest.update(plan.record, stages=trained.stages, semi_supervised=plan.semi_record, metrics=metrics)
-        runs.save_run(out, model, recipe, manifest, split, trained.run.history)
+        runs.save_run(out, model, plan.recipe_text, manifest, split, trained.run.history)
         trained.backup.discard()
         runs.print_line(f"test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(split.test)} "
                         f"held-out examples; classifier saved to {out}", verbose)

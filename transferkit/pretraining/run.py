@@ -121,7 +121,7 @@ def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
                                                else {})} for i, s in enumerate(stages)],
         metrics=done.metrics,
     )
-    runs.save_run(out, encoder, recipe, manifest, split, done.history, figures=done.figures)
+    runs.save_run(out, encoder, recipe.to_toml(), manifest, split, done.history, figures=done.figures)
     backup.discard()
     shown = ", ".join(f"{k} {v:.4f}" for k, v in done.metrics.items()) or "untrained (epochs=0)"
     runs.print_line(f"pretrain: {recipe.task} {shown}; encoder and {', '.join(sorted(done.figures))} saved to {out}",

@@ -14,7 +14,7 @@ from transferkit.store.manifest import Manifest
 from transferkit.data.pipelines import batches_of
 from transferkit.data.sources import Data, Split, load_data, load_recipe_data, split_data
 from transferkit.errors import SettingsError
-from transferkit.recipe import Recipe, dump_toml
+from transferkit.recipe import Recipe
 
 
 @dataclasses.dataclass
@@ -134,9 +134,11 @@ def base_manifest(kind: str, recipe: Recipe, data: Data, split: Split) -> dict[s
     }
 
 
-def save_run(out: Path, model, recipe: Recipe, manifest: Manifest | dict[str, Any], split: Split,
+def save_run(out: Path, model, recipe_text: str, manifest: Manifest | dict[str, Any], split: Split,
              history: dict[str, list[float]], figures: dict[str, Any] | None = None) -> Path:
     """Write the artifact folder atomically: model, recipe, manifest, split, history and pictures (the chief only).
+
+    `recipe_text` is the recipe as TOML (`Recipe.to_toml`), made when the recipe was settled.
 
     The manifest is a `Manifest`, or its JSON dict (checked as one: see `artifacts.write_manifest`).
     The history is written twice: `history.json` as Keras logs it, and
@@ -149,7 +151,6 @@ def save_run(out: Path, model, recipe: Recipe, manifest: Manifest | dict[str, An
 
     if not is_chief():
         return out
-    recipe_text = dump_toml(recipe.to_dict())
     with artifacts.atomic_dir(out) as tmp, on_this_process():
         model.save(tmp / artifacts.MODEL)
         (tmp / artifacts.RECIPE).write_text(recipe_text)
