@@ -32,8 +32,7 @@ from transferkit.errors import SettingsError
 from transferkit.pieces.discriminative import block_factors
 from transferkit.pieces.losses import loss_and_metric
 from transferkit.recipe import Recipe
-from transferkit.finetuning.semi_supervised import (NEIGHBOURS, SPREAD, check_pool, per_class, pool_epochs,
-                                                    unlabeled_pool)
+from transferkit.finetuning.semi_supervised import NEIGHBOURS, SPREAD, per_class, pool_epochs, unlabeled_pool
 from transferkit.training.stages import Stage, plan_stages
 from transferkit.finetuning.classifier import Blocks, Classifier, build_classifier
 
@@ -182,7 +181,9 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     plan = Plan(recipe, data, split, clf, stages, replicas, chosen=chosen, chosen_line=chosen_line,
                 class_weight=class_weight, augment=clf.augment, test_loss=test_loss,
                 recipe_text=recipe_text)
-    check_pool(recipe.semi_supervised, plan.unlabeled)
+    if recipe.semi_supervised != "none" and not len(plan.unlabeled):  # a semi-supervised mode needs the pool
+        raise SettingsError(f"--semi-supervised {recipe.semi_supervised} needs unlabeled training examples, but "
+                            "every training example is labeled; use a --label-fraction below 1.")
     plan.record = {"num_classes": data.num_classes, "base": clf.info, "blocks": [name for name, _ in clf.blocks],
                    "augment": clf.augment, "mixup": recipe.mixup, "cutmix": recipe.cutmix,
                    "class_weight": weighting, "ema": recipe.ema}

@@ -33,7 +33,6 @@ import math
 
 import numpy as np
 
-from transferkit.errors import SettingsError
 
 NEIGHBOURS = 7  # LabelSpreading's kNN graph, as in the issue's measurements
 SPREAD = 0.9  # LabelSpreading's alpha
@@ -45,13 +44,6 @@ def unlabeled_pool(train: np.ndarray, labeled: np.ndarray, test: np.ndarray) -> 
     if len(np.intersect1d(pool, test)):
         raise RuntimeError("the unlabeled pool overlaps the test split; this is a bug in the split")
     return pool
-
-
-def check_pool(mode: str, pool: np.ndarray) -> None:
-    """A semi-supervised mode needs unlabeled examples."""
-    if mode != "none" and not len(pool):
-        raise SettingsError(f"--semi-supervised {mode} needs unlabeled training examples, but every training "
-                            "example is labeled; use a --label-fraction below 1.")
 
 
 def per_class(pool: int, round_: int, rounds: int, classes: int) -> int:
