@@ -23,7 +23,7 @@ from transferkit.finetuning.class_weights import check_class_weight_setting
 from transferkit.errors import SettingsError
 from transferkit.pieces.optimizers import OPTIMIZERS
 from transferkit.training.runtime import DEVICES, PRECISIONS, STRATEGIES
-from transferkit.settings import BASE, FINETUNE, PRETRAIN, at_least, describe, in_range, setting
+from transferkit.settings import BASE, FINETUNE, PRETRAIN, at_least, coerce_value, describe, in_range, setting
 
 TASKS = ("autoencoder", "denoising", "stacked", "rotation", "pairs", "gan")
 NOISE_KINDS = ("gaussian", "dropout")
@@ -238,7 +238,7 @@ class Recipe:
             raise SettingsError(
                 f"Unknown setting {unknown[0]!r}; expected one of {', '.join(field_names())}."
             )
-        given = {k: _coerce(k, v) for k, v in overrides.items() if v is not None}
+        given = {k: coerce_value(k, v) for k, v in overrides.items() if v is not None}
         return dataclasses.replace(self, **given).validate()
 
     def validate(self) -> "Recipe":
@@ -368,34 +368,10 @@ def check_value(name: str, value: Any, label: str | None = None) -> Any:
     (128, 64)
     """
     label = label or name
-    value = _coerce(name, value, label)
+    value = coerce_value(name, value, label)
     message = describe(Recipe.__dataclass_fields__[name]).error(label, value)
     if message:
         raise SettingsError(message)
-    return value
-
-
-def _coerce(key: str, value: Any, label: str | None = None) -> Any:
-    """Lists from TOML become tuples; ints where floats are expected stay numbers."""
-    label = label or key
-    if key in ("units", "filters"):
-        given = value
-        if isinstance(value, str):
-            value = [v for v in value.replace(" ", "").split(",") if v]
-        try:
-            return tuple(int(v) for v in value)
-        except (TypeError, ValueError):
-            value = given
-            raise SettingsError(f"{label} must be integers such as 128,64; Received: {label}={value!r}") from None
-    if key == "cut" and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if key == "batchnorm" and value in (False, None):
-        return "none"
-    if key == "lr" and isinstance(value, str) and value != "auto":
-        try:
-            return float(value)
-        except ValueError:
-            raise SettingsError(f"{label} must be a positive number or auto. Received: {label}={value!r}") from None
     return value
 
 

@@ -21,6 +21,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from transferkit.errors import SettingsError
+
 # which commands' flags carry a setting
 RUN = ("pretrain", "finetune", "lr-find", "schedule")  # every training command
 PRETRAIN = ("pretrain", "schedule")  # the pretraining task and its encoder
@@ -97,3 +99,29 @@ def in_range(low: float, high: float, *, low_open: bool = False, high_open: bool
 def at_least(low: float, *, strictly: bool = False) -> Callable[[Any], bool]:
     """A check that a number is at least `low` (above it if `strictly`), and finite."""
     return in_range(low, float("inf"), low_open=strictly, high_open=True)
+
+
+def coerce_value(key: str, value: Any, label: str | None = None) -> Any:
+    """`value` of the Recipe field `key` in the field's type: `"128,64"` or a TOML list becomes `(128, 64)`, a
+    layer index a string, `false` for batchnorm "none", a learning rate given as text a float; `label` names the value
+    in the errors (default `key`)."""
+    label = label or key
+    if key in ("units", "filters"):
+        given = value
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        try:
+            return tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            value = given
+            raise SettingsError(f"{label} must be integers such as 128,64; Received: {label}={value!r}") from None
+    if key == "cut" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if key == "batchnorm" and value in (False, None):
+        return "none"
+    if key == "lr" and isinstance(value, str) and value != "auto":
+        try:
+            return float(value)
+        except ValueError:
+            raise SettingsError(f"{label} must be a positive number or auto. Received: {label}={value!r}") from None
+    return value
