@@ -76,6 +76,11 @@ def test_evaluate_and_predict_skip_bad_files_when_asked(tmp_path):
     named = [line.split(",")[0] for line in output.read_text().splitlines()[1:]]
     readable = [p.relative_to(new).as_posix() for p in new.rglob("*.png") if p != broken]
     assert sorted(named) == sorted(readable) and len(named) == 6
+    # a folder of other sizes reaches the size the model takes (it chose its training folder's common size)
+    other = folder(tmp_path / "other", per_class=3, size=(20, 9))
+    assert tk.evaluate(classifier, f"dir:{other}", verbose=False).metrics["examples"] == 6
+    rows = tk.predict(classifier, f"dir:{other}", verbose=False)
+    assert sorted(row["input"] for row in rows) == sorted(p.relative_to(other).as_posix() for p in other.rglob("*.png"))
     # a folder given as a path, not a spec, is named with the spec to use
     done = run("predict", str(classifier), str(new / "a"))
     assert done.exit_code == 2 and done.stderr.strip().splitlines() == [

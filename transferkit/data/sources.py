@@ -119,19 +119,19 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-    image_size: int | None = None
+    image_size: int | tuple[int, int] | None = None
     resize: str = "stretch"
     skip_bad_files: bool = False
     verbose: bool = True
 
 
-def load_data(spec: str = "digits", image_size: int | None = None, resize: str = "stretch",
+def load_data(spec: str = "digits", image_size: int | tuple[int, int] | None = None, resize: str = "stretch",
               skip_bad_files: bool = False, verbose: bool = True) -> Data:
     """Load a data spec into arrays. Images are `(N, H, W, C)` float32; vectors `(N, D)`.
 
     Args:
         spec: String. A data spec (see the module docstring). Defaults to `"digits"`.
-        image_size: Optional integer. Resize `dir:` and `tfds:` images to this square size.
+        image_size: Optional integer, or `(height, width)`. Resize `dir:` and `tfds:` images to this size.
             `dir:` images of mixed sizes default to the median size.
         resize: String. How an image of another aspect ratio reaches the size: `"stretch"`,
             `"crop"` (the center) or `"pad"` (with zeros). Defaults to `"stretch"`.

@@ -181,7 +181,7 @@ class TfdsImages(ImageFiles):
         return h.hexdigest()
 
 
-def load_tfds(arg: str, image_size: int | None, resize: str) -> tuple[TfdsImages, np.ndarray | None, Any]:
+def load_tfds(arg: str, image_size: int | tuple[int, int] | None, resize: str) -> tuple[TfdsImages, np.ndarray | None, Any]:
     """`tfds:` data: the split's images (lazy), its labels and class names (or `None`s), in one pass."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
@@ -215,7 +215,7 @@ def load_tfds(arg: str, image_size: int | None, resize: str) -> tuple[TfdsImages
         sizes.append(size)
     count = sum(len(s) for s in sizes)
     if image_size:
-        target = (image_size, image_size)
+        target = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     elif fixed:
         target = (height, width)
     else:

@@ -38,9 +38,13 @@ class Result:
 def load_like_artifact(spec: str, manifest: Manifest, verbose: bool = True, skip_bad_files: bool = False) -> Data:
     """Data `spec` read the way an artifact's training data was: its image size, resize mode, bad-file policy.
 
+    Images reach the size the model takes (`--image-size`, else the height and
+    width its training folder chose), whatever sizes the new folder's images have.
     Files that cannot be decoded are skipped if the artifact's training skipped some, or with `skip_bad_files`.
     """
-    return load_data(spec, image_size=manifest.image_size, resize=manifest.resize,
+    shape = tuple(manifest.input_shape)
+    size = manifest.image_size or (shape[:2] if len(shape) == 3 else None)
+    return load_data(spec, image_size=size, resize=manifest.resize,
                      skip_bad_files=skip_bad_files or bool(manifest.data.skipped), verbose=verbose)
 
 
