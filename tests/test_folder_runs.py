@@ -92,3 +92,18 @@ def test_evaluate_and_predict_skip_bad_files_when_asked(tmp_path):
     with pytest.raises(SettingsError, match="broken.png"):
         tk.predict(classifier, [*good, str(broken)], verbose=False)
 
+
+
+def test_finetune_from_an_encoder_reads_folders_as_its_pretraining_did(tmp_path):
+    # pretraining skipped a broken file and chose the folder's median size; fine-tuning needs neither flag again
+    unlabeled = folder(tmp_path / "photos", size=(10, 14))
+    (unlabeled / "b" / "broken.png").write_bytes(b"not a png")
+    encoder = tk.pretrain(data=f"dir:{unlabeled}", skip_bad_files=True, out=str(tmp_path / "enc"), **FAST).artifact
+    for name, data in (("same", unlabeled), ("other", folder(tmp_path / "labeled", size=(20, 9)))):
+        done = tk.finetune(from_=str(encoder), data=f"dir:{data}", head_epochs=1, epochs=0, lr=1e-3,
+                           out=str(tmp_path / name), verbose=False)
+        manifest = json.loads((done.artifact / "manifest.json").read_text())
+        assert manifest["input_shape"] == [10, 14, 1], name
+    assert manifest["data"]["skipped"] == []
+    same = json.loads((tmp_path / "same" / "manifest.json").read_text())
+    assert same["data"]["skipped"] == [str(unlabeled / "b" / "broken.png")]

@@ -160,10 +160,14 @@ def load_data(spec: str = "digits", image_size: int | tuple[int, int] | None = N
     return data
 
 
-def load_recipe_data(recipe: Recipe) -> Data:
-    """The recipe's data, read with its image size, resize mode and bad-file policy."""
-    return load_data(recipe.data, image_size=recipe.image_size, resize=recipe.resize,
-                     skip_bad_files=recipe.skip_bad_files)
+def load_recipe_data(recipe: Recipe, image_size: tuple[int, int] | None = None, skip_bad_files: bool = False) -> Data:
+    """The recipe's data, read with its image size, resize mode and bad-file policy.
+
+    `image_size` and `skip_bad_files` are what the base asks for (a saved
+    encoder's size and pretraining's policy), used where the recipe sets neither.
+    """
+    return load_data(recipe.data, image_size=recipe.image_size or image_size, resize=recipe.resize,
+                     skip_bad_files=recipe.skip_bad_files or skip_bad_files)
 
 
 def split_data(

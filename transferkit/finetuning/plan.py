@@ -260,10 +260,14 @@ def lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:
 def _data_and_split(recipe: Recipe) -> tuple[Data, Split, Manifest | None]:
     """The labeled data and its split, and the encoder's manifest (None without `from_`).
 
-    On the encoder's own data, the encoder's split, so its test examples stay unseen.
+    On the encoder's own data, the encoder's split, so its test examples stay unseen. Images reach the size the
+    encoder takes unless `image_size` is set; files that cannot be decoded are skipped if its pretraining skipped
+    some (as `evaluate` and `predict` do).
     """
     encoder = artifacts.read_encoder(recipe.from_) if recipe.from_ else None
-    data = load_recipe_data(recipe)
+    shape = tuple(encoder.manifest.input_shape) if encoder is not None else ()
+    skipped = encoder is not None and bool(encoder.manifest.data.skipped)
+    data = load_recipe_data(recipe, image_size=shape[:2] if len(shape) == 3 else None, skip_bad_files=skipped)
     require_labels(data)
     if recipe.mixes and len(data.input_shape) != 3:
         raise SettingsError(f"--mixup and --cutmix need image inputs (height, width, channels); the data's inputs "
