@@ -57,7 +57,7 @@ def test_summary_line_counts_images_classes_and_skipped(tmp_path, capsys):
     (tmp_path / "b" / "broken.png").write_bytes(b"")
     data = load_data(f"dir:{tmp_path}", skip_bad_files=True)
     line = capsys.readouterr().err.strip()
-    assert line == f"dir:{tmp_path}: 4 images, 2 classes, 3 skipped (1 hidden, 1 non-image, 1 bad)"
+    assert line == f"dir:{tmp_path}: 4 images, 2 classes, 3 skipped (1 hidden, 1 non-image, 1 bad): b/broken.png"
     assert data.skipped == (str(tmp_path / "b" / "broken.png"),)
 
 
@@ -194,8 +194,24 @@ def test_mixed_sizes_are_resized_to_the_median_size(tmp_path, capsys):
     lower_median = lambda values: sorted(values)[(len(values) - 1) // 2]  # noqa: E731
     expected = (lower_median([h for h, _ in sizes]), lower_median([w for _, w in sizes]))
     assert expected == (9, 8) and data.input_shape == expected + (1,)
-    assert "resized to 9x8 (the median size)" in capsys.readouterr().err
+    assert "resized to 9x8 (height x width: the median size)" in capsys.readouterr().err
     assert load_data(f"dir:{tmp_path}", image_size=6, verbose=False).input_shape == (6, 6, 1)
+
+
+def test_a_default_size_over_224_a_side_is_scaled_down_keeping_its_aspect(tmp_path, capsys):
+    # phone-sized photos would give an encoder with millions of weights per unit: the default stops at 224 a side
+    mixed, same = tmp_path / "mixed", tmp_path / "same"
+    mixed.mkdir()
+    same.mkdir()
+    for i, (h, w) in enumerate([(300, 400), (600, 800), (240, 320)]):
+        saved(mixed / f"{i}.png", Image.fromarray(pixels((h, w))))
+        saved(same / f"{i}.png", Image.fromarray(pixels((300, 400))))
+    expected = (round(300 * 224 / 400), 224)  # the lower median (300, 400), its longer side to 224
+    assert load_data(f"dir:{mixed}").input_shape == expected + (1,)
+    assert "all resized to 168x224 (height x width: the median size 300x400 scaled to 224" in capsys.readouterr().err
+    assert load_data(f"dir:{same}").input_shape == expected + (1,)
+    assert "all resized to 168x224 (height x width: their size 300x400 scaled to 224" in capsys.readouterr().err
+    assert load_data(f"dir:{same}", image_size=(300, 400), verbose=False).input_shape == (300, 400, 1)
 
 
 KERAS_RESIZE = {"stretch": {}, "crop": {"crop_to_aspect_ratio": True}, "pad": {"pad_to_aspect_ratio": True}}

@@ -74,7 +74,8 @@ class Recipe:
                                     check=in_range(0, 1, low_open=True), expected="a number in (0, 1]")
     image_size: int | None = setting(None, "Resize dir: and tfds: images to this square size.",
                                      check=at_least(1), expected="an integer >= 1",
-                                     auto="the backbone's size; for dir: images of mixed sizes, the median size")
+                                     auto="the backbone's or the encoder's size; else the images' own, or their "
+                                          "median if they differ, at most 224 a side")
     resize: str = setting("stretch", "How images of another aspect ratio reach the size: stretch, crop (the "
                                      "center) or pad (with black).", choices=RESIZE_MODES)
     skip_bad_files: bool = setting(False, "Skip dir: files that cannot be decoded, counted and listed, instead of "

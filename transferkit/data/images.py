@@ -44,6 +44,7 @@ import numpy as np
 
 from transferkit.pieces.colors import LUMA
 from transferkit.errors import SettingsError
+from transferkit.data.image_size import common_size, median_size
 from transferkit.data.progress import progress_bar
 from transferkit.recipe import RESIZE_MODES
 
@@ -67,6 +68,7 @@ class Decoded:
     kept: np.ndarray
     bad: tuple[tuple[str, str], ...]
     resized_to_median: bool
+    scaled_from: tuple[int, int] | None = None  # the common or median size, where it was over LONGEST_SIDE
 
 
 class BadImage(Exception):
@@ -125,6 +127,7 @@ class Checked:
     channels: int
     resized_to_median: bool
     plain: np.ndarray
+    scaled_from: tuple[int, int] | None = None  # as Decoded's
 
 
 def check_images(paths: list[str | Path] | tuple[Path, ...], image_size: int | tuple[int, int] | None = None,
@@ -142,7 +145,8 @@ def check_images(paths: list[str | Path] | tuple[Path, ...], image_size: int | t
     plain = [scan.headers[i][3] == "L" or scan.headers[i][3] == "RGB" and scan.channels == 3 for i in kept]
     done = scan.result(np.empty((len(kept), 0)), kept)
     return Checked(kept=done.kept, bad=done.bad, size=scan.size, channels=scan.channels,
-                   resized_to_median=done.resized_to_median, plain=np.asarray(plain, dtype=bool))
+                   resized_to_median=done.resized_to_median, plain=np.asarray(plain, dtype=bool),
+                   scaled_from=done.scaled_from)
 
 
 def inspect_image(path: Path) -> tuple[int, int, bool, str | None]:
@@ -239,6 +243,7 @@ class _Scan:
                     self.refuse_or_skip(path, reason)
                 tick()
         self.sizes = [header[:2] for header in self.headers.values()]
+        self.median = median_size(self.sizes) if self.sizes else None
         if image_size is not None:
             self.size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         elif self.sizes:
@@ -259,14 +264,8 @@ class _Scan:
         order = {str(p): j for j, p in enumerate(self.paths)}
         self.bad.sort(key=lambda b: order[b[0]])
         return Decoded(x=x, kept=np.asarray(kept, dtype="int64"), bad=tuple(self.bad),
-                       resized_to_median=self.image_size is None and len(set(self.sizes)) > 1)
-
-
-def common_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
-    """The size all images share, else the lower median height and the lower median width."""
-    heights, widths = sorted(h for h, _ in sizes), sorted(w for _, w in sizes)
-    middle = (len(sizes) - 1) // 2
-    return heights[middle], widths[middle]
+                       resized_to_median=self.image_size is None and len(set(self.sizes)) > 1,
+                       scaled_from=self.median if self.image_size is None and self.median != self.size else None)
 
 
 def read_header(path: Path) -> tuple[int, int, bool]:

@@ -31,6 +31,7 @@ import numpy as np
 from transferkit.errors import SettingsError
 from transferkit.data.image_files import ImageFiles
 from transferkit.data.image_listing import IMAGE_SUFFIXES, Listing, list_images
+from transferkit.data.image_size import LONGEST_SIDE
 from transferkit.data.images import Checked, check_images
 from transferkit.data.images import read_images  # noqa: F401 - part of this module's interface (prediction uses it)
 from transferkit.data.pipelines import as_array, batches_of, pipeline, rows_of  # noqa: F401 - part of this module's interface
@@ -313,23 +314,31 @@ def _load_dir(spec: str, arg: str, options: _Options) -> Data:
             raise SettingsError(f"Class folder {str(root / listing.class_names[empty[0]])!r} holds no image that "
                                 "can be read; expected at least one per class (or remove the folder).")
     if showing(options.verbose):
-        print(_summary(spec, listing, checked), file=sys.stderr, flush=True)
+        print(_summary(spec, root, listing, checked), file=sys.stderr, flush=True)
     x = ImageFiles([listing.files[i] for i in checked.kept], checked.size, checked.channels, options.resize, root=root,
                    plain=checked.plain)
     return Data(x=x, y=y, spec=spec, class_names=listing.class_names, value_range=(0.0, 255.0),
                 skipped=tuple(path for path, _ in checked.bad))
 
 
-def _summary(spec: str, listing: Listing, checked: Checked) -> str:
-    """`dir:PATH: N images, K classes, S skipped (H hidden, O non-image, B bad)`, and the size chosen."""
+def _summary(spec: str, root: Path, listing: Listing, checked: Checked) -> str:
+    """`dir:PATH: N images, K classes, S skipped (H hidden, O non-image, B bad): the first bad files`, the size chosen."""
     classes = f"{len(listing.class_names)} classes" if listing.class_names else "unlabeled"
     parts = [f"{listing.hidden} hidden", f"{listing.non_image} non-image", f"{len(checked.bad)} bad"]
     if listing.outside:
         parts.append(f"{listing.outside} beside the class folders")
     skipped = listing.hidden + listing.non_image + listing.outside + len(checked.bad)
     line = f"{spec}: {len(checked.kept)} images, {classes}, {skipped} skipped ({', '.join(parts)})"
-    if checked.resized_to_median:
-        line += f"; sizes differ, all resized to {checked.size[0]}x{checked.size[1]} (the median size)"
+    if checked.bad:
+        line += ": " + ", ".join(Path(path).relative_to(root).as_posix() for path, _ in checked.bad[:3])
+        line += ", ..." if len(checked.bad) > 3 else ""
+    if checked.resized_to_median or checked.scaled_from:
+        chosen = "the median size" if checked.resized_to_median else "their size"
+        if checked.scaled_from:
+            chosen += (f" {checked.scaled_from[0]}x{checked.scaled_from[1]} scaled to {LONGEST_SIDE} on its longer "
+                       "side; --image-size N to choose")
+        line += (f"; {'sizes differ, ' if checked.resized_to_median else ''}all resized to "
+                 f"{checked.size[0]}x{checked.size[1]} (height x width: {chosen})")
     return line
 
 

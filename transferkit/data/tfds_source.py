@@ -219,7 +219,7 @@ def load_tfds(arg: str, image_size: int | tuple[int, int] | None, resize: str) -
     elif fixed:
         target = (height, width)
     else:
-        from transferkit.data.images import common_size
+        from transferkit.data.image_size import common_size
 
         target = common_size([tuple(s) for s in np.concatenate(sizes)]) if count else (1, 1)
     channels = 1 if stored in (1, 2) else 3
