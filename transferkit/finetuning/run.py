@@ -47,6 +47,8 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
         # the last stage trained the head alone, or on soft labels: compile the classifier for the true labels
         if trained.trained is not model or getattr(model, "loss", None) != loss:
             model.compile(optimizer=make_optimizer(recipe, 1e-3), loss=loss, metrics=accuracy)
+            # its state made, as loading the artifact makes it: Keras then warns of no mismatch
+            model.optimizer.build(model.trainable_variables)
         test_loss, test_accuracy = model.evaluate(
             pipeline(data.x[split.test], data.y[split.test], plan.batch_size), verbose=0)
         metrics = {"test_accuracy": float(test_accuracy), "test_loss": float(test_loss)}

@@ -53,7 +53,8 @@ def train_stages(plan: Plan, out: Path, settings: dict[str, Any], verbose: bool)
     semi = recipe.semi_supervised
     runs.print_line(plan.chosen_line, verbose)
     runs.print_line(f"finetune: {clf.info['description']} on {len(split.labeled)} labeled examples "
-                    f"({recipe.label_fraction:g} of {len(split.train)}), {data.num_classes} classes; "
+                    f"({recipe.label_fraction * 100:g}% of {len(split.train)} training examples), "
+                    f"{data.num_classes} classes; "
                     f"stages {describe(plan.stages)}"
                     + (f"; semi-supervised {semi} on {len(plan.unlabeled)} unlabeled examples"
                        if semi != "none" else ""), verbose)

@@ -182,7 +182,8 @@ def read_manifest(path: str | Path, kinds: tuple[str, ...] = ("encoder", "classi
         raise TransferkitError(f"{str(manifest_path)!r} is not valid JSON; the artifact is damaged.") from None
     manifest = Manifest.from_json(value, str(manifest_path))
     if manifest.kind not in kinds:
-        raise SettingsError(f"{str(path)!r} holds a {manifest.kind!r}; expected a {' or '.join(kinds)} artifact.")
+        raise SettingsError(f"{str(path)!r} is {_article(manifest.kind)} {manifest.kind} artifact; expected "
+                            f"{' or '.join(f'{_article(kind)} {kind}' for kind in kinds)} artifact.")
     return manifest
 
 
@@ -246,3 +247,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
