@@ -78,7 +78,7 @@ def test_a_class_weight_file_gives_named_classes_their_weight_and_others_one(tmp
 # --- bad settings: exit 2, one line, before training -------------------------------------------------------
 
 @pytest.mark.parametrize("flags, words", [
-    (["--mixup", "-1"], "mixup must be a number >= 0 (MixUp's alpha; 0: off). Received: mixup=-1.0"),
+    (["--mixup", "-1"], "--mixup must be a number >= 0 (MixUp's alpha; 0: off). Received: --mixup=-1.0"),
     (["--cutmix", "2"], "cutmix must be a number in [0, 1]"),
     (["--augment", "blur"], "'blur' is not one of them. Received: augment='blur'"),
     (["--ema", "1.5"], "ema must be a number in (0, 1)"),

@@ -179,9 +179,9 @@ def test_semi_supervised_needs_unlabeled_examples(encoder_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--semi-supervised", "pseudo", "--pseudo-rounds", "0"], "pseudo_rounds"),
-    (["--semi-supervised", "pseudo", "--pseudo-threshold", "1.5"], "pseudo_threshold"),
-    (["--semi-supervised", "pseudo", "--pseudo-threshold", "0"], "pseudo_threshold"),
+    (["--semi-supervised", "pseudo", "--pseudo-rounds", "0"], "--pseudo-rounds must be an integer >= 1"),
+    (["--semi-supervised", "pseudo", "--pseudo-threshold", "1.5"], "--pseudo-threshold must be a number in (0, 1)"),
+    (["--semi-supervised", "pseudo", "--pseudo-threshold", "0"], "Received: --pseudo-threshold=0.0"),
     (["--semi-supervised", "both"], "--semi-supervised"),
 ])
 def test_bad_semi_supervised_settings_exit_2_before_training(encoder_dir, tmp_path, flags, named):
