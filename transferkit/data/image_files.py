@@ -109,11 +109,19 @@ class ImageFiles:
         std = np.maximum(np.sqrt(np.asarray(variance, "float32")), np.float32(1e-7))
         return self._with(slice(None), standardize=(np.asarray(mean, "float32"), std))
 
+    @property
+    def selection(self) -> tuple[Any, np.ndarray]:
+        """Where the images come from and which of them: no source of their own, and the paths."""
+        return None, self.paths
+
     def same_files(self, other: Any) -> bool:
-        """Whether `other` reads the same files the same way (perhaps standardized otherwise): one decode serves both."""
-        return (isinstance(other, ImageFiles) and (self.size, self.channels, self.resize)
-                == (other.size, other.channels, other.resize)
-                and (self.paths is other.paths or np.array_equal(self.paths, other.paths)))
+        """Whether `other` (of the same kind) reads the same images the same way (perhaps standardized otherwise):
+        one decode serves both."""
+        if not (isinstance(other, ImageFiles) and type(other) is type(self)):
+            return False
+        (source, chosen), (other_source, other_chosen) = self.selection, other.selection
+        return ((self.size, self.channels, self.resize) == (other.size, other.channels, other.resize)
+                and source == other_source and (chosen is other_chosen or np.array_equal(chosen, other_chosen)))
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
         """The images at `rows` (in that order) as one array; only they are decoded, in stored order (a tfds
@@ -139,21 +147,24 @@ class ImageFiles:
         return x if dtype is None else x.astype(dtype, copy=False)
 
     def read(self, index):
-        """A TensorFlow op: the image at `index` (an int tensor), or the images at `index` (1-D), not standardized."""
+        """A TensorFlow op: the image at `index` (an int tensor), or the images at `index` (1-D), not standardized.
+
+        A tfds split's rows are read from its copy on disk (random access)."""
         import tensorflow as tf
 
         from transferkit.data.image_ops import read_image_op
         from transferkit.data.images import plain_format
 
         index = tf.convert_to_tensor(index)
+        files, plain_files = self.paths, self.plain  # a tfds split's: its copy on disk, written when first asked for
         with tf.init_scope():  # made once, eagerly, and captured: not a constant copied into each traced graph
-            paths, plain = tf.constant(self.paths.astype(str)), tf.constant(self.plain)
-        alike = self.plain.all() or not self.plain.any()  # then one branch serves every file
-        formats = {plain_format(path) for path in self.paths[self.plain]}
+            paths, plain = tf.constant(files.astype(str)), tf.constant(plain_files)
+        alike = plain_files.all() or not plain_files.any()  # then one branch serves every file
+        formats = {plain_format(path) for path in files[plain_files]}
         format = formats.pop() if len(formats) == 1 else None  # then one decoder serves every plain file
 
         def one(i):
-            return read_image_op(tf.gather(paths, i), bool(self.plain.all()) if alike else tf.gather(plain, i),
+            return read_image_op(tf.gather(paths, i), bool(plain_files.all()) if alike else tf.gather(plain, i),
                                  self.size, self.channels, self.resize, format)
 
         if index.shape.rank == 0:
@@ -180,13 +191,6 @@ class ImageFiles:
 
         return ds.map(tf.autograph.experimental.do_not_convert(row), num_parallel_calls=tf.data.AUTOTUNE,
                       deterministic=True)
-
-    def _transform(self, x):
-        """Standardize decoded values (numpy arrays or tensors) when asked to."""
-        if self.standardize is None:
-            return x
-        mean, std = self.standardize
-        return (x - mean) / std
 
     def gather(self, indices):
         """A TensorFlow op: the images at `indices` (a 1-D int tensor), decoded and standardized."""
@@ -215,7 +219,8 @@ def gather_together(items, indices, decoded: list | None = None) -> list:
 
     `ImageFiles` reading the same files are decoded once (an autoencoder's
     inputs and its standardized targets), by `ImageFiles.read`, unless
-    `decoded` already holds `(files, raw tensor)` for them.
+    `decoded` already holds `(files, raw tensor)` for them; then standardized
+    where they ask to be.
     """
     import tensorflow as tf
 
@@ -229,5 +234,5 @@ def gather_together(items, indices, decoded: list | None = None) -> list:
         if raw is None:
             raw = item.read(indices)
             decoded.append((item, raw))
-        out[i] = item._transform(raw)
+        out[i] = raw if item.standardize is None else (raw - item.standardize[0]) / item.standardize[1]
     return out

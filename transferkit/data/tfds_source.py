@@ -120,14 +120,10 @@ class TfdsImages(ImageFiles):
         settings = dict(size=self.size, channels=self.channels, resize=self.resize, standardize=self.standardize)
         return TfdsImages(self.source, self.rows[key], **{**settings, **changes})
 
-    def same_files(self, other: Any) -> bool:
-        return (isinstance(other, TfdsImages) and other.source == self.source
-                and (self.size, self.channels, self.resize) == (other.size, other.channels, other.resize)
-                and (self.rows is other.rows or np.array_equal(self.rows, other.rows)))
-
-    def read(self, index):
-        """Random access (a TensorFlow op): from the split's copy on disk, as `ImageFiles.read`."""
-        return ImageFiles(self.paths, self.size, self.channels, self.resize, plain=self.plain).read(index)
+    @property
+    def selection(self) -> tuple[Any, np.ndarray]:
+        """The split and its rows (`ImageFiles.same_files` compares them; the copy on disk is not written for it)."""
+        return self.source, self.rows
 
     def examples(self, items: tuple, shuffle: bool = False, seed: int = 0):
         """The rows of `items` streamed from tfds (see the module docstring); an unbatched `tf.data.Dataset`.
