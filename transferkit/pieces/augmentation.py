@@ -104,12 +104,6 @@ class Augmentation(keras.layers.Layer):
         return {**super().get_config(), "spec": self.spec, "value_range": list(self.value_range), "seed": self.seed}
 
 
-def augment_inputs(inputs, spec: str, value_range: tuple[float, float], seed: int | None = None):
-    """`inputs` through an `Augmentation` of `spec` (named `augmentation`), or `inputs` itself for `"none"`."""
-    layer = augmentation_for(inputs, spec, value_range, seed)
-    return inputs if layer is None else layer(inputs)
-
-
 def augmentation_for(inputs, spec: str, value_range: tuple[float, float], seed: int | None = None):
     """The `Augmentation` of `spec` for `inputs` (named `augmentation`), or None for `"none"`.
 
