@@ -22,24 +22,20 @@ from transferkit.recipe import Recipe
 from transferkit.training.runs import print_line
 
 
-def optimizer_settings(recipe: Recipe, ema: float | None = None) -> dict[str, Any]:
-    """`pieces.optimizers.optimizer`'s arguments but the rate: the recipe's optimizer and clipping, and with
-    `ema` an exponential moving average of the weights with this decay (Keras's `use_ema=True, ema_momentum=ema`;
-    `fit` ends with the average in the model)."""
-    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
-    return {"name": recipe.optimizer, "clipnorm": recipe.clipnorm, "clipvalue": recipe.clipvalue, **averaging}
-
-
 def make_optimizer(recipe: Recipe, learning_rate: Any, ema: float | None = None):
-    """The recipe's optimizer at `learning_rate` (a float or a schedule), with its clipping (see `optimizer_settings`).
+    """The recipe's optimizer at `learning_rate` (a float or a schedule), with its clipping.
+
+    `ema`: keep an exponential moving average of the weights with this decay
+    (Keras's `use_ema=True, ema_momentum=ema`); `fit` ends with the average in the model.
 
     Raises:
         SettingsError: an unknown optimizer, a rate that is not positive, more than one clipping.
     """
     from transferkit.pieces.optimizers import optimizer
 
-    settings = optimizer_settings(recipe, ema)
-    return optimizer(learning_rate=learning_rate, **settings)
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
+    return optimizer(recipe.optimizer, learning_rate=learning_rate, clipnorm=recipe.clipnorm,
+                     clipvalue=recipe.clipvalue, **averaging)
 
 
 def schedule_options(recipe: Recipe) -> dict[str, Any]:
@@ -70,13 +66,11 @@ def compile_stage(model, recipe: Recipe, learning_rate: float | str, total_steps
     from transferkit.pieces.discriminative import with_learning_rate_factors
     from transferkit.pieces.lr_finder import lr_find
     from transferkit.pieces.momentum import schedule_callbacks
-    from transferkit.pieces.optimizers import optimizer
     from transferkit.pieces.schedules import make_schedule
 
     options = schedule_options(recipe)
-    swept, settings = optimizer_settings(recipe), optimizer_settings(recipe, ema)
     if learning_rate == "auto":
-        model.compile(optimizer=optimizer(learning_rate=1e-3, **swept), loss=loss, metrics=metrics)
+        model.compile(optimizer=make_optimizer(recipe, 1e-3), loss=loss, metrics=metrics)
         result = lr_find(model, lr_data, batch_size=recipe.batch_size)
         print_line(f"lr-find: {result.summary()}", verbose)
         if result.valley is None or not np.isfinite(result.valley):
@@ -84,7 +78,7 @@ def compile_stage(model, recipe: Recipe, learning_rate: float | str, total_steps
         learning_rate = result.valley
     learning_rate = float(learning_rate)
     rate = make_schedule(recipe.schedule, learning_rate, max(1, total_steps), **options)
-    opt = optimizer(learning_rate=rate, **settings)
+    opt = make_optimizer(recipe, rate, ema)
     if lr_factors:
         opt = with_learning_rate_factors(opt, lr_factors)
     model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=jit_compile(recipe.jit_compile))

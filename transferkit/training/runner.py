@@ -198,13 +198,14 @@ def fit_stage(run: Run, stage: Stage) -> Done:
                                      verbose=run.verbose)
     if stage.on_compiled is not None:
         stage.on_compiled(lr)
-    guards, stopping = ([] if stage.guards is None else list(stage.guards)), None
-    if stage.guards is None:
-        guards.append(StopOnDivergence(stage.name, learning_rate=lr, floor=stage.loss_floor))
-    if stage.guards is None and stage.patience:
-        stopping = ResumableEarlyStopping(monitor="val_loss" if stage.validated else "loss", patience=stage.patience,
-                                          ema=bool(stage.ema), start_from_epoch=judged)
-        guards.append(stopping)
+    if stage.guards is not None:
+        guards, stopping = list(stage.guards), None
+    else:
+        stopping = None if not stage.patience else ResumableEarlyStopping(
+            monitor="val_loss" if stage.validated else "loss", patience=stage.patience, ema=bool(stage.ema),
+            start_from_epoch=judged)
+        guards = [StopOnDivergence(stage.name, learning_rate=lr, floor=stage.loss_floor)]
+        guards += [stopping] if stopping is not None else []
     training = stage.training
     if training is None:
         if not stage.model.optimizer.built:
