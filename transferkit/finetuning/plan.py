@@ -265,9 +265,9 @@ def _data_and_split(recipe: Recipe) -> tuple[Data, Split, Manifest | None]:
     some (as `evaluate` and `predict` do).
     """
     encoder = artifacts.read_encoder(recipe.from_) if recipe.from_ else None
-    shape = tuple(encoder.manifest.input_shape) if encoder is not None else ()
+    size = encoder.manifest.input_size if encoder is not None else None
     skipped = encoder is not None and bool(encoder.manifest.data.skipped)
-    data = load_recipe_data(recipe, image_size=shape[:2] if len(shape) == 3 else None, skip_bad_files=skipped)
+    data = load_recipe_data(recipe, image_size=size, skip_bad_files=skipped)
     require_labels(data)
     if recipe.mixes and len(data.input_shape) != 3:
         raise SettingsError(f"--mixup and --cutmix need image inputs (height, width, channels); the data's inputs "

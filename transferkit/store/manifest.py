@@ -202,6 +202,11 @@ class Manifest(Record):
     # both, once exported
     exports: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # format -> path and check; {}: none
 
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The height and width the model takes, for image inputs `(height, width, channels)`; else None."""
+        return (self.input_shape[0], self.input_shape[1]) if len(self.input_shape) == 3 else None
+
     @classmethod
     def known_keys(cls, value: dict[str, Any]) -> tuple[str, ...]:
         """The common keys, those of the kind `value` names, and `exports` (an unknown kind's keys go to `extra`)."""

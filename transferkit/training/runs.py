@@ -42,9 +42,7 @@ def load_like_artifact(spec: str, manifest: Manifest, verbose: bool = True, skip
     width its training folder chose), whatever sizes the new folder's images have.
     Files that cannot be decoded are skipped if the artifact's training skipped some, or with `skip_bad_files`.
     """
-    shape = tuple(manifest.input_shape)
-    size = manifest.image_size or (shape[:2] if len(shape) == 3 else None)
-    return load_data(spec, image_size=size, resize=manifest.resize,
+    return load_data(spec, image_size=manifest.image_size or manifest.input_size, resize=manifest.resize,
                      skip_bad_files=skip_bad_files or bool(manifest.data.skipped), verbose=verbose)
 
 
