@@ -152,8 +152,8 @@ class Recipe:
     head_epochs: int | None = setting(None, "Most epochs of stage 1 (head only, base frozen).", commands=BASE,
                                       check=at_least(0), expected="an integer >= 0",
                                       auto="auto: about 600 optimizer steps, at least 5 epochs")
-    head_patience: int | None = setting(None, "Deprecated: the older name of --patience, for head-only stages.", commands=BASE,
-                                        check=at_least(0), expected="an integer >= 0", auto="--patience")
+    head_patience: int | None = setting(None, "Deprecated: the older name of --patience, for head-only stages.",
+                                        commands=BASE, check=at_least(0), expected="an integer >= 0", auto="--patience")
     unfreeze_top: int | None = setting(None, "Blocks of the base to unfreeze in stage 2 (0: head only).",
                                        commands=BASE, check=at_least(0), expected="an integer >= 0",
                                        auto="every block")
@@ -181,9 +181,9 @@ class Recipe:
     augment: str = setting("none", "Random image augmentation inside the model, in training only (serve and "
                                    "predict never see it): light (rotate:10, zoom:0.1, translate:0.1), "
                                    "medium (flip, rotate:15, zoom:0.15, translate:0.1, contrast:0.2) or a comma list "
-                                   "of flip, "
-                                   "rotate:DEG, zoom:F, translate:F, contrast:F, randaugment. Head stages then run "
-                                   "the frozen base every epoch instead of on cached outputs.", commands=FINETUNE,
+                                   "of flip, rotate:DEG, zoom:F, translate:F, contrast:F, randaugment. Head stages "
+                                   "then run the frozen base every epoch instead of on cached outputs.",
+                           commands=FINETUNE,
                            check=_augment_spec, expected="none, light, medium or a comma list of flip, rotate:DEG, "
                                                          "zoom:F, translate:F, contrast:F, randaugment")
     mixup: float = setting(0.0, "MixUp each training batch with this alpha (Beta(alpha, alpha) weights; 0: off; "

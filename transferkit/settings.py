@@ -113,8 +113,7 @@ def coerce_value(key: str, value: Any, label: str | None = None) -> Any:
         try:
             return tuple(int(v) for v in value)
         except (TypeError, ValueError):
-            value = given
-            raise SettingsError(f"{label} must be integers such as 128,64; Received: {label}={value!r}") from None
+            raise SettingsError(f"{label} must be integers such as 128,64; Received: {label}={given!r}") from None
     if key == "cut" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if key == "batchnorm" and value in (False, None):

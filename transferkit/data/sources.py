@@ -322,7 +322,7 @@ def _load_dir(spec: str, arg: str, options: _Options) -> Data:
 
 
 def _summary(spec: str, root: Path, listing: Listing, checked: Checked) -> str:
-    """`dir:PATH: N images, K classes, S skipped (H hidden, O non-image, B bad): the first bad files`, the size chosen."""
+    """`dir:PATH: N images, K classes, S skipped (H hidden, O non-image, B bad): first bad files`; the size chosen."""
     classes = f"{len(listing.class_names)} classes" if listing.class_names else "unlabeled"
     parts = [f"{listing.hidden} hidden", f"{listing.non_image} non-image", f"{len(checked.bad)} bad"]
     if listing.outside:
