@@ -44,7 +44,7 @@ import numpy as np
 
 from transferkit.pieces.colors import LUMA
 from transferkit.errors import SettingsError
-from transferkit.data.image_size import common_size, median_size
+from transferkit.data.image_size import fit_longest, median_size
 from transferkit.data.progress import progress_bar
 from transferkit.recipe import RESIZE_MODES
 
@@ -247,7 +247,7 @@ class _Scan:
         if image_size is not None:
             self.size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         elif self.sizes:
-            self.size = common_size(self.sizes)
+            self.size = fit_longest(self.median)
         else:
             self.size = (1, 1)
         if channels is None:
