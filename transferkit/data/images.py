@@ -14,7 +14,7 @@ repeated into R, G and B. A palette image counts as colour.
 
 Sizes: `image_size` when given; else the common size when every image has it;
 else the median height and the median width (the lower median, so each is a
-size some image has). `resize` says how an image of another size reaches that
+size some image has); either at most 224 a side (`image_size`). `resize` says how an image of another size reaches that
 size, as `keras.utils.image_dataset_from_directory` resizes it (bilinear,
 without antialiasing, `tf.image.resize`): `stretch` it, center-`crop` it to the
 aspect ratio first (`crop_to_aspect_ratio`), or `pad` it with zeros (black)
