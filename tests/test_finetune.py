@@ -131,3 +131,29 @@ def test_head_stage_stops_when_val_loss_stalls_and_keeps_its_best_weights(encode
     val = np.asarray(split["val"])
     reloaded_loss = model.evaluate(data.x[val], data.y[val], verbose=0, return_dict=True)["loss"]
     assert reloaded_loss == pytest.approx(val_losses[best], rel=1e-4)
+
+
+def test_the_head_starts_at_a_uniform_guess_however_large_the_base_outputs(tmp_path):
+    from transferkit.finetuning.plan import plan_finetune
+    from transferkit.recipe import Recipe
+
+    # a base whose pooled outputs run to the tens of thousands: a head drawn at random starts far from any guess
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, kernel_initializer=keras.initializers.RandomUniform(0.0, 10.0), name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(10, activation="softmax", name="classes")(x)
+    keras.Model(inputs, outputs).save(tmp_path / "large.keras")
+    clf = plan_finetune(Recipe().replace(data="digits", base=str(tmp_path / "large.keras"), head_epochs=1,
+                                         epochs=0)).clf
+    data = load_data("digits")
+    images = data.x[:64].reshape(-1, 8, 8, 1)
+    assert float(np.abs(keras.ops.convert_to_numpy(clf.features(images))).min()) > 1000
+    probabilities = keras.ops.convert_to_numpy(clf.model(images))
+    np.testing.assert_allclose(probabilities, 0.1, atol=1e-6)  # K = 10 classes: each 1/K, a loss of ln K
+    loss = keras.losses.SparseCategoricalCrossentropy()(data.y[:64], probabilities)
+    assert float(loss) == pytest.approx(np.log(10), rel=1e-5)
+    # and the head learns: one plain gradient step raises the probability of each true class on average
+    clf.model.compile(optimizer=keras.optimizers.SGD(1e-6), loss="sparse_categorical_crossentropy")
+    clf.model.train_on_batch(images, data.y[:64])
+    after = keras.ops.convert_to_numpy(clf.model(images))[np.arange(64), data.y[:64]]
+    assert after.mean() > 0.1

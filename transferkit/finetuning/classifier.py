@@ -63,6 +63,9 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | No
     """inputs → (augmentation) → (adapter) → base → pooling: the features; then (dropout) → softmax: the head.
 
     The base: the encoder `from_`, the Keras Applications `backbone`, or the body of the model file `base`.
+    The head's kernel and bias start at zero, so its first prediction is uniform (loss ln K for K classes) however
+    large the base's outputs, and its first gradients are a logistic regression's on them: BiT's zero head
+    (Kolesnikov et al. 2020, "Big Transfer", `zero_head` in google-research/big_transfer).
     """
     inputs = keras.Input(data.input_shape, name="inputs")
     augmentation = augmentation_for(inputs, recipe.augment, data.value_range)  # refuses inputs that are not images
@@ -97,7 +100,9 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | No
     if recipe.dropout:
         kind = setup_for(encoder_manifest.activation).dropout if encoder_manifest else "plain"
         head_layers.append(dropout_layer(recipe.dropout, kind, recipe.mc_dropout, name="head_dropout"))
-    head_layers.append(keras.layers.Dense(data.num_classes, activation="softmax", dtype="float32", name="head"))
+    # zero weights: the first prediction is uniform (loss ln K), however large the features (BiT's zero head)
+    head_layers.append(keras.layers.Dense(data.num_classes, activation="softmax", kernel_initializer="zeros",
+                                          dtype="float32", name="head"))
     outputs = x
     for layer in head_layers:
         outputs = layer(outputs)
