@@ -17,8 +17,7 @@ from typing import Any
 
 import keras
 
-from transferkit.store import artifacts
-from transferkit.store.manifest import Manifest
+from transferkit.store.artifacts import Encoder
 from transferkit.pieces.augmentation import augmentation_for
 from transferkit.pieces.backbones import Blocks, backbone_base, saved_base
 from transferkit.finetuning.bases import file_body
@@ -59,10 +58,11 @@ class Classifier:
         return keras.Model(features_in, outputs, name="head_on_features")
 
 
-def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | None) -> Classifier:
+def build_classifier(recipe: Recipe, data: Data, encoder: Encoder | None) -> Classifier:
     """inputs → (augmentation) → (adapter) → base → pooling: the features; then (dropout) → softmax: the head.
 
-    The base: the encoder `from_`, the Keras Applications `backbone`, or the body of the model file `base`.
+    The base: the encoder `from_` (as `artifacts.read_encoder` read and loaded it), the Keras Applications
+    `backbone`, or the body of the model file `base`.
     The head's kernel and bias start at zero, so its first prediction is uniform (loss ln K for K classes) however
     large the base's outputs, and its first gradients are a logistic regression's on them: BiT's zero head
     (Kolesnikov et al. 2020, "Big Transfer", `zero_head` in google-research/big_transfer).
@@ -71,13 +71,13 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | No
     augmentation = augmentation_for(inputs, recipe.augment, data.value_range)  # refuses inputs that are not images
     augmented = inputs if augmentation is None else augmentation(inputs)
     saved = preprocess = None  # a saved model to put on the inputs (`saved_base`), and its input adapter
-    if encoder_manifest is not None:
-        if tuple(encoder_manifest.input_shape) != data.input_shape:
+    if encoder is not None:
+        if tuple(encoder.manifest.input_shape) != data.input_shape:
             raise SettingsError(
                 f"The data's inputs have shape {data.input_shape}, but the encoder in {recipe.from_!r} "
-                f"takes {tuple(encoder_manifest.input_shape)}."
+                f"takes {tuple(encoder.manifest.input_shape)}."
             )
-        saved = artifacts.load_model(recipe.from_)
+        saved = encoder.model
         info = {"from": str(recipe.from_), "kind": "encoder", "description": f"encoder {recipe.from_}"}
     elif recipe.base:
         saved, info = file_body(recipe.base, recipe.cut, recipe.preprocess)
@@ -98,7 +98,7 @@ def build_classifier(recipe: Recipe, data: Data, encoder_manifest: Manifest | No
         x = keras.layers.Flatten(name="flatten")(x)
     head_layers = []
     if recipe.dropout:
-        kind = setup_for(encoder_manifest.activation).dropout if encoder_manifest else "plain"
+        kind = setup_for(encoder.manifest.activation).dropout if encoder else "plain"
         head_layers.append(dropout_layer(recipe.dropout, kind, recipe.mc_dropout, name="head_dropout"))
     # zero weights: the first prediction is uniform (loss ln K), however large the features (BiT's zero head)
     head_layers.append(keras.layers.Dense(data.num_classes, activation="softmax", kernel_initializer="zeros",

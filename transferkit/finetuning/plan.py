@@ -23,7 +23,6 @@ import keras
 import numpy as np
 
 from transferkit.store import artifacts
-from transferkit.store.manifest import Manifest
 from transferkit.training import runs
 from transferkit.finetuning.class_weights import class_names, class_weight_record, resolve_class_weight
 from transferkit.training.defaults import choose_finetune, describe_chosen
@@ -165,12 +164,12 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     if not recipe.from_ and not recipe.backbone and not recipe.base:
         raise SettingsError("finetune needs a base: --from DIR (a saved encoder), --backbone NAME (Keras "
                             "Applications) or --base FILE (a Keras model file).")
-    data, split, encoder_manifest = _data_and_split(recipe)
+    keras.utils.set_random_seed(recipe.seed)  # before the encoder is loaded: the classifier's draws follow from it
+    data, split, encoder = _data_and_split(recipe)
     names = class_names(data)
     class_weight = resolve_class_weight(recipe.class_weight, data.y[split.labeled], names)
     weighting = class_weight_record(recipe.class_weight, class_weight, names)
-    keras.utils.set_random_seed(recipe.seed)
-    clf = build_classifier(recipe, data, encoder_manifest)  # refuses --augment on inputs that are not images
+    clf = build_classifier(recipe, data, encoder)  # refuses --augment on inputs that are not images
     chosen = choose_finetune(recipe, len(split.labeled), len(clf.blocks),
                              "encoder" if clf.info["kind"] == "encoder" else "backbone")
     chosen_line = describe_chosen("finetune", chosen)
@@ -257,8 +256,8 @@ def lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:
     return {path: b["factor"] for b in per_block.values() for path in b["paths"]}
 
 
-def _data_and_split(recipe: Recipe) -> tuple[Data, Split, Manifest | None]:
-    """The labeled data and its split, and the encoder's manifest (None without `from_`).
+def _data_and_split(recipe: Recipe) -> tuple[Data, Split, artifacts.Encoder | None]:
+    """The labeled data and its split, and the encoder, read and loaded (None without `from_`).
 
     On the encoder's own data, the encoder's split, so its test examples stay unseen. Images reach the size the
     encoder takes unless `image_size` is set; files that cannot be decoded are skipped if its pretraining skipped
@@ -289,4 +288,4 @@ def _data_and_split(recipe: Recipe) -> tuple[Data, Split, Manifest | None]:
                 f"split seed {seed} puts {len(leaked)} test examples among the encoder's pretraining inputs; "
                 f"use the encoder's split seed {encoder.manifest.split.seed} (leave --split-seed unset)."
             )
-    return data, split, None if encoder is None else encoder.manifest
+    return data, split, encoder

@@ -81,13 +81,26 @@ def load_model(path: str | Path):
     Raises:
         TransferkitError: the file is damaged (the message names it).
     """
+    return load_artifact(path)[1]
+
+
+def load_artifact(path: str | Path, kinds: tuple[str, ...] | None = None) -> tuple[Manifest | None, Any]:
+    """The manifest and model of the artifact folder (or `.keras` file) at `path`, the manifest read once.
+
+    With `kinds` the manifest is checked as `read_manifest` checks it, before the model is loaded; without,
+    it is None when the folder holds none (a bare `.keras` file) or a damaged one.
+
+    Raises:
+        SettingsError: with `kinds`, as `read_manifest`; a package the manifest requires is missing.
+        TransferkitError: the file is damaged (the message names it); with `kinds`, as `read_manifest`.
+    """
     import keras
 
     from transferkit.registration import register_keras_objects
 
     register_keras_objects()
     file = Path(path) if str(path).endswith(".keras") else Path(path) / MODEL
-    manifest = _manifest_or_none(file.parent)
+    manifest = read_manifest(file.parent, kinds) if kinds else _manifest_or_none(file.parent)
     base = manifest.base if manifest is not None else None
     import_requirements(base.requires if base is not None else [], file.parent)
     hub = base is not None and base.kind == "hub"
@@ -105,7 +118,7 @@ def load_model(path: str | Path):
         from transferkit.finetuning.hub import restore_freeze
 
         restore_freeze(model, manifest.stages or [{}], file.parent / RECIPE)
-    return model
+    return manifest, model
 
 
 def _manifest_or_none(folder: Path) -> Manifest | None:
@@ -193,24 +206,28 @@ def read_json(path: str | Path, name: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
-    """A saved encoder as fine-tuning reads it before building on it: its folder, manifest, and the rows it trained on.
+    """A saved encoder as fine-tuning reads it before building on it: its folder, manifest, model, and the rows it
+    trained on.
 
     `pretrained_on`: the indices of its training split (None when the folder holds no `split.json`).
     """
 
     path: Path
     manifest: Manifest
+    model: Any
     pretrained_on: list[int] | None
 
 
 def read_encoder(path: str | Path) -> Encoder:
-    """The encoder artifact at `path`: its manifest (checked to be an encoder's) and its split's training rows.
+    """The encoder artifact at `path`: its manifest (checked to be an encoder's), its model and its split's
+    training rows.
 
     Raises:
-        SettingsError, TransferkitError: as `read_manifest`.
+        SettingsError, TransferkitError: as `load_artifact` with the kind "encoder".
     """
     pretrained_on = read_json(path, SPLIT)["train"] if (Path(path) / SPLIT).is_file() else None
-    return Encoder(Path(path), read_manifest(path, ("encoder",)), pretrained_on)
+    manifest, model = load_artifact(path, ("encoder",))
+    return Encoder(Path(path), manifest, model, pretrained_on)
 
 
 def versions() -> dict[str, str]:
