@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -107,6 +108,7 @@ class Plan:
     test_loss: tuple[Any, list] | None = None  # the loss and metric of the true labels, for the test
     semi_record: dict[str, Any] = dataclasses.field(default_factory=dict)  # the manifest's `semi_supervised`
     recipe_text: str = ""  # the recipe as TOML, for the artifact (`Recipe.to_toml`)
+    out: Path | None = None  # where the run saves the classifier (None: a plan made only to be read)
 
     @property
     def labeled(self) -> tuple[np.ndarray, np.ndarray]:
@@ -159,13 +161,17 @@ class Plan:
         return "inputs" if untrained else self.recipe.propagate_on
 
 
-def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
-    """Check the settings, load and split the data, build the classifier and its stages; train nothing."""
+def plan_finetune(recipe: Recipe, replicas: int = 1, writes: bool = False) -> Plan:
+    """Check the settings, load and split the data, build the classifier and its stages; train nothing.
+
+    `writes`: the plan is for a run that saves the classifier: its folder (`Plan.out`) is chosen first, and
+    refused before any work if it cannot be written.
+    """
     if not recipe.from_ and not recipe.backbone and not recipe.base:
         raise SettingsError("finetune needs a base: --from DIR (a saved encoder), --backbone NAME (Keras "
                             "Applications) or --base FILE (a Keras model file).")
     keras.utils.set_random_seed(recipe.seed)  # before the encoder is loaded: the classifier's draws follow from it
-    data, split, encoder = _data_and_split(recipe)
+    out, data, split, encoder = _read(recipe, writes)
     names = class_names(data)
     class_weight = resolve_class_weight(recipe.class_weight, data.y[split.labeled], names)
     weighting = class_weight_record(recipe.class_weight, class_weight, names)
@@ -179,7 +185,7 @@ def plan_finetune(recipe: Recipe, replicas: int = 1) -> Plan:
     test_loss = loss_and_metric(False, recipe.label_smoothing)
     plan = Plan(recipe, data, split, clf, stages, replicas, chosen=chosen, chosen_line=chosen_line,
                 class_weight=class_weight, augment=clf.augment, test_loss=test_loss,
-                recipe_text=recipe_text)
+                recipe_text=recipe_text, out=out)
     if recipe.semi_supervised != "none" and not len(plan.unlabeled):  # a semi-supervised mode needs the pool
         raise SettingsError(f"--semi-supervised {recipe.semi_supervised} needs unlabeled training examples, but "
                             "every training example is labeled; use a --label-fraction below 1.")
@@ -256,13 +262,17 @@ def lr_factors(blocks: Blocks, top: int, lr_decay: float) -> dict[str, float]:
     return {path: b["factor"] for b in per_block.values() for path in b["paths"]}
 
 
-def _data_and_split(recipe: Recipe) -> tuple[Data, Split, artifacts.Encoder | None]:
-    """The labeled data and its split, and the encoder, read and loaded (None without `from_`).
+def _read(recipe: Recipe, writes: bool) -> tuple[Path | None, Data, Split, artifacts.Encoder | None]:
+    """What the plan reads before it builds anything: the output folder (with `writes`, refused if it cannot be
+    written; else None), the encoder, read and loaded (None without `from_`), the labeled data and its split.
 
     On the encoder's own data, the encoder's split, so its test examples stay unseen. Images reach the size the
     encoder takes unless `image_size` is set; files that cannot be decoded are skipped if its pretraining skipped
     some (as `evaluate` and `predict` do).
     """
+    out = artifacts.out_dir(recipe, "classifier") if writes else None
+    if out is not None:
+        artifacts.check_out_writable(out)
     encoder = artifacts.read_encoder(recipe.from_) if recipe.from_ else None
     size = encoder.manifest.input_size if encoder is not None else None
     skipped = encoder is not None and bool(encoder.manifest.data.skipped)
@@ -288,4 +298,4 @@ def _data_and_split(recipe: Recipe) -> tuple[Data, Split, artifacts.Encoder | No
                 f"split seed {seed} puts {len(leaked)} test examples among the encoder's pretraining inputs; "
                 f"use the encoder's split seed {encoder.manifest.split.seed} (leave --split-seed unset)."
             )
-    return data, split, encoder
+    return out, data, split, encoder

@@ -36,10 +36,9 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
     """Build the classifier, train it stage by stage, test it, save it."""
     recipe = recipe.validate()
     settings = recipe.run_settings()  # as given, for the backups: what is chosen from them follows
-    out = runs.out_dir(recipe, "classifier")
-    runs.check_out_writable(out)
     with training_context(recipe) as strategy:
-        plan = plan_finetune(recipe, strategy.num_replicas_in_sync)
+        plan = plan_finetune(recipe, strategy.num_replicas_in_sync, writes=True)
+        out = plan.out
         verbose = verbose and is_chief()
         trained = train_stages(plan, out, settings, verbose)
         recipe, data, split, model = plan.recipe, plan.data, plan.split, plan.clf.model

@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 import keras
 
+from transferkit.store import artifacts
 from transferkit.training import runs
 from transferkit.store.backup import Backup
 from transferkit.data.sources import Data, Split
@@ -78,7 +79,7 @@ def run_pretrain(recipe: Recipe, verbose: bool = True) -> runs.Result:
         SettingsError: settings that cannot work for the task (before any training).
     """
     recipe = recipe.validate()
-    runs.check_out_writable(runs.out_dir(recipe, "encoder"))
+    artifacts.check_out_writable(artifacts.out_dir(recipe, "encoder"))
     with training_context(recipe) as strategy:
         replicas = strategy.num_replicas_in_sync
         if recipe.batch_size % replicas:  # pretrain's --batch-size is the global batch: each device takes a part
@@ -93,7 +94,7 @@ def _pretrain(recipe: Recipe, verbose: bool) -> runs.Result:
     recipe, chosen = resolve_pretrain(recipe, len(split.train), data.input_shape)
     runs.print_line(describe_chosen("pretrain", chosen), verbose)
     check_settings(recipe, data, split)
-    out = runs.out_dir(recipe, "encoder")
+    out = artifacts.out_dir(recipe, "encoder")
     backup = Backup.for_output(out, settings)
     state = backup.state(restart=recipe.restart)
     keras.utils.set_random_seed(recipe.seed)

@@ -252,6 +252,31 @@ def default_out(name: str) -> Path:
     return Path("saved_models") / name
 
 
+def out_dir(recipe: Any, kind: str) -> Path:
+    """A recipe's output folder: `recipe.out`, else `saved_models/<name>` (`recipe.name`, else a name from the data
+    spec and the kind)."""
+    if recipe.out:
+        return Path(recipe.out)
+    return default_out(recipe.name or f"{data_slug(recipe.data)}-{kind}")
+
+
+def check_out_writable(out: Path) -> None:
+    """Refuse, before any work, an output folder whose nearest existing ancestor cannot be written."""
+    ancestor = Path(out).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SettingsError(f"--out {str(out)!r} cannot be written: {str(ancestor)!r} is not a writable folder.")
+
+
+def data_slug(spec: str) -> str:
+    scheme, _, arg = spec.partition(":")
+    if not arg:
+        return scheme
+    stem = Path(arg.split(":")[0].rstrip("/")).stem if scheme in ("npz", "dir") else arg.split(":")[0]
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem) or scheme
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=_jsonable)
 

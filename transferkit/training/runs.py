@@ -77,32 +77,6 @@ def prepare(recipe: Recipe, split_seed: int | None = None) -> tuple[Data, Split]
     return data, split
 
 
-def out_dir(recipe: Recipe, kind: str) -> Path:
-    """`recipe.out`, else `saved_models/<name>` with a name from the data spec and the kind."""
-    if recipe.out:
-        return Path(recipe.out)
-    return artifacts.default_out(recipe.name or f"{data_slug(recipe.data)}-{kind}")
-
-
-def check_out_writable(out: Path) -> None:
-    """Refuse, before any work, an output folder whose nearest existing ancestor cannot be written."""
-    import os
-
-    ancestor = Path(out).absolute()
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise SettingsError(f"--out {str(out)!r} cannot be written: {str(ancestor)!r} is not a writable folder.")
-
-
-def data_slug(spec: str) -> str:
-    scheme, _, arg = spec.partition(":")
-    if not arg:
-        return scheme
-    stem = Path(arg.split(":")[0].rstrip("/")).stem if scheme in ("npz", "dir") else arg.split(":")[0]
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem) or scheme
-
-
 def base_manifest(kind: str, recipe: Recipe, data: Data, split: Split) -> dict[str, Any]:
     """The manifest fields every artifact has, as the JSON dict a pipeline adds its kind's fields to.
 
