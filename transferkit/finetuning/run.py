@@ -27,7 +27,7 @@ from transferkit.finetuning.plan import plan_finetune
 from transferkit.finetuning.stage_loop import train_stages
 from transferkit.recipe import Recipe
 from transferkit.training import runs
-from transferkit.training.compiling import make_optimizer
+from transferkit.pieces.optimizers import make_optimizer
 from transferkit.data.pipelines import pipeline
 from transferkit.training.runtime import is_chief, training_context
 

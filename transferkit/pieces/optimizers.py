@@ -85,3 +85,17 @@ def optimizer(
         )
     except ValueError as err:
         raise SettingsError(str(err)) from None
+
+
+def make_optimizer(recipe: Any, learning_rate: Any, ema: float | None = None) -> keras.optimizers.Optimizer:
+    """The recipe's optimizer (its `optimizer`, `clipnorm` and `clipvalue`) at `learning_rate` (a float or a schedule).
+
+    `ema`: keep an exponential moving average of the weights with this decay
+    (Keras's `use_ema=True, ema_momentum=ema`); `fit` ends with the average in the model.
+
+    Raises:
+        SettingsError: an unknown optimizer, a rate that is not positive, more than one clipping.
+    """
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
+    return optimizer(recipe.optimizer, learning_rate=learning_rate, clipnorm=recipe.clipnorm,
+                     clipvalue=recipe.clipvalue, **averaging)

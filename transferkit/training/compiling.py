@@ -2,8 +2,8 @@
 
 Every stage compiles afresh (`compile_stage`): a new optimizer on a schedule
 that starts again, with the rate factors of discriminative fine-tuning and the
-weights' moving average when asked. `make_optimizer` is the recipe's optimizer
-alone, at a given rate.
+weights' moving average when asked. The recipe's optimizer alone, at a given
+rate, is `pieces.optimizers.make_optimizer`.
 
 Example:
 
@@ -18,24 +18,9 @@ import keras
 import numpy as np
 
 from transferkit.errors import TransferkitError
+from transferkit.pieces.optimizers import make_optimizer
 from transferkit.recipe import Recipe
 from transferkit.training.runs import print_line
-
-
-def make_optimizer(recipe: Recipe, learning_rate: Any, ema: float | None = None):
-    """The recipe's optimizer at `learning_rate` (a float or a schedule), with its clipping.
-
-    `ema`: keep an exponential moving average of the weights with this decay
-    (Keras's `use_ema=True, ema_momentum=ema`); `fit` ends with the average in the model.
-
-    Raises:
-        SettingsError: an unknown optimizer, a rate that is not positive, more than one clipping.
-    """
-    from transferkit.pieces.optimizers import optimizer
-
-    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
-    return optimizer(recipe.optimizer, learning_rate=learning_rate, clipnorm=recipe.clipnorm,
-                     clipvalue=recipe.clipvalue, **averaging)
 
 
 def schedule_options(recipe: Recipe) -> dict[str, Any]:
