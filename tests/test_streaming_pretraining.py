@@ -75,12 +75,12 @@ def test_stacked_on_a_folder_trains_as_on_its_decoded_arrays(tmp_path):
 
 
 def test_flat_inputs_are_the_decoded_rows_flattened(tmp_path, no_whole_decoding):
-    from transferkit.data.pipelines import flat_inputs
+    from transferkit.finetuning.feature_cache import compute_features
 
     files = load_data(f"dir:{photos(tmp_path / 'photos', classes=('a',), per_class=9)}", image_size=6,
                       verbose=False).x
     rows = np.array([7, 2, 8, 0, 2])
-    flat = flat_inputs(files, rows, batch_size=2)
+    flat = compute_features(None, files, batch_size=2, rows=rows, flat=True)
     assert flat.dtype == np.float32 and flat.shape == (5, 6 * 6 * 3)
     assert not no_whole_decoding  # batches from the pipeline; the expected values below decode one image each
     expected = np.stack([files[int(r)] for r in rows]).reshape(5, -1)

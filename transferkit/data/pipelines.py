@@ -3,9 +3,8 @@
 `pipeline` is the one way into tf.data for every pass (training, validation,
 prediction, the test), and `stage_batches` makes all of a training stage's
 at once; `batches_of` gives numpy batches in order for passes
-that run a model or sum statistics batch by batch; `flat_inputs` fills the
-flattened rows a kNN graph is built on. `ImageFiles` are decoded batch by
-batch, never all at once (`transferkit.data.image_files`).
+that run a model, flatten inputs or sum statistics batch by batch. `ImageFiles`
+are decoded batch by batch, never all at once (`transferkit.data.image_files`).
 
 Example:
 
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -80,28 +78,6 @@ def rows_of(x: np.ndarray | ImageFiles, rows: np.ndarray) -> np.ndarray:
 def as_array(x: np.ndarray | ImageFiles) -> np.ndarray:
     """`x` as one array, decoding image files on purpose: for the few passes that cannot stream, of a bounded size."""
     return x.decode() if isinstance(x, ImageFiles) else x
-
-
-def flat_inputs(x, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """`x[rows]` flattened to `(len(rows), d)` float32, filled batch by batch: the kNN graph's inputs.
-
-    Only these `N x d` values are held: of image files one batch is decoded at
-    a time (never all of them as images, nor a float64 copy); rows are read in
-    ascending order (a tfds split streams once) and put back in the order asked.
-
-    Example:
-
-    >>> flat_inputs(np.arange(12.0).reshape(3, 2, 2), np.array([2, 0])).tolist()
-    [[8.0, 9.0, 10.0, 11.0], [0.0, 1.0, 2.0, 3.0]]
-    """
-    rows = np.asarray(rows)
-    order = np.argsort(rows, kind="stable")
-    flat = np.empty((len(rows), math.prod(x.shape[1:])), "float32")
-    at = 0
-    for batch in batches_of(x[rows[order]], batch_size, desc="inputs for the kNN graph"):
-        flat[order[at:at + len(batch)]] = np.reshape(batch, (len(batch), -1))
-        at += len(batch)
-    return flat
 
 
 def learning_rate_data(x: Any, y: np.ndarray | None, batch_size: int) -> Any:

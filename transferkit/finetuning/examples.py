@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from transferkit.data.pipelines import flat_inputs, pipeline
+from transferkit.data.pipelines import pipeline
 from transferkit.finetuning.feature_cache import compute_features
 from transferkit.finetuning.plan import Phase, Plan
 from transferkit.finetuning.semi_supervised import propagate_labels, pseudo_labels
@@ -73,11 +73,10 @@ def propagate(plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
     """
     data, split, clf = plan.data, plan.split, plan.clf
     rows = np.concatenate([split.labeled, plan.unlabeled])
-    graph = None
-    if plan.graph_on == "features":
-        graph = compute_features(clf.features, data.x[rows], plan.batch_size, limit_bytes=math.inf)
+    on_inputs = plan.graph_on == "inputs"
+    # the base's outputs, or the inputs flattened (N x d float32, filled batch by batch): kNN needs every row at once
+    graph = compute_features(clf.features, data.x, plan.batch_size, limit_bytes=math.inf, rows=rows, flat=on_inputs)
     labels = np.concatenate([data.y[split.labeled], np.full(len(plan.unlabeled), -1)]).astype(np.int64)
-    # a graph on the inputs holds them flattened (N x d float32, filled batch by batch): kNN needs every row at once
-    on = flat_inputs(data.x, rows, plan.batch_size) if graph is None else graph.astype(np.float64)
+    on, graph = (graph, None) if on_inputs else (graph.astype(np.float64), graph)
     # a network's features by their angle (the scale of a code says little); inputs by distance, as scikit-learn
     return propagate_labels(on, labels, data.num_classes, cosine=graph is not None), graph
