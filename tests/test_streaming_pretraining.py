@@ -80,7 +80,9 @@ def test_flat_inputs_are_the_decoded_rows_flattened(tmp_path, no_whole_decoding)
     files = load_data(f"dir:{photos(tmp_path / 'photos', classes=('a',), per_class=9)}", image_size=6,
                       verbose=False).x
     rows = np.array([7, 2, 8, 0, 2])
-    flat = compute_features(None, files, batch_size=2, rows=rows, flat=True)
+    inputs = keras.Input((6, 6, 3))
+    flat = compute_features(keras.Model(inputs, keras.layers.Dense(2)(inputs)), files, batch_size=2, rows=rows,
+                            flat=True)
     assert flat.dtype == np.float32 and flat.shape == (5, 6 * 6 * 3)
     assert not no_whole_decoding  # batches from the pipeline; the expected values below decode one image each
     expected = np.stack([files[int(r)] for r in rows]).reshape(5, -1)

@@ -41,14 +41,14 @@ def can_cache(features_model: keras.Model) -> bool:
         any(word in type(layer).__name__ for word in _STOCHASTIC) for layer in all_layers(features_model))
 
 
-def compute_features(features_model: keras.Model | None, x, batch_size: int, limit_bytes: int = MEMORY_LIMIT_BYTES,
+def compute_features(features_model: keras.Model, x, batch_size: int, limit_bytes: int = MEMORY_LIMIT_BYTES,
                      rows: np.ndarray | None = None, flat: bool = False):
     """The base's outputs for `x`, as an array, or as an unbatched cached tf.data.Dataset past `limit_bytes`.
 
-    `flat`: the inputs themselves instead (the model is not run), each flattened to float32: the rows of a
-    kNN graph on the inputs (`examples.propagate`), held as these `N x d` values alone. `rows`: the outputs
-    for `x[rows]`, in memory, the rows read in ascending order (a tfds split streams once) and put back in
-    the order asked.
+    `flat`: the model's inputs instead of its outputs, each flattened to float32 (a `Flatten` on its
+    input): the rows of a kNN graph on the inputs (`examples.propagate`), held as these `N x d` values
+    alone. `rows`: the outputs for `x[rows]`, in memory, the rows read in ascending order (a tfds split
+    streams once) and put back in the order asked.
 
     `x` is an array, or image files (`ImageFiles`), decoded batch by batch
     through `transferkit.data.pipelines.pipeline` while the base runs on the batches
@@ -68,10 +68,10 @@ def compute_features(features_model: keras.Model | None, x, batch_size: int, lim
     if place is not None:
         x = x[np.asarray(rows)[place]]
     if flat:
-        base, shape, dtype, desc = flattened, (math.prod(x.shape[1:]),), "float32", "inputs for the kNN graph"
-    else:
-        base, shape = backend.forward(features_model), tuple(features_model.output.shape[1:])
-        dtype, desc = features_model.output.dtype, "base outputs"
+        inputs = features_model.inputs[0]
+        features_model = keras.Model(inputs, keras.layers.Flatten(name="flatten")(inputs), name="flat_inputs")
+    base, shape = backend.forward(features_model), tuple(features_model.output.shape[1:])
+    desc = "inputs for the kNN graph" if flat else "base outputs"
     size = len(x) * math.prod(shape) * 4
     in_memory = size <= limit_bytes or place is not None
     batches = batches_of(x, batch_size, desc=desc if in_memory else None)  # read only as the base runs
@@ -98,17 +98,12 @@ def compute_features(features_model: keras.Model | None, x, batch_size: int, lim
                 job.result()
         return out
     cache = Path(tempfile.mkdtemp(prefix="transferkit-features-")) / "features"
-    spec = tf.TensorSpec((None, *shape), dtype)
+    spec = tf.TensorSpec((None, *shape), features_model.output.dtype)
     ds = tf.data.Dataset.from_generator(lambda: (base(batch) for batch in batches),
                                         output_signature=spec).unbatch().cache(str(cache))
     for _ in ds:  # one pass fills the cache file
         pass
     return ds
-
-
-def flattened(batch: np.ndarray) -> np.ndarray:
-    """A batch of inputs as float32 rows (`compute_features` with `flat`)."""
-    return np.reshape(batch, (len(batch), -1)).astype("float32")
 
 
 FLAT_FEATURES = 1e-6  # the largest spread across examples of any feature, below which the head has nothing
