@@ -172,7 +172,8 @@ def test_a_backbone_unfreezes_at_the_keras_guides_ratio():
 def test_default_pretraining_is_denoising_on_a_step_budget():
     from transferkit.training.defaults import resolve_pretrain
 
-    recipe, chosen = resolve_pretrain(Recipe(), examples=1258, input_shape=(64,))
+    # the digits as load_data gives them: 8x8x1 images of 64 values, the wide encoder's inputs
+    recipe, chosen = resolve_pretrain(Recipe(), examples=1258, input_shape=load_data("digits").input_shape)
     assert recipe.task == "denoising" and recipe.noise_kind == "dropout"
     assert chosen == {"units": (512, 256, 128),
                       "epochs": min(math.ceil(PRETRAIN_STEPS / math.ceil(1258 / 32)), PRETRAIN_MAX_EPOCHS),
@@ -181,10 +182,14 @@ def test_default_pretraining_is_denoising_on_a_step_budget():
                                                    "--units 512,256,128 --epochs 150 --lr 0.001")
 
 
-def test_images_get_the_narrower_encoder_and_given_units_are_kept():
+def test_large_inputs_get_the_narrower_encoder_and_given_units_are_kept():
     from transferkit.training.defaults import resolve_pretrain
 
+    # a 512-unit first block on 150x147x3 photos: 34M weights; on a 32x32 RGB image (3,072 values) 1.6M
     assert resolve_pretrain(Recipe(), 126, input_shape=(150, 147, 3))[0].units == (128, 64, 32)
+    assert resolve_pretrain(Recipe(), 126, input_shape=(64, 64, 3))[0].units == (128, 64, 32)
+    assert resolve_pretrain(Recipe(), 126, input_shape=(32, 32, 3))[0].units == (512, 256, 128)
+    assert resolve_pretrain(Recipe(), 126, input_shape=(30,))[0].units == (512, 256, 128)
     recipe, chosen = resolve_pretrain(Recipe(units=(32, 16)), 1258, input_shape=(64,))
     assert recipe.units == (32, 16) and "units" not in chosen
 

@@ -118,7 +118,7 @@ class Recipe:
     units: tuple[int, ...] | None = setting(None, "Dense units per block, bottom to top, e.g. 128,64,32.",
                                             commands=PRETRAIN, kind="list", check=_positive_integers,
                                             expected="positive integers",
-                                            auto="512,256,128 for vector inputs, 128,64,32 for images")
+                                            auto="512,256,128 for inputs of up to 4096 values, else 128,64,32")
     filters: tuple[int, ...] = setting((16, 32, 32), "Conv filters per block, e.g. 16,32,32.", commands=PRETRAIN,
                                        kind="list", check=_positive_integers, expected="positive integers")
     noise: float = setting(0.3, "Denoising noise: the fraction of inputs masked (dropout), or the std as a "

@@ -40,11 +40,13 @@ FINETUNE_LR = 1e-2  # the head stage's peak rate; unfreezing stages take `finetu
 # (a Keras Applications backbone): a hundredth, the Keras guide's ratio (Adam 1e-3 for the head, 1e-5 for
 # the whole model), since a tenth let a VGG16 diverge in bench/defaults.py
 FINETUNE_LR_FACTOR = {"encoder": 0.1, "backbone": 0.01}
-# the encoder's units: for vectors (a table, the digits), the widest measured (bench/defaults.py: 512,256,128 beat
-# 128,64,32 by 1.7 and 1.9 points at 5% and 10% labels); for images, whose pixels number thousands, the narrower
-# one: on a folder of 180 photos resized to 150x147, 512 units made a 34M-weight first block (130 MB) and pretrained
-# in 6:45 against 2:22, fine-tuned in 6:08 against 3:02, for 34 of 36 test images right against 33
-PRETRAIN_UNITS = {"vectors": (512, 256, 128), "images": (128, 64, 32)}
+# the encoder's units, by the values an input holds: up to WIDE_INPUTS (a table, the 8x8 digits, a 32x32 RGB
+# image: a 512-unit first block of at most 2M weights), the widest measured (bench/defaults.py: 512,256,128 beat
+# 128,64,32 by 1.7 and 1.9 points at 5% and 10% labels); above it (photos), the narrower one: on a folder of 180
+# photos resized to 150x147, 512 units made a 34M-weight first block (130 MB) and pretrained in 6:45 against
+# 2:22, fine-tuned in 6:08 against 3:02, for 34 of 36 test images right against 33
+PRETRAIN_UNITS = {"small": (512, 256, 128), "large": (128, 64, 32)}
+WIDE_INPUTS = 4096
 PRETRAIN_LR = {"gan": 2e-4}  # DCGAN's rate (Radford et al., 2016); other tasks: 1e-3 (Adam's default)
 PRETRAIN_DEFAULT_LR = 1e-3
 
@@ -71,11 +73,11 @@ def resolve_pretrain(recipe: Recipe, examples: int, input_shape: tuple[int, ...]
     """`recipe` with its unset pretraining settings chosen for `examples` training inputs, and what was chosen.
 
     Unset: `epochs` (from `PRETRAIN_STEPS`, at most `PRETRAIN_MAX_EPOCHS`), `lr` and `units`
-    (`PRETRAIN_UNITS`: for inputs of one axis, "vectors", else "images").
+    (`PRETRAIN_UNITS`: "small" for inputs of at most `WIDE_INPUTS` values, else "large").
     """
     chosen: dict[str, Any] = {}
     if recipe.units is None:
-        chosen["units"] = PRETRAIN_UNITS["vectors" if len(input_shape) <= 1 else "images"]
+        chosen["units"] = PRETRAIN_UNITS["small" if math.prod(input_shape) <= WIDE_INPUTS else "large"]
     if recipe.epochs is None:
         chosen["epochs"] = epochs_for(PRETRAIN_STEPS, examples, recipe.batch_size, most=PRETRAIN_MAX_EPOCHS)
     if recipe.lr is None:
