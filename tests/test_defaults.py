@@ -153,7 +153,7 @@ def test_default_stages_count_steps_not_epochs(encoder_dir):
     assert plan.steps(head) >= HEAD_STEPS and plan.steps(unfreeze) >= FINETUNE_STEPS
     assert unfreeze.top == len(plan.clf.blocks)  # every block, as fastai's fine_tune
     assert plan.chosen == {"head_epochs": HEAD_STEPS, "epochs": FINETUNE_STEPS, "lr": 0.01,
-                           "unfreeze_top": len(plan.clf.blocks), "finetune_lr_factor": 0.1}
+                           "unfreeze_top": len(plan.clf.blocks), "finetune_lr_factor": 0.03}
     # all the labels: far more batches per epoch, as many steps, never fewer than MIN_EPOCHS epochs
     plan = plan_finetune(Recipe(from_=str(encoder_dir)))
     per_epoch = math.ceil(len(plan.split.labeled) / 32)
@@ -212,7 +212,8 @@ def test_explicit_settings_are_obeyed_exactly(encoder_dir, tmp_path):
                          lr=0.004, patience=0, out=str(out), verbose=False)
     assert len(result.history["loss"]) == 3 + 2
     stages = result.manifest["stages"]
-    assert [(s["name"], s["epochs"], s["lr"]) for s in stages] == [("head", 3, 0.004), ("top1", 2, 0.004 * 0.1)]
+    # the factor left unset: the encoder's default, FINETUNE_LR_FACTOR["encoder"]
+    assert [(s["name"], s["epochs"], s["lr"]) for s in stages] == [("head", 3, 0.004), ("top1", 2, 0.004 * 0.03)]
     assert "stopped_after" not in stages[0] and "stopped_after" not in stages[1]
     recipe = (out / "recipe.toml").read_text()
     assert "head_epochs = 3" in recipe and "lr = 0.004" in recipe
@@ -254,7 +255,7 @@ def test_the_first_line_says_what_was_chosen(encoder_dir, tmp_path):
                    "--epochs", "1", "--out", str(tmp_path / "clf"))
     assert done.exit_code == 0, done.output[-1500:]
     assert done.stdout.splitlines()[0] == ("finetune: chosen automatically (set them to change): "
-                                           "--lr 0.01 --unfreeze-top 3 --finetune-lr-factor 0.1")
+                                           "--lr 0.01 --unfreeze-top 3 --finetune-lr-factor 0.03")
 
 
 def test_tensorboard_gets_the_curves_of_every_stage(encoder_dir, tmp_path):
@@ -290,3 +291,13 @@ def test_a_base_whose_features_do_not_vary_is_named(encoder_dir, tmp_path, capsy
     tk.finetune(from_=str(encoder_dir), label_fraction=0.05, head_epochs=1, epochs=0, lr=0.01,
                 out=str(tmp_path / "fine"), verbose=False)
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_runs_with_propagate_do_not_diverge_where_a_tenth_did(tmp_path):
+    # seed 0, 10% labels: unfreezing the default encoder at a tenth of the rate spiked to a loss of 24 and stopped
+    encoder = tk.pretrain(data="digits", seed=0, out=str(tmp_path / "encoder"), verbose=False).artifact
+    result = tk.finetune(from_=str(encoder), label_fraction=0.1, seed=0, semi_supervised="propagate",
+                         out=str(tmp_path / "clf"), verbose=False)
+    head_epochs = result.manifest["stages"][0].get("stopped_after") or result.manifest["stages"][0]["epochs"]
+    assert max(result.history["loss"][head_epochs:]) < 2 * np.log(10)  # no spike: within twice a uniform guess
