@@ -165,7 +165,7 @@ class Recipe:
     finetune_lr_factor: float | None = setting(None, "Learning rate of unfreezing stages = lr x this.",
                                                commands=BASE, check=at_least(0, strictly=True),
                                                expected="a positive number",
-                                               auto="0.1 on an encoder, 0.01 on a backbone")
+                                               auto="0.03 on an encoder, 0.01 on a backbone")
     label_smoothing: float = setting(0.0, "Spread this much of each target's probability over every class "
                                           "(Szegedy et al. 2016).", commands=BASE,
                                      check=in_range(0, 1, high_open=True), expected="a number in [0, 1)")
