@@ -35,9 +35,10 @@ def main() -> None:
 
     def accuracy(schedule: str, epochs: int, seed: int) -> float:
         lr = (args.onecycle_lr or args.lr) if schedule == "onecycle" else args.lr
+        # finetune_lr_factor 1: every block trains at the rate given (an unfreezing stage takes lr x the factor)
         return tk.finetune(from_=str(encoder), unfreeze_schedule=f"all:{epochs}", schedule=schedule, lr=lr,
-                           label_fraction=args.label_fraction, seed=seed, out=f"{work}/clf", verbose=False
-                           ).metrics["test_accuracy"]
+                           finetune_lr_factor=1.0, label_fraction=args.label_fraction, seed=seed,
+                           out=f"{work}/clf", verbose=False).metrics["test_accuracy"]
 
     rows = []
     for seed in range(args.seeds):

@@ -15,7 +15,7 @@ Example:
 >>> from transferkit.recipe import Recipe
 >>> recipe, chosen = resolve_finetune(Recipe(), labeled=14, num_blocks=3)
 >>> chosen
-{'head_epochs': 600, 'epochs': 300, 'lr': 0.01, 'unfreeze_top': 3, 'finetune_lr_factor': 0.1}
+{'head_epochs': 600, 'epochs': 300, 'lr': 0.01, 'unfreeze_top': 3, 'finetune_lr_factor': 0.03}
 """
 
 from __future__ import annotations
