@@ -4,7 +4,7 @@ Model A learns the 8 digits other than `--pair` (every label, from scratch).
 Model B tells the two remaining digits apart from `--per-class` labels of each:
 once on A's layers (A's classifier base saved as an encoder artifact, then
 `finetune --from` it: the new head first with A's layers frozen, then the top
-`--unfreeze-top` blocks at a tenth of the rate), and once from scratch (the same
+`--unfreeze-top` blocks at the default factor of the rate, 0.03), and once from scratch (the same
 architecture, untrained, every block trained). Both are tested on the same
 held-out 20% of the two digits; the data reach transferkit as npz files in a
 temporary folder. Prints mean ± std accuracy over the seeds and the error-rate
