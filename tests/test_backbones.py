@@ -6,7 +6,7 @@ import pytest
 
 import transferkit as tk
 from transferkit.pieces.backbones import (
-    BACKBONES, ImagenetPreprocess, InferenceByDefault, RgbToGray, blocks_of, build_backbone,
+    BACKBONES, ImagenetPreprocess, InferenceByDefault, RgbToGray, blocks_of, build_backbone, to_pixels,
 )
 
 from helpers import assert_config_round_trip, assert_reloads_with_same_outputs
@@ -102,7 +102,6 @@ def test_rgb_to_gray_is_itu_r_bt601_luma(tmp_path):
 
 @pytest.mark.parametrize("preprocessing", ["resizing", "a layer that resizes inside"])
 def test_a_call_without_training_runs_batchnorm_after_resizing_in_inference_mode(preprocessing, tmp_path):
-    from transferkit.pieces.backbones import to_pixels
 
     class ResizesInside(keras.layers.Layer):  # as a keras-hub ImageConverter does
         def __init__(self, **kwargs):
@@ -129,6 +128,18 @@ def test_a_call_without_training_runs_batchnorm_after_resizing_in_inference_mode
 
 def test_backbone_from_a_weights_file_fine_tunes_top_block_with_batchnorm_frozen(tmp_path):
     base = build_backbone("mobilenetv2", "none", (32, 32, 3))
+    # BatchNorm statistics from the digits as the classifier feeds them (pixels in [-1, 1]): with the initial
+    # statistics a random MobileNetV2's features are the same for every input, and a head that starts at zero
+    # sends the base no gradient to speak of
+    data = tk.load_data("digits")
+    digits = keras.Input(data.input_shape)
+    pixels = keras.Model(digits, to_pixels(digits, data.value_range, (32, 32), 3) / 127.5 - 1.0)(data.x[:256])
+    norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0
+    base(pixels, training=True)
+    for layer in norms:
+        layer.momentum = 0.999
     weights = tmp_path / "mobilenetv2.weights.h5"
     base.save_weights(weights)
     saved = {w.path: keras.ops.convert_to_numpy(w) for w in base.weights}
