@@ -9,6 +9,7 @@ import pytest
 import transferkit as tk
 from transferkit.commands.learning_rates import schedule_curve
 from transferkit.recipe import Recipe
+from transferkit.training.defaults import FINETUNE_LR_FACTOR
 
 from helpers import run
 
@@ -24,9 +25,11 @@ def test_schedule_plot_draws_each_stage_from_its_own_start(encoder_dir, tmp_path
                                   label_fraction=0.1))
     (start1, name1), (start2, name2) = curve.stage_starts
     assert (name1, name2) == ("head", "top1") and start1 == 0 and start2 == len(curve.lrs) // 2
-    # fastai's 1cycle: each stage starts at max_lr / 25 and peaks at max_lr (head 0.01, top1 0.01 x 0.1)
-    np.testing.assert_allclose(curve.lrs[[start1, start2]], [0.01 / 25, 0.001 / 25], rtol=1e-5)
-    np.testing.assert_allclose([curve.lrs[:start2].max(), curve.lrs[start2:].max()], [0.01, 0.001], rtol=1e-3)
+    # fastai's 1cycle: each stage starts at max_lr / 25 and peaks at max_lr (head 0.01, top1 0.01 x the
+    # encoder's default unfreezing factor)
+    top = 0.01 * FINETUNE_LR_FACTOR["encoder"]
+    np.testing.assert_allclose(curve.lrs[[start1, start2]], [0.01 / 25, top / 25], rtol=1e-5)
+    np.testing.assert_allclose([curve.lrs[:start2].max(), curve.lrs[start2:].max()], [0.01, top], rtol=1e-3)
     # Nadam's beta_1 cycles 0.95 -> 0.85 -> 0.95 in each stage
     assert curve.momenta[start1] == pytest.approx(0.95) and curve.momenta[:start2].min() == pytest.approx(0.85)
 
