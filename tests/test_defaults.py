@@ -244,10 +244,18 @@ def test_finetune_help_shows_every_default():
     text = " ".join(result.output.split())
     for option, default in [("--patience", "20"), ("--batch-size", "32"), ("--schedule", "onecycle"),
                             ("--optimizer", "nadam"), ("--unfreeze-top", "every block"),
-                            ("--head-epochs", "auto: about 600 optimizer steps"), ("--lr", "0.01 to fine-tune")]:
+                            ("--head-epochs", "auto: about 600 optimizer steps"), ("--lr", "0.01]"),
+                            ("--epochs", "auto: about 300 optimizer steps per unfreezing stage")]:
         start = text.index(option + " ")
-        assert f"[default: {default}" in text[start:text.index("[default:", start) + 60], option
+        assert f"[default: {default}" in text[start:text.index("[default:", start) + 80], option
     assert "[default: (" not in text  # written as is, not in Click's parentheses for a string
+    assert "pretrain" not in text and "--task" not in text  # finetune's help names only finetune's defaults
+
+
+def test_pretrain_help_shows_pretraining_defaults():
+    text = " ".join(CliRunner().invoke(cli, ["pretrain", "--help"], terminal_width=200).output.split())
+    assert "[default: 0.001, 0.0002 for --task gan]" in text
+    assert "[default: auto: about 6000 optimizer steps (at most 150 epochs, at least 5)]" in text
 
 
 def test_the_first_line_says_what_was_chosen(encoder_dir, tmp_path):

@@ -35,7 +35,8 @@ def recipe_options(command: str) -> Callable[[Callable], Callable]:
     def decorate(f: Callable) -> Callable:
         options = [click.option("--recipe", type=click.Path(dir_okay=False),
                                 help="Recipe TOML file; flags override it.")]
-        options += [_option(field) for field in dataclasses.fields(Recipe) if command in describe(field).commands]
+        options += [_option(field, command) for field in dataclasses.fields(Recipe)
+                    if command in describe(field).commands]
         for option in reversed(options):
             f = option(f)
         return f
@@ -67,10 +68,10 @@ def _checked(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return value
 
 
-def _option(field: dataclasses.Field) -> Callable:
+def _option(field: dataclasses.Field, command: str) -> Callable:
     meta, flag = describe(field), flag_name(field)
     default = field.default
-    shown = meta.auto if default is None else _shown(default, flag, meta)
+    shown = meta.auto_for(command) if default is None else _shown(default, flag, meta)
     kwargs: dict[str, Any] = {"help": meta.help, "show_default": shown or False, "cls": RecipeOption,
                               "callback": _checked}
     if isinstance(default, bool):

@@ -83,13 +83,17 @@ class Recipe:
     # training
     epochs: int | None = setting(None, "Most epochs of training (finetune: of each unfreezing stage); early "
                                        "stopping may end it sooner.", check=at_least(0), expected="an integer >= 0",
-                                 auto="auto: about 6000 optimizer steps to pretrain (at most 150 epochs), 300 "
-                                      "per unfreezing stage, at least 5 epochs")
+                                 auto={"pretrain": "auto: about 6000 optimizer steps (at most 150 epochs, at least 5)",
+                                       "finetune": "auto: about 300 optimizer steps per unfreezing stage, at least 5 "
+                                                   "epochs",
+                                       "": "auto: about 6000 optimizer steps to pretrain (at most 150 epochs), 300 "
+                                           "per unfreezing stage, at least 5 epochs"})
     batch_size: int = setting(32, "Examples per optimizer step.", check=at_least(1), expected="an integer >= 1")
     lr: float | str | None = setting(None, "Learning rate (the peak, for onecycle), or auto: the LR finder's "
                                            "valley.", check=lambda v: v == "auto" or at_least(0, strictly=True)(v),
                                      expected="a positive number or auto",
-                                     auto="0.01 to fine-tune, 0.001 to pretrain, 0.0002 for --task gan")
+                                     auto={"pretrain": "0.001, 0.0002 for --task gan", "finetune": "0.01",
+                                           "": "0.01 to fine-tune, 0.001 to pretrain, 0.0002 for --task gan"})
     patience: int = setting(20, "Stop a stage once its loss (val_loss when the validation part has an example of "
                                 "every class) has not improved for N epochs, keeping its best epoch's weights "
                                 "(0: off); under onecycle, from the stage's middle on.", check=at_least(0), expected="an integer >= 0")

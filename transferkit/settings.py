@@ -40,7 +40,8 @@ class Setting:
         choices: Tuple of strings, or `None`. The allowed values.
         check: Callable `value -> bool`, or `None`. Applied to a value that is not `None`.
         expected: String. What `check` accepts, for the error ("a number in (0, 1]").
-        auto: String, or `None`. What an unset (`None`) value becomes, for `--help`.
+        auto: String, dict, or `None`. What an unset (`None`) value becomes, for `--help`; a dict gives it per
+            command (its `""` entry for any command it does not name).
         flag: String, or `None`. The flag, if not `--` + the field name with `-` for `_`.
         off: String, or `None`. A bool flag's negative form (default `--no-NAME`).
         kind: String. `"text"`, `"path"` (a file), `"folder"` or `"list"` (comma-separated integers):
@@ -52,10 +53,14 @@ class Setting:
     choices: tuple[str, ...] | None = None
     check: Callable[[Any], bool] | None = None
     expected: str = ""
-    auto: str | None = None
+    auto: str | dict[str, str] | None = None
     flag: str | None = None
     off: str | None = None
     kind: str = "text"
+
+    def auto_for(self, command: str) -> str | None:
+        """What an unset value becomes for `command`, as `--help` says it."""
+        return self.auto.get(command, self.auto[""]) if isinstance(self.auto, dict) else self.auto
 
     def error(self, name: str, value: Any) -> str | None:
         """The message for `value` of field `name` if it is not allowed, else `None`."""
