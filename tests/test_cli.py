@@ -20,10 +20,12 @@ def test_help_does_not_import_tensorflow():
     assert out.stdout.strip() == "[]"
 
 
-def test_a_bad_flag_or_value_is_one_line_naming_the_flag_before_tensorflow_starts():
+def test_a_bad_flag_value_or_combination_is_one_line_before_tensorflow_starts():
     code = ("import sys; from click.testing import CliRunner; from transferkit.cli import cli\n"
             "for args in (['finetune', '--lr', 'abc'], ['finetune', '--schedule', 'cosine'], "
-            "['pretrain', '--units', '12,x'], ['finetune', '--lrr', '3'], ['finetune', '--patience', '-1']):\n"
+            "['pretrain', '--units', '12,x'], ['finetune', '--lrr', '3'], ['finetune', '--patience', '-1'], "
+            "['finetune', '--data', 'digits'], ['finetune', '--from', 'x', '--backbone', 'mobilenetv2'], "
+            "['pretrain', '--val-fraction', '0.5', '--test-fraction', '0.6']):\n"
             "    r = CliRunner().invoke(cli, args, obj={})\n"
             "    print(r.exit_code, repr(r.stderr))\n"
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
@@ -32,7 +34,10 @@ def test_a_bad_flag_or_value_is_one_line_naming_the_flag_before_tensorflow_start
     assert imported == "[]"
     expected = ["--lr must be a positive number or auto. Received: --lr='abc'", "'--schedule': 'cosine' is not one",
                 "--units must be integers such as 128,64; Received: --units='12,x'", "No such option '--lrr'",
-                "--patience must be an integer >= 0. Received: --patience=-1"]
+                "--patience must be an integer >= 0. Received: --patience=-1",
+                # the settings together, as the recipe file and the flags give them
+                "finetune needs a base: --from DIR", "The base must be exactly one of --from, --backbone, --base",
+                "val_fraction + test_fraction < 1"]
     for answer, words in zip(answers, expected, strict=True):
         code, stderr = answer.split(" ", 1)
         lines = eval(stderr).strip().splitlines()

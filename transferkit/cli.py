@@ -124,6 +124,34 @@ def handle_errors(f: Callable) -> Callable:
     return wrapper
 
 
+def recipe_checked(command: str, needs_base: bool = False) -> Callable[[Callable], Callable]:
+    """Resolve the recipe file and flags and check them together (`Recipe.validate`; with `needs_base`, that a
+    base is named) before the backend starts: a settings error in a fraction of a second, as a usage error.
+
+    An error of another kind (a recipe file that cannot be read) is left to the command, which reports it.
+    """
+
+    def decorate(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from transferkit.api import resolve_recipe
+
+            settings = {k: v for k, v in kwargs.items() if k in Recipe.__dataclass_fields__}
+            try:
+                recipe = resolve_recipe(kwargs.get("recipe"), command, settings)
+                if needs_base:
+                    recipe.check_base()
+            except SettingsError as err:
+                raise click.UsageError(str(err), click.get_current_context()) from None
+            except (OSError, ValueError):  # the command reads the file again and reports it in its words
+                pass
+            return f(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 class Commands(click.Group):
     """The command group, whose usage errors (a bad flag or value) are one line on stderr with status 2.
 
@@ -172,6 +200,7 @@ def cli(ctx: click.Context, debug: bool, backend: str | None) -> None:
 
 @cli.command()
 @recipe_options("pretrain")
+@recipe_checked("pretrain")
 @handle_errors
 def pretrain(recipe: str | None, **settings: Any) -> None:
     """Pretrain an encoder on unlabeled inputs and save it."""
@@ -182,6 +211,7 @@ def pretrain(recipe: str | None, **settings: Any) -> None:
 
 @cli.command()
 @recipe_options("finetune")
+@recipe_checked("finetune", needs_base=True)
 @handle_errors
 def finetune(recipe: str | None, **settings: Any) -> None:
     """Fine-tune a new head (then the top blocks) on a few labels; print the test accuracy."""

@@ -246,6 +246,17 @@ class Recipe:
         given = {k: coerce_value(k, v) for k, v in overrides.items() if v is not None}
         return dataclasses.replace(self, **given).validate()
 
+    def check_base(self) -> "Recipe":
+        """This recipe, if it names the base fine-tuning builds on: `from_`, `backbone` or `base`.
+
+        Raises:
+            SettingsError: none of them is set.
+        """
+        if not self.from_ and not self.backbone and not self.base:
+            raise SettingsError("finetune needs a base: --from DIR (a saved encoder), --backbone NAME (Keras "
+                                "Applications) or --base FILE (a Keras model file).")
+        return self
+
     def validate(self) -> "Recipe":
         """Check every value (each field's `Setting`, then the rules between fields); raise `SettingsError`."""
         for field in dataclasses.fields(self):

@@ -167,9 +167,7 @@ def plan_finetune(recipe: Recipe, replicas: int = 1, writes: bool = False) -> Pl
     `writes`: the plan is for a run that saves the classifier: its folder (`Plan.out`) is chosen first, and
     refused before any work if it cannot be written.
     """
-    if not recipe.from_ and not recipe.backbone and not recipe.base:
-        raise SettingsError("finetune needs a base: --from DIR (a saved encoder), --backbone NAME (Keras "
-                            "Applications) or --base FILE (a Keras model file).")
+    recipe.check_base()
     keras.utils.set_random_seed(recipe.seed)  # before the encoder is loaded: the classifier's draws follow from it
     out, data, split, encoder = _read(recipe, writes)
     names = class_names(data)
