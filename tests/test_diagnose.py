@@ -61,6 +61,20 @@ def weight_norms(model):
     return np.array([np.sqrt(sum(float(np.sum(np.square(w))) for w in layer.get_weights())) for layer in model.layers])
 
 
+def test_a_zero_head_before_its_first_step_is_not_taken_for_vanishing_gradients(digits):
+    # a healthy ReLU net (He init) under a head that starts at zero: every layer below reads a gradient of 0
+    model = deep_net("relu", lambda i: keras.initializers.HeNormal(seed=i), depth=4)
+    model.get_layer("head").set_weights([np.zeros((WIDTH, 10), "float32"), np.zeros(10, "float32")])
+    data = fixed_batches(*digits)
+    assert tape_grad_norms(model, data)[0] == 0.0  # the tape agrees: nothing reaches the first layer
+    assert diagnose(model, data).verdict("vanishing_gradients") is None
+    # one SGD step later the head has weights and the same net's gradients flow: still nothing to flag
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    model.fit(data, epochs=1, verbose=0)
+    report = diagnose(model, data)
+    assert report.layers[0].grad_norm > 0 and report.verdict("vanishing_gradients") is None
+
+
 def test_vanishing_gradients_flagged_on_deep_sigmoid_net_with_standard_normal_weights(digits):
     model = deep_net("sigmoid", lambda i: keras.initializers.RandomNormal(0.0, 1.0, seed=i))
     data = fixed_batches(*digits)

@@ -232,7 +232,10 @@ def verdicts(rows: list[LayerHealth], t: Thresholds, has_batchnorm: bool = False
             found.append(Verdict(kind, tuple(names), rules[kind], detail, remedies))
 
     no_bn = ("batchnorm",) if has_batchnorm else ()
-    vanishing = [r for r in rows if r.grad_to_top is not None and r.grad_to_top < t.vanishing]
+    # a top layer whose weights are all zero (a zero head before its first step) sends no gradient below it:
+    # the layers there read 0, which says nothing of how gradients flow through the net
+    flowing = bool(rows) and rows[-1].weight_norm > 0
+    vanishing = [r for r in rows if flowing and r.grad_to_top is not None and r.grad_to_top < t.vanishing]
     first = rows[0] if rows else None
     ratio = f"first/top {_sci(first.grad_to_top)}" if first and first.grad_to_top is not None else ""
     non_saturating = all(r.activation not in SATURATING for r in vanishing)
