@@ -190,6 +190,9 @@ def test_large_inputs_get_the_narrower_encoder_and_given_units_are_kept():
     assert resolve_pretrain(Recipe(), 126, input_shape=(64, 64, 3))[0].units == (128, 64, 32)
     assert resolve_pretrain(Recipe(), 126, input_shape=(32, 32, 3))[0].units == (512, 256, 128)
     assert resolve_pretrain(Recipe(), 126, input_shape=(30,))[0].units == (512, 256, 128)
+    # the bound: 4,096 values (a 64x64 grey image) still wide, one more narrow
+    assert resolve_pretrain(Recipe(), 126, input_shape=(64, 64, 1))[0].units == (512, 256, 128)
+    assert resolve_pretrain(Recipe(), 126, input_shape=(4097,))[0].units == (128, 64, 32)
     recipe, chosen = resolve_pretrain(Recipe(units=(32, 16)), 1258, input_shape=(64,))
     assert recipe.units == (32, 16) and "units" not in chosen
 

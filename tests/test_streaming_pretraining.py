@@ -74,15 +74,19 @@ def test_stacked_on_a_folder_trains_as_on_its_decoded_arrays(tmp_path):
         np.testing.assert_allclose(streamed.history[key], held.history[key], rtol=1e-4)
 
 
-def test_flat_inputs_are_the_decoded_rows_flattened(tmp_path, no_whole_decoding):
+def test_flat_rows_are_the_decoded_inputs_flattened_in_float32(tmp_path, no_whole_decoding):
     from transferkit.finetuning.feature_cache import compute_features
 
     files = load_data(f"dir:{photos(tmp_path / 'photos', classes=('a',), per_class=9)}", image_size=6,
                       verbose=False).x
     rows = np.array([7, 2, 8, 0, 2])
-    inputs = keras.Input((6, 6, 3))
-    flat = compute_features(keras.Model(inputs, keras.layers.Dense(2)(inputs)), files, batch_size=2, rows=rows,
-                            flat=True)
+    keras.mixed_precision.set_global_policy("mixed_float16")  # as --precision mixed_float16 sets it
+    try:
+        inputs = keras.Input((6, 6, 3))  # `flat`: the model's input flattened, whatever the model computes
+        flat = compute_features(keras.Model(inputs, keras.layers.Dense(2)(inputs)), files, batch_size=2,
+                                rows=rows, flat=True)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     assert flat.dtype == np.float32 and flat.shape == (5, 6 * 6 * 3)
     assert not no_whole_decoding  # batches from the pipeline; the expected values below decode one image each
     expected = np.stack([files[int(r)] for r in rows]).reshape(5, -1)

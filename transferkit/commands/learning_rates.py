@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.training import runs
-from transferkit.training.runner import learning_rate_data, make_optimizer, schedule_options
+from transferkit.pieces.optimizers import make_optimizer
+from transferkit.training.runner import learning_rate_data, schedule_options
 from transferkit.training.runtime import training_context
 from transferkit.errors import SettingsError
 from transferkit.data.progress import quiet

@@ -69,7 +69,8 @@ def compute_features(features_model: keras.Model, x, batch_size: int, limit_byte
         x = x[np.asarray(rows)[place]]
     if flat:
         inputs = features_model.inputs[0]
-        features_model = keras.Model(inputs, keras.layers.Flatten(name="flatten")(inputs), name="flat_inputs")
+        flatten = keras.layers.Flatten(dtype="float32", name="flatten")  # float32 under a mixed precision policy
+        features_model = keras.Model(inputs, flatten(inputs), name="flat_inputs")
     base, shape = backend.forward(features_model), tuple(features_model.output.shape[1:])
     desc = "inputs for the kNN graph" if flat else "base outputs"
     size = len(x) * math.prod(shape) * 4

@@ -1,9 +1,10 @@
 """The Plan of a fine-tuning run: its data, split, classifier, stages and phases, computed once.
 
-`plan_finetune` checks the settings, loads and splits the data, builds the
-classifier and resolves the unset settings (`transferkit.training.defaults`)
-before any training; the run, `schedule --plot`, the printed stage headers and
-the manifest all read the same Plan.
+`plan_finetune` checks the settings (for a run that writes, that its output
+folder can be written: `Plan.out`), reads and loads the encoder, loads and
+splits the data, builds the classifier and resolves the unset settings
+(`transferkit.training.defaults`) before any training; the run, `schedule
+--plot`, the printed stage headers and the manifest all read the same Plan.
 
 Example:
 

@@ -37,7 +37,7 @@ from transferkit.pieces.callbacks import ResumableEarlyStopping, StopOnDivergenc
 from transferkit.pieces.health import TrainingHealth
 from transferkit.recipe import Recipe
 from transferkit.store.backup import Backup, BackupCallback, Kept, random_state
-from transferkit.training.compiling import compile_stage, make_optimizer, schedule_options  # noqa: F401 - part of this module's interface
+from transferkit.training.compiling import compile_stage, schedule_options  # noqa: F401 - part of this module's interface
 from transferkit.training.defaults import ONECYCLE_JUDGED_FROM
 from transferkit.training.runs import print_line
 from transferkit.training.runtime import is_chief

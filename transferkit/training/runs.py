@@ -1,4 +1,5 @@
-"""What pretraining and fine-tuning share: the result, data preparation, the output folder, saving a run."""
+"""What pretraining and fine-tuning share: the result, data preparation, saving a run (its folder is chosen by
+`store.artifacts.out_dir`)."""
 
 from __future__ import annotations
 
