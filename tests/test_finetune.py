@@ -157,3 +157,11 @@ def test_the_head_starts_at_a_uniform_guess_however_large_the_base_outputs(tmp_p
     clf.model.train_on_batch(images, data.y[:64])
     after = keras.ops.convert_to_numpy(clf.model(images))[np.arange(64), data.y[:64]]
     assert after.mean() > 0.1
+
+
+def test_an_encoders_model_file_is_refused_for_its_folder(encoder_dir, tmp_path):
+    # the folder holds the split that keeps the encoder's pretraining rows out of the test split
+    with pytest.raises(SettingsError, match="is a file; expected the encoder's folder"):
+        tk.finetune(from_=str(Path(encoder_dir) / "model.keras"), label_fraction=0.2, head_epochs=1, epochs=0,
+                    out=str(tmp_path / "clf"), verbose=False)
+    assert not (tmp_path / "clf").exists()

@@ -223,8 +223,12 @@ def read_encoder(path: str | Path) -> Encoder:
     training rows.
 
     Raises:
+        SettingsError: `path` is a file (the folder's `model.keras`, say), not the folder.
         SettingsError, TransferkitError: as `load_artifact` with the kind "encoder".
     """
+    if Path(path).is_file():  # its model.keras, say: the split beside it would go unread, and the leak check with it
+        raise SettingsError(f"Artifact {str(path)!r} is a file; expected the encoder's folder written by transferkit "
+                            f"pretrain ({str(Path(path).parent)!r}?).")
     pretrained_on = read_json(path, SPLIT)["train"] if (Path(path) / SPLIT).is_file() else None
     manifest, model = load_artifact(path, ("encoder",))
     return Encoder(Path(path), manifest, model, pretrained_on)
