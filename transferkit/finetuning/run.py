@@ -40,7 +40,7 @@ def run_finetune(recipe: Recipe, verbose: bool = True) -> runs.Result:
         plan = plan_finetune(recipe, strategy.num_replicas_in_sync, writes=True)
         out = plan.out
         verbose = verbose and is_chief()
-        trained = train_stages(plan, out, settings, verbose)
+        trained = train_stages(plan, settings, verbose)
         recipe, data, split, model = plan.recipe, plan.data, plan.split, plan.clf.model
         loss, accuracy = plan.test_loss
         # the last stage trained the head alone, or on soft labels: compile the classifier for the true labels

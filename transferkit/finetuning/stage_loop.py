@@ -11,7 +11,7 @@ from `finetuning.stage_inputs`.
 
 Example:
 
->>> trained = train_stages(plan_finetune(recipe), out, settings, verbose=True)   # doctest: +SKIP
+>>> trained = train_stages(plan_finetune(recipe, writes=True), settings, verbose=True)   # doctest: +SKIP
 >>> [stage["name"] for stage in trained.stages]                                   # doctest: +SKIP
 ['head', 'top2']
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -46,8 +45,9 @@ class Trained:
     trained: keras.Model  # the classifier, or its head alone when the last stage trained on cached base outputs
 
 
-def train_stages(plan: Plan, out: Path, settings: dict[str, Any], verbose: bool) -> Trained:
-    """Train every stage of `plan` in order (resuming from the backup of `out` made with `settings`)."""
+def train_stages(plan: Plan, settings: dict[str, Any], verbose: bool) -> Trained:
+    """Train every stage of `plan` in order (resuming from the backup of its output folder, `plan.out`, made with
+    `settings`)."""
     recipe, data, split, clf = plan.recipe, plan.data, plan.split, plan.clf
     x_val = data.x[split.val]
     semi = recipe.semi_supervised
@@ -58,7 +58,7 @@ def train_stages(plan: Plan, out: Path, settings: dict[str, Any], verbose: bool)
                     f"stages {describe(plan.stages)}"
                     + (f"; semi-supervised {semi} on {len(plan.unlabeled)} unlabeled examples"
                        if semi != "none" else ""), verbose)
-    backup = Backup.for_output(out, settings)
+    backup = Backup.for_output(plan.out, settings)
     run = runner.Run(recipe, backup, backup.state(restart=recipe.restart), verbose, total_epochs=plan.total_epochs)
     if run.state:
         runs.print_line(f"resuming from the backup in {backup.folder}: epoch {run.resume_at + 1} of "

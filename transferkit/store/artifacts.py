@@ -274,6 +274,7 @@ def check_out_writable(out: Path) -> None:
 
 
 def data_slug(spec: str) -> str:
+    """A data spec as a folder name: `digits`, `dir:~/photos/` -> `photos`, `tfds:mnist:train` -> `mnist`."""
     scheme, _, arg = spec.partition(":")
     if not arg:
         return scheme
